@@ -1,0 +1,13 @@
+"""paser: post-training data selection for efficient recovery of pruned LLMs (PASER)."""
+
+from .data import ColumnMap, Encoded, PromptFormatter, Record, iter_records, load_records
+from .errors import ConfigError, DataError, ModelError, PaserError
+from .models import DEFAULT_MODEL, check_compatible, load_model, load_tokenizer, resolve_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ColumnMap", "ConfigError", "DEFAULT_MODEL", "DataError", "Encoded", "ModelError", "PaserError",
+    "PromptFormatter", "Record", "check_compatible", "iter_records", "load_model", "load_records",
+    "load_tokenizer", "resolve_spec", "__version__",
+]

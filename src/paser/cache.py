@@ -1,0 +1,107 @@
+"""Cache locations, input hashing and atomic writes shared by every stage.
+
+Every artifact is written to a temporary file in the destination directory and renamed into place,
+so a crash never leaves a half-written result and a reader sees either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+
+def cache_root() -> Path:
+    """Root of paser's cache: ``$PASER_CACHE`` if set, else ``~/.cache/paser``."""
+    return Path(os.environ.get("PASER_CACHE", Path.home() / ".cache" / "paser")).expanduser()
+
+
+def stable_hash(*parts: Any, length: int = 16) -> str:
+    """Hex digest of JSON-serialisable parts, independent of dict ordering."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:length]
+
+
+def file_fingerprint(path: str | Path) -> dict[str, Any]:
+    """Cheap identity of a file (path, size, mtime) for cache keys of large inputs."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` only if the block succeeds."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or ".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``dest``; it replaces ``dest`` only if the block succeeds."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(dest: str | Path, text: str) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(dest: str | Path, obj: Any) -> None:
+    write_text(dest, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def write_jsonl(dest: str | Path, rows: Iterable[dict]) -> None:
+    with atomic_path(dest) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def write_npy(dest: str | Path, array: np.ndarray) -> None:
+    with atomic_path(dest, suffix=".npy") as tmp:
+        np.save(tmp, array)
+
+
+def write_parquet(dest: str | Path, frame: "Any") -> None:
+    """Write a pandas DataFrame to parquet atomically."""
+    with atomic_path(dest, suffix=".parquet") as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,190 @@
+"""``paser`` command line: a thin typer layer over the library (nothing here that the API lacks)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from .errors import NotBuiltError, PaserError
+
+app = typer.Typer(
+    name="paser",
+    help="PASER: select the instruction data that best recovers a pruned LLM, then recover and evaluate it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+log = logging.getLogger("paser")
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
+) -> None:
+    _state["debug"] = debug
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=debug)], force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "sentence_transformers", "transformers"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _not_built(command: str, issue: str) -> None:
+    raise NotBuiltError(f"'paser {command}' is not built yet ({issue}); nothing was done")
+
+
+# ------------------------------------------------------------------------------------------------ prune
+@app.command()
+def prune(
+    model: str = typer.Argument(..., help="Model spec: smollm2-135m-instruct, a local HF directory, a .gguf file or a hub id."),
+    method: str = typer.Option("wanda", help="wanda | sparsegpt | magnitude | taylor (structured, LLM-Pruner style)."),
+    sparsity: float = typer.Option(0.5, help="Fraction of weights (or, for taylor, of prunable channels/heads) to remove, in (0, 1)."),
+    pattern: Optional[str] = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4 (wanda, sparsegpt, magnitude)."),
+    calib_data: str = typer.Option("demo", help="Calibration data: any instruction source paser reads, or a plain .txt file."),
+    calib_samples: int = typer.Option(128, help="Number of calibration samples."),
+    seq_len: int = typer.Option(256, help="Calibration sequence length in tokens."),
+    out: Path = typer.Option(..., help="Output directory (a plain Hugging Face model directory)."),
+) -> None:
+    """Prune a model (Wanda, SparseGPT, magnitude, or Taylor structured pruning)."""
+    _not_built("prune", "issue 3")
+
+
+# ----------------------------------------------------------------------------------------------- select
+@app.command()
+def select(
+    original: str = typer.Option(..., help="Original (dense) model spec."),
+    pruned: str = typer.Option(..., help="Pruned model spec (same tokenizer as the original)."),
+    data: str = typer.Option(..., help="Instruction data: .jsonl/.json/.csv/.parquet, a hub dataset name, or 'demo'."),
+    budget: float = typer.Option(..., help="Records to select: a count, or a fraction of the data when below 1."),
+    out: Path = typer.Option(..., help="Output directory for selected.jsonl, selection.json, scores.parquet."),
+    method: str = typer.Option("paser", help="paser | random | full."),
+) -> None:
+    """Select recovery data with PASER (or a random/full baseline)."""
+    _not_built("select", "issue 6")
+
+
+# ---------------------------------------------------------------------------------------------- recover
+@app.command()
+def recover(
+    model: str = typer.Argument(..., help="Pruned model spec to recover."),
+    data: str = typer.Option(..., help="Training data: selected.jsonl from 'paser select' or any source paser reads."),
+    out: Path = typer.Option(..., help="Output directory: LoRA adapter, merged model, train_log.json."),
+    epochs: float = typer.Option(2, help="Training epochs."),
+    lr: float = typer.Option(1e-4, help="Peak learning rate (cosine schedule with warmup)."),
+    lora_r: int = typer.Option(8, help="LoRA rank."),
+    lora_alpha: int = typer.Option(16, help="LoRA alpha."),
+    lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),
+    targets: str = typer.Option("all-linear", help="LoRA target modules (peft syntax), e.g. all-linear or q_proj,v_proj."),
+    cutoff_len: int = typer.Option(256, help="Maximum tokens per example."),
+    batch_size: int = typer.Option(64, help="Effective batch size (micro-batch x gradient accumulation)."),
+    micro_batch_size: int = typer.Option(4, help="Examples per forward pass."),
+    dtype: str = typer.Option("bf16", help="bf16 | fp32."),
+    resume: bool = typer.Option(False, help="Resume from the last checkpoint in OUT."),
+) -> None:
+    """Recover a pruned model with LoRA on selected data (response-only loss)."""
+    _not_built("recover", "issue 3")
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+@app.command()
+def evaluate(
+    models: list[str] = typer.Argument(..., help="One or more model specs, compared side by side."),
+    tasks: str = typer.Option("boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
+                              help="Comma-separated zero-shot tasks ('' for none)."),
+    task_dir: Optional[Path] = typer.Option(None, help="Directory with one <task>.jsonl per task (local, offline)."),
+    limit: Optional[int] = typer.Option(None, help="At most N examples per task."),
+    ppl: list[Path] = typer.Option([], help="Plain text file(s) to measure perplexity on."),
+    ppl_seqlen: int = typer.Option(1024, help="Perplexity window length in tokens."),
+    demo_skills: bool = typer.Option(False, help="Exact-match accuracy per skill on the built-in held-out demo set."),
+    batch_size: int = typer.Option(8, help="Batch size."),
+    dtype: str = typer.Option("bf16", help="bf16 | fp32."),
+    out: Path = typer.Option(Path("results.json"), help="Results file; a markdown table is written beside it."),
+) -> None:
+    """Evaluate models: zero-shot tasks (lm-eval), perplexity, demo skills."""
+    _not_built("evaluate", "issue 4")
+
+
+# -------------------------------------------------------------------------------------------------- run
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="Pipeline YAML config (sections model, prune, data, select, recover, evaluate)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: from the config)."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Redo this stage and everything after it."),
+) -> None:
+    """Run prune -> select -> recover -> evaluate from one config, resumably."""
+    _not_built("run", "issue 5")
+
+
+# --------------------------------------------------------------------------------------------- validate
+@app.command()
+def validate(
+    data: str = typer.Argument(..., help="Instruction data: .jsonl/.json/.csv/.parquet, a hub dataset name, or 'demo'."),
+    columns: Optional[str] = typer.Option(None, help="Field mapping, e.g. instruction=question,output=answer or messages=conversations."),
+    duplicates: str = typer.Option("keep", help="keep | drop duplicate (instruction, input) pairs."),
+) -> None:
+    """Check an instruction data file: the first bad record is named by file, line and field."""
+    from .data import ColumnMap, load_records
+
+    records = load_records(data, ColumnMap.parse(columns) if columns else None, duplicates=duplicates)
+    with_input = sum(1 for r in records if r.input)
+    typer.echo(f"{data}: {len(records)} valid records ({with_input} with input)")
+
+
+# ------------------------------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Demo output directory."),
+    export_data: Optional[Path] = typer.Option(None, help="Only write the built-in demo data (train.jsonl, heldout.jsonl) to this directory."),
+    seed: int = typer.Option(0, help="Seed of the built-in demo data."),
+    questions: int = typer.Option(2, help="Held-out questions per skill that the embedded model answers."),
+) -> None:
+    """The embedded default model on the built-in demo data (set-up check and tour).
+
+    With --export-data, writes the demo data set and stops. Otherwise: loads the embedded
+    SmolLM2-135M-Instruct (converting its GGUF once), writes the demo data into OUT, and shows the
+    model answering held-out questions of every skill. The full prune -> select -> recover ->
+    evaluate demo arrives with 'paser run' (issue 5).
+    """
+    from .demo import run_quick_demo
+    from .demo_data import export_demo_data
+
+    if export_data is not None:
+        paths = export_demo_data(export_data, seed=seed)
+        for split, path in paths.items():
+            typer.echo(f"{split}: {path}")
+        return
+    run_quick_demo(out, seed=seed, questions_per_skill=questions)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2 (traceback with --debug)."""
+    try:
+        rc = app(standalone_mode=False)
+    except PaserError as exc:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
