@@ -65,14 +65,55 @@ def prune(
 @app.command()
 def select(
     original: str = typer.Option(..., help="Original (dense) model spec."),
-    pruned: str = typer.Option(..., help="Pruned model spec (same tokenizer as the original)."),
+    pruned: str = typer.Option(..., help="Pruned model spec (must share the original's tokenizer)."),
     data: str = typer.Option(..., help="Instruction data: .jsonl/.json/.csv/.parquet, a hub dataset name, or 'demo'."),
     budget: float = typer.Option(..., help="Records to select: a count, or a fraction of the data when below 1."),
-    out: Path = typer.Option(..., help="Output directory for selected.jsonl, selection.json, scores.parquet."),
-    method: str = typer.Option("paser", help="paser | random | full."),
+    out: Path = typer.Option(..., help="Output directory: selected.jsonl, selection.json, scores.parquet."),
+    method: str = typer.Option("paser", help="paser | random (seeded) | full."),
+    clusters: Optional[int] = typer.Option(None, help="Number of clusters K (default: eigengap rule within [2, 64])."),
+    cluster_method: str = typer.Option("nmf", help="nmf | kmeans, on the diffusion coordinates."),
+    embedder: str = typer.Option("all-MiniLM-L6-v2", help="sentence-transformers model (default: the bundled all-MiniLM-L6-v2)."),
+    allocation: str = typer.Option("cds", help="Budget rule across clusters: cds (paper) | mass (size x CDS) | size."),
+    score: str = typer.Option("jsd", help="Degradation score: jsd (paper) | loss_gap | pruned_loss."),
+    max_length: int = typer.Option(256, help="Tokens per sample (prompt + response) when scoring."),
+    batch_size: int = typer.Option(16, help="Samples per scoring batch (length-bucketed)."),
+    dtype: str = typer.Option("auto", help="auto | bf16 | fp32 for the model passes (auto: bf16 only where the hardware has native bf16; JSD itself is always fp32)."),
+    ccg: bool = typer.Option(True, "--ccg/--no-ccg", help="Concept-consistency filter (negative-transfer mitigation)."),
+    seed: int = typer.Option(0, help="Seed for clustering and the random baseline."),
+    columns: Optional[str] = typer.Option(None, help="Field mapping, e.g. instruction=question,output=answer."),
+    duplicates: str = typer.Option("keep", help="keep | drop duplicate (instruction, input) pairs."),
 ) -> None:
-    """Select recovery data with PASER (or a random/full baseline)."""
-    _not_built("select", "issue 6")
+    """Select recovery data with PASER (or a random/full baseline).
+
+    Embeddings, clusters and model scores are cached (PASER_CACHE, default ~/.cache/paser), so a new
+    budget, K, method or CCG setting recomputes no model scores.
+    """
+    from .select import SelectConfig, run_selection
+
+    result = run_selection(SelectConfig(
+        original=original, pruned=pruned, data=data, budget=budget, out=out, method=method, clusters=clusters,
+        cluster_method=cluster_method, embedder=embedder, allocation=allocation, score=score,
+        max_length=max_length, batch_size=batch_size, dtype=dtype, ccg=ccg, seed=seed, columns=columns,
+        duplicates=duplicates))
+    _print_selection(result.summary, out)
+
+
+def _print_selection(summary: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if "clusters" in summary:
+        table = Table(title=f"PASER: K = {summary['k']}, allocation '{summary['allocation']}'")
+        for column in ("cluster", "size", "CDS", "budget", "selected", "CCG rejected"):
+            table.add_column(column, justify="right")
+        for c in summary["clusters"]:
+            table.add_row(str(c["cluster"]), str(c["size"]), f"{c['cds']:.4f}", str(c["budget"]), str(c["selected"]),
+                          str(c["rejected"]))
+        console.print(table)
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
+    console.print(f"{summary['method']}: selected {summary['n_selected']} of {summary['n_records']} records "
+                  f"-> {out}/selected.jsonl (scores from cache: {summary['scores_from_cache']}); {timings}")
 
 
 # ---------------------------------------------------------------------------------------------- recover
@@ -90,7 +131,7 @@ def recover(
     cutoff_len: int = typer.Option(256, help="Maximum tokens per example."),
     batch_size: int = typer.Option(64, help="Effective batch size (micro-batch x gradient accumulation)."),
     micro_batch_size: int = typer.Option(4, help="Examples per forward pass."),
-    dtype: str = typer.Option("bf16", help="bf16 | fp32."),
+    dtype: str = typer.Option("auto", help="auto (bf16 only where the hardware has native bf16) | bf16 | fp32."),
     resume: bool = typer.Option(False, help="Resume from the last checkpoint in OUT."),
 ) -> None:
     """Recover a pruned model with LoRA on selected data (response-only loss)."""
@@ -109,7 +150,7 @@ def evaluate(
     ppl_seqlen: int = typer.Option(1024, help="Perplexity window length in tokens."),
     demo_skills: bool = typer.Option(False, help="Exact-match accuracy per skill on the built-in held-out demo set."),
     batch_size: int = typer.Option(8, help="Batch size."),
-    dtype: str = typer.Option("bf16", help="bf16 | fp32."),
+    dtype: str = typer.Option("auto", help="auto (bf16 only where the hardware has native bf16) | bf16 | fp32."),
     out: Path = typer.Option(Path("results.json"), help="Results file; a markdown table is written beside it."),
 ) -> None:
     """Evaluate models: zero-shot tasks (lm-eval), perplexity, demo skills."""

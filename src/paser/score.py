@@ -1,0 +1,252 @@
+"""Degradation scoring: one teacher-forced pass of each model per sample, response tokens only.
+
+Both models read the formatted prompt plus the reference response. At every response position the
+Jensen-Shannon divergence between the two next-token distributions is computed; a sample's JSD is the
+mean over its response tokens. Each model's response NLL comes from the same pass.
+
+Efficiency: the decoder runs once per model per batch; the LM head is applied only to the hidden states
+at response positions, in chunks of ``chunk_rows`` rows, so full-vocabulary logits for prompt and padding
+positions are never formed. Batches are length-bucketed and right-padded (causal attention makes the
+real tokens' results independent of the padding).
+
+Per-sample tables are cached as parquet under ``<cache>/scores/``, keyed by both models' weights, the
+records, the prompt template and the dtype; an interrupted run resumes from its partial file.
+
+Scorers (in the spirit of Torch-Pruning's ``Importance`` objects) turn that table into one number per
+sample: ``jsd`` (PASER), ``loss_gap`` (pruned minus original response loss), ``pruned_loss``. Add one by
+subclassing :class:`SampleScorer` and registering it in :data:`SCORERS`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .cache import cache_root, stable_hash, write_parquet
+from .data import Encoded
+
+log = logging.getLogger(__name__)
+
+LN2 = math.log(2.0)
+SCORE_COLUMNS = ["index", "jsd", "prompt_tokens", "response_tokens", "loss_original", "loss_pruned", "truncated"]
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Scoring settings (documented defaults, shared by the CLI and the API)."""
+
+    max_length: int = 256  # tokens per sample (prompt + response), see PromptFormatter truncation
+    batch_size: int = 16  # samples per batch at most
+    max_batch_tokens: int = 4096  # padded tokens per batch at most
+    chunk_rows: int = 128  # response positions per LM-head/JSD chunk (keeps logits cache-sized)
+    checkpoint_seconds: float = 60.0  # how often partial results are saved for resuming
+
+
+# ----------------------------------------------------------------------------------------------- math
+def jsd_and_nll(logits_p: torch.Tensor, logits_q: torch.Tensor, targets: torch.Tensor | None = None):
+    """Per-row Jensen-Shannon divergence (nats, in [0, ln 2]) between softmax(logits_p) and
+    softmax(logits_q), and the NLL of ``targets`` under each. Computed in fp32 log space: with
+    ``m = log((p + q) / 2)``, ``JSD = (sum p (log p - m) + sum q (log q - m)) / 2``."""
+    zp = logits_p.float()
+    zq = logits_q.float()
+    zp = zp - zp.amax(dim=-1, keepdim=True)
+    zq = zq - zq.amax(dim=-1, keepdim=True)
+    ep, eq = zp.exp(), zq.exp()
+    sp, sq = ep.sum(-1, keepdim=True), eq.sum(-1, keepdim=True)
+    log_p, log_q = zp - sp.log(), zq - sq.log()
+    p, q = ep / sp, eq / sq
+    # Both probabilities can underflow to 0; the clamp keeps m finite and such terms are exactly 0.
+    m = (p + q).clamp_min(torch.finfo(torch.float32).tiny).log() - LN2
+    jsd = 0.5 * ((p * (log_p - m)).sum(-1) + (q * (log_q - m)).sum(-1))
+    jsd = torch.nan_to_num(jsd, nan=0.0).clamp_(0.0, LN2)
+    if targets is None:
+        return jsd, None, None
+    t = targets.unsqueeze(-1)
+    return jsd, -log_p.gather(-1, t).squeeze(-1), -log_q.gather(-1, t).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------------------- batching
+def length_buckets(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Group sample indices into batches of similar length (longest first)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]  # the first is the longest
+        if current and (len(current) >= batch_size or width * (len(current) + 1) > max_batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def collate(encoded: Sequence[Encoded], pad_id: int):
+    """Right-padded ids, attention mask, response mask over hidden positions, and response targets."""
+    width = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    predicts_response = torch.zeros((len(encoded), width), dtype=torch.bool)
+    for row, e in enumerate(encoded):
+        n, p = len(e.input_ids), len(e.prompt_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        attention[row, :n] = 1
+        predicts_response[row, p - 1:n - 1] = True  # hidden state at t predicts token t + 1
+    targets = ids[:, 1:][predicts_response[:, :-1]]
+    return ids, attention, predicts_response, targets
+
+
+def _decoder_and_head(model: Any):
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    return decoder, model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+
+
+def _head(head: Any, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = head(hidden)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+@torch.no_grad()
+def score_batch(original: Any, pruned: Any, encoded: Sequence[Encoded], pad_id: int, chunk_rows: int = 128):
+    """Per-sample mean JSD and response losses for one batch: one decoder pass of each model."""
+    ids, attention, predicts_response, targets = collate(encoded, pad_id)
+    device = next(original.parameters()).device
+    ids, attention = ids.to(device), attention.to(device)
+    hidden = []
+    for model in (original, pruned):
+        decoder, head, softcap = _decoder_and_head(model)
+        states = decoder(input_ids=ids, attention_mask=attention).last_hidden_state
+        hidden.append((states[predicts_response.to(device)], head, softcap))
+    (h_p, head_p, cap_p), (h_q, head_q, cap_q) = hidden
+    targets = targets.to(device)
+    rows = h_p.shape[0]
+    jsd = torch.empty(rows, dtype=torch.float32, device=device)
+    nll_p = torch.empty_like(jsd)
+    nll_q = torch.empty_like(jsd)
+    for start in range(0, rows, chunk_rows):
+        sl = slice(start, start + chunk_rows)
+        jsd[sl], nll_p[sl], nll_q[sl] = jsd_and_nll(_head(head_p, h_p[sl], cap_p), _head(head_q, h_q[sl], cap_q),
+                                                    targets[sl])
+    counts = predicts_response.sum(1)
+    segment = torch.repeat_interleave(torch.arange(len(encoded)), counts).to(device)
+
+    def mean(values: torch.Tensor) -> np.ndarray:
+        sums = torch.zeros(len(encoded), dtype=torch.float64, device=device).index_add_(0, segment, values.double())
+        return (sums / counts.to(device).clamp_min(1)).cpu().numpy()
+
+    return mean(jsd), mean(nll_p), mean(nll_q)
+
+
+# --------------------------------------------------------------------------------------------- driver
+def score_cache_key(original_fp: str, pruned_fp: str, data_fp: str, template_fp: dict, dtype: str) -> str:
+    return stable_hash("scores-v1", original_fp, pruned_fp, data_fp, template_fp, dtype)
+
+
+def score_records(original: Any, pruned: Any, encoded: Sequence[Encoded], pad_id: int,
+                  config: ScoreConfig = ScoreConfig(), cache_file: Path | None = None,
+                  progress: bool = True) -> pd.DataFrame:
+    """Score every encoded sample; resumes from ``cache_file``'s partial file if one exists.
+
+    Returns the per-sample table (columns :data:`SCORE_COLUMNS`, in input order).
+    """
+    n = len(encoded)
+    jsd = np.full(n, np.nan)
+    loss_p = np.full(n, np.nan)
+    loss_q = np.full(n, np.nan)
+    partial = cache_file.with_suffix(".partial.parquet") if cache_file else None
+    if partial and partial.exists():
+        done = pd.read_parquet(partial)
+        jsd[done["index"]], loss_p[done["index"]], loss_q[done["index"]] = (
+            done["jsd"], done["loss_original"], done["loss_pruned"])
+        log.info("resuming scoring: %d of %d samples already scored", len(done), n)
+    todo = [i for i in range(n) if np.isnan(jsd[i])]
+    lengths = [len(encoded[i].input_ids) for i in todo]
+    batches = [[todo[j] for j in b] for b in length_buckets(lengths, config.batch_size, config.max_batch_tokens)]
+
+    def table(rows: np.ndarray) -> pd.DataFrame:
+        return pd.DataFrame({
+            "index": rows, "jsd": jsd[rows],
+            "prompt_tokens": [len(encoded[i].prompt_ids) for i in rows],
+            "response_tokens": [len(encoded[i].response_ids) for i in rows],
+            "loss_original": loss_p[rows], "loss_pruned": loss_q[rows],
+            "truncated": [encoded[i].truncated for i in rows],
+        })
+
+    last_save = time.monotonic()
+    with tqdm(total=sum(lengths), unit="tok", desc="score (JSD)", disable=not progress or not batches) as bar:
+        for batch in batches:
+            j, p, q = score_batch(original, pruned, [encoded[i] for i in batch], pad_id, config.chunk_rows)
+            jsd[batch], loss_p[batch], loss_q[batch] = j, p, q
+            bar.update(sum(len(encoded[i].input_ids) for i in batch))
+            if partial and time.monotonic() - last_save > config.checkpoint_seconds:
+                write_parquet(partial, table(np.flatnonzero(~np.isnan(jsd))))
+                last_save = time.monotonic()
+    result = table(np.arange(n))
+    if cache_file:
+        write_parquet(cache_file, result)
+        if partial and partial.exists():
+            partial.unlink()
+    return result
+
+
+def scores_dir() -> Path:
+    return cache_root() / "scores"
+
+
+# -------------------------------------------------------------------------------------------- scorers
+class SampleScorer:
+    """Turns the per-sample score table into one degradation number per sample (higher = more damaged)."""
+
+    name = "base"
+
+    def __call__(self, table: pd.DataFrame) -> np.ndarray:
+        raise NotImplementedError
+
+
+class JSDScore(SampleScorer):
+    """PASER's: mean response-token JSD between the original and the pruned model."""
+
+    name = "jsd"
+
+    def __call__(self, table: pd.DataFrame) -> np.ndarray:
+        return table["jsd"].to_numpy(dtype=np.float64)
+
+
+class LossGapScore(SampleScorer):
+    """How much worse the pruned model predicts the reference response (nats/token), floored at 0."""
+
+    name = "loss_gap"
+
+    def __call__(self, table: pd.DataFrame) -> np.ndarray:
+        return np.maximum(table["loss_pruned"].to_numpy(np.float64) - table["loss_original"].to_numpy(np.float64), 0.0)
+
+
+class PrunedLossScore(SampleScorer):
+    """The pruned model's response loss alone (a difficulty score that ignores the original)."""
+
+    name = "pruned_loss"
+
+    def __call__(self, table: pd.DataFrame) -> np.ndarray:
+        return table["loss_pruned"].to_numpy(np.float64)
+
+
+SCORERS: dict[str, SampleScorer] = {s.name: s for s in (JSDScore(), LossGapScore(), PrunedLossScore())}
+
+
+def get_scorer(name: str) -> SampleScorer:
+    try:
+        return SCORERS[name]
+    except KeyError:
+        raise ValueError(f"unknown scorer '{name}'; choose one of {', '.join(SCORERS)}") from None
