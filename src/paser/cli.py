@@ -82,6 +82,7 @@ def select(
     seed: int = typer.Option(0, help="Seed for clustering and the random baseline."),
     columns: Optional[str] = typer.Option(None, help="Field mapping, e.g. instruction=question,output=answer."),
     duplicates: str = typer.Option("keep", help="keep | drop duplicate (instruction, input) pairs."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N records of the data."),
 ) -> None:
     """Select recovery data with PASER (or a random/full baseline).
 
@@ -94,7 +95,7 @@ def select(
         original=original, pruned=pruned, data=data, budget=budget, out=out, method=method, clusters=clusters,
         cluster_method=cluster_method, embedder=embedder, allocation=allocation, score=score,
         max_length=max_length, batch_size=batch_size, dtype=dtype, ccg=ccg, seed=seed, columns=columns,
-        duplicates=duplicates))
+        duplicates=duplicates, limit=limit))
     _print_selection(result.summary, out)
 
 
@@ -132,10 +133,28 @@ def recover(
     batch_size: int = typer.Option(64, help="Effective batch size (micro-batch x gradient accumulation)."),
     micro_batch_size: int = typer.Option(4, help="Examples per forward pass."),
     dtype: str = typer.Option("auto", help="auto (bf16 only where the hardware has native bf16) | bf16 | fp32."),
-    resume: bool = typer.Option(False, help="Resume from the last checkpoint in OUT."),
+    resume: bool = typer.Option(False, help="Resume from the last checkpoint in OUT/checkpoints."),
+    warmup_ratio: float = typer.Option(0.05, help="Fraction of the optimizer steps spent warming up."),
+    save_steps: int = typer.Option(50, help="Checkpoint every N optimizer steps (what --resume restarts from)."),
+    seed: int = typer.Option(0, help="Seed for LoRA init, data order and dropout."),
+    limit: Optional[int] = typer.Option(None, help="Train on the first N records only."),
 ) -> None:
-    """Recover a pruned model with LoRA on selected data (response-only loss)."""
-    _not_built("recover", "issue 3")
+    """Recover a pruned model with LoRA on selected data (response-only loss).
+
+    Writes OUT/adapter (peft), OUT/merged (a plain model directory; pruned zeros re-applied after the
+    merge) and OUT/train_log.json (loss curve, tokens/s, seconds, peak memory).
+    """
+    from .recover import RecoverConfig, run_recovery
+
+    train_log = run_recovery(RecoverConfig(
+        model=model, data=data, out=out, epochs=epochs, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout, targets=targets, cutoff_len=cutoff_len, batch_size=batch_size,
+        micro_batch_size=micro_batch_size, dtype=dtype, resume=resume, warmup_ratio=warmup_ratio,
+        save_steps=save_steps, seed=seed, limit=limit))
+    curve = train_log["loss_curve"]
+    first, last = (curve[0]["loss"], curve[-1]["loss"]) if curve else (float("nan"), float("nan"))
+    typer.echo(f"{train_log['steps']} steps in {train_log['seconds']:.0f}s ({train_log['tokens_per_s']} tok/s); "
+               f"loss {first:.3f} -> {last:.3f}; merged model: {out}/merged")
 
 
 # --------------------------------------------------------------------------------------------- evaluate

@@ -48,7 +48,7 @@ class ClusterConfig:
     diffusion_time: int = 1
     exact_knn_max: int = 30_000  # above this, approximate (HNSW) neighbours
     hnsw_m: int = 16
-    hnsw_ef: int = 48
+    hnsw_ef: int = 64
     seed: int = 0
 
     def as_dict(self) -> dict:
@@ -70,7 +70,7 @@ def _normalise_rows(x: np.ndarray) -> np.ndarray:
 
 
 def knn_graph(x: np.ndarray, n_neighbors: int, exact_max: int = 30_000, hnsw_m: int = 16,
-              hnsw_ef: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+              hnsw_ef: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Indices and cosine distances ``1 - cos`` of each row's ``n_neighbors`` nearest others, (N, k)."""
     import faiss
 
@@ -148,15 +148,23 @@ def eigengap_k(eigenvalues: np.ndarray, k_min: int, k_max: int) -> int:
     return int(k_min + np.argmax(gaps))
 
 
-def nmf_labels(coordinates: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """Cluster rows by NMF of their non-negative (positive part, negative part) split."""
+def nmf_labels(coordinates: np.ndarray, k: int, seed: int = 0, fit_max: int = 100_000) -> np.ndarray:
+    """Cluster rows by NMF of their non-negative (positive part, negative part) split.
+
+    Above ``fit_max`` rows the factor H is learnt on a random ``fit_max``-row sample and every row's
+    weights are then solved with H fixed (``NMF.transform``), which is linear in N.
+    """
     from sklearn.decomposition import NMF
 
     rows = _normalise_rows(coordinates)
-    nonneg = np.hstack([np.maximum(rows, 0), np.maximum(-rows, 0)])
+    nonneg = np.hstack([np.maximum(rows, 0), np.maximum(-rows, 0)]).astype(np.float32)
     model = NMF(n_components=k, init="nndsvda", random_state=seed, max_iter=200, tol=1e-3)
-    weights = model.fit_transform(nonneg)
-    return np.argmax(weights, axis=1)
+    if len(nonneg) <= fit_max:
+        return np.argmax(model.fit_transform(nonneg), axis=1)
+    sample = np.random.default_rng(seed).choice(len(nonneg), size=fit_max, replace=False)
+    model.fit(nonneg[sample])
+    return np.concatenate([np.argmax(model.transform(nonneg[i:i + fit_max]), axis=1)
+                           for i in range(0, len(nonneg), fit_max)])
 
 
 def kmeans_labels(coordinates: np.ndarray, k: int, seed: int = 0) -> np.ndarray:

@@ -65,6 +65,7 @@ class SelectConfig:
     template: str = "auto"
     columns: str | None = None
     duplicates: str = "keep"
+    limit: int | None = None  # use only the first N records
     cache_dir: str | Path | None = None  # default: $PASER_CACHE or ~/.cache/paser
 
     def validate(self) -> None:
@@ -297,7 +298,7 @@ def run_selection(config: SelectConfig) -> SelectionResult:
 
     t0 = time.perf_counter()
     columns = ColumnMap.parse(config.columns) if config.columns else None
-    records = load_records(config.data, columns, duplicates=config.duplicates)
+    records = load_records(config.data, columns, duplicates=config.duplicates, limit=config.limit)
     budget = config.budget_count(len(records))
     if config.budget >= 1 and config.budget > len(records):
         log.warning("budget %d exceeds the %d records: selecting all", int(config.budget), len(records))

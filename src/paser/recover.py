@@ -1,0 +1,186 @@
+"""LoRA recovery of a pruned model: peft adapters trained with the transformers Trainer.
+
+- The loss covers response tokens only: prompt positions carry label -100 (same template and
+  prompt/response split as selection, via :class:`paser.data.PromptFormatter`).
+- Gradient accumulation (``batch_size / micro_batch_size``), warmup, cosine schedule, seeded.
+- Outputs in ``out``: ``adapter/`` (peft), ``merged/`` (a plain model directory with the tokenizer),
+  ``train_log.json`` (loss curve, tokens/s, seconds, peak memory) and ``checkpoints/`` for ``--resume``.
+- Pruned zeros survive the merge: for every linear layer that is at least 1% zeros before training,
+  the zero mask is re-applied to the merged weight, so unstructured and N:M sparsity stay exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .cache import atomic_dir, write_json
+from .data import Encoded, PromptFormatter, load_records
+from .errors import ConfigError
+from .models import load_model, resolve_dtype_name
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+SPARSE_LAYER_MIN_ZEROS = 0.01  # a linear layer with at least this fraction of zeros is treated as pruned
+
+
+@dataclass
+class RecoverConfig:
+    """LoRA recovery settings; defaults are the CLI's."""
+
+    model: str
+    data: str
+    out: str | Path
+    epochs: float = 2.0
+    lr: float = 1e-4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    targets: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
+    cutoff_len: int = 256
+    batch_size: int = 64  # effective batch (micro_batch_size x gradient accumulation)
+    micro_batch_size: int = 4
+    warmup_ratio: float = 0.05  # fraction of the optimizer steps spent warming up
+    dtype: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    save_steps: int = 50  # checkpoint every N optimizer steps (for --resume)
+    template: str = "auto"
+    limit: int | None = None
+
+    def validate(self) -> None:
+        if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size:
+            raise ConfigError("batch_size must be >= micro_batch_size >= 1")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                              f"({self.micro_batch_size})")
+        if not self.epochs > 0 or not self.lr > 0:
+            raise ConfigError("epochs and lr must be positive")
+        if self.lora_r < 1 or not 0 <= self.lora_dropout < 1:
+            raise ConfigError("lora_r must be >= 1 and lora_dropout in [0, 1)")
+
+
+def labels_for(encoded: Encoded) -> list[int]:
+    """Training labels: prompt positions masked, response tokens kept."""
+    return [IGNORE_INDEX] * len(encoded.prompt_ids) + list(encoded.response_ids)
+
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, encoded: Sequence[Encoded]):
+        self.items = [{"input_ids": e.input_ids, "labels": labels_for(e)} for e in encoded]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def collate_for_training(features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; padding gets attention 0 and label -100."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(features), width), dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[row, :n] = torch.tensor(f["input_ids"])
+        labels[row, :n] = torch.tensor(f["labels"])
+        attention[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+def sparsity_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Zero masks of the linear layers that look pruned (>= 1% exact zeros)."""
+    masks = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            zeros = module.weight == 0
+            if zeros.float().mean().item() >= SPARSE_LAYER_MIN_ZEROS:
+                masks[name] = zeros.cpu()
+    return masks
+
+
+@torch.no_grad()
+def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        modules[name].weight.masked_fill_(mask.to(modules[name].weight.device), 0.0)
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
+    """Train LoRA adapters on ``config.data``, merge them, and write the outputs; returns the train log."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    config.validate()
+    out = Path(config.out)
+    records = load_records(config.data, limit=config.limit)  # validated before any model loads
+    dtype = resolve_dtype_name(config.dtype)
+    set_seed(config.seed)
+    model, tokenizer = load_model(config.model, dtype=dtype)
+    formatter = PromptFormatter(tokenizer, template=config.template, max_length=config.cutoff_len)
+    encoded = formatter.encode_all(records)
+    masks = sparsity_masks(model)
+    log.info("%d records; %d sparse linear layers will keep their zeros", len(encoded), len(masks))
+
+    targets: Any = config.targets if config.targets == "all-linear" else [t.strip() for t in config.targets.split(",")]
+    model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                             lora_dropout=config.lora_dropout, target_modules=targets,
+                                             task_type="CAUSAL_LM"))
+    accumulation = config.batch_size // config.micro_batch_size
+    checkpoints = out / "checkpoints"
+    args = TrainingArguments(
+        output_dir=str(checkpoints), per_device_train_batch_size=config.micro_batch_size,
+        gradient_accumulation_steps=accumulation, num_train_epochs=config.epochs, learning_rate=config.lr,
+        lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio, logging_steps=1,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=2, seed=config.seed,
+        data_seed=config.seed, report_to=[], bf16=dtype == "bf16", use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_Examples(encoded),
+                      data_collator=lambda f: collate_for_training(f, tokenizer.pad_token_id),
+                      callbacks=list(callbacks))
+    resume_from = None
+    if config.resume:
+        existing = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        resume_from = str(existing[-1]) if existing else None
+        log.info("resuming from %s", resume_from or "scratch (no checkpoint found)")
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - t0
+
+    trained_tokens = sum(len(e.input_ids) for e in encoded) * config.epochs
+    losses = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
+              for h in trainer.state.log_history if "loss" in h]
+    model.save_pretrained(out / "adapter")
+    merged = model.merge_and_unload()
+    apply_masks(merged, masks)
+    with atomic_dir(out / "merged") as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    train_log = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "dtype": dtype, "records": len(encoded), "steps": trainer.state.global_step,
+        "epochs": config.epochs, "loss_curve": losses, "final_train_loss": result.training_loss,
+        "seconds": round(seconds, 2), "tokens_per_s": round(trained_tokens / seconds, 1) if seconds else None,
+        "peak_memory_gb": round(_peak_memory_gb(), 3), "sparse_layers": len(masks),
+        "zeros_kept": int(sum(m.sum().item() for m in masks.values())),
+        "resumed_from": resume_from,
+    }
+    write_json(out / "train_log.json", train_log)
+    return train_log
+

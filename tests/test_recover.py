@@ -1,0 +1,113 @@
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from paser.data import PromptFormatter, Record
+from paser.errors import ConfigError
+from paser.recover import IGNORE_INDEX, RecoverConfig, collate_for_training, labels_for, run_recovery
+
+
+def test_loss_positions_are_exactly_the_response_tokens(tiny_tokenizer):
+    formatter = PromptFormatter(tiny_tokenizer)
+    encoded = [formatter.encode(Record("Reverse the word.", "planet", "tenalp", {})),
+               formatter.encode(Record("Say hi.", "", "hi", {}))]
+    batch = collate_for_training([{"input_ids": e.input_ids, "labels": labels_for(e)} for e in encoded],
+                                 tiny_tokenizer.pad_token_id)
+    for row, e in enumerate(encoded):
+        carries_loss = (batch["labels"][row] != IGNORE_INDEX).nonzero().flatten().tolist()
+        start = len(e.prompt_ids)
+        assert carries_loss == list(range(start, start + len(e.response_ids)))
+        assert batch["labels"][row, carries_loss].tolist() == e.response_ids
+        assert batch["attention_mask"][row].sum() == len(e.input_ids)
+    # the loss the model computes ignores prompt and padding: equals the mean NLL over response tokens
+    from tiny import make_tiny_llama
+
+    model = make_tiny_llama(tiny_tokenizer)
+    with torch.no_grad():
+        out = model(**batch)
+        logp = out.logits.log_softmax(-1)
+    nll = [-logp[r, t - 1, batch["labels"][r, t]] for r in range(2) for t in range(batch["labels"].shape[1])
+           if batch["labels"][r, t] != IGNORE_INDEX]
+    assert out.loss.item() == pytest.approx(torch.stack(nll).mean().item(), rel=1e-5)
+
+
+@pytest.fixture()
+def sparse_tiny(tmp_path, tiny_model_dir):
+    from paser.models import load_model
+    from paser.prune import magnitude_prune_
+
+    model, tok = load_model(str(tiny_model_dir))
+    magnitude_prune_(model, 0.5)
+    model.save_pretrained(tmp_path / "sparse")
+    tok.save_pretrained(tmp_path / "sparse")
+    return tmp_path / "sparse"
+
+
+def small_config(tmp_path, model, **overrides):
+    data = tmp_path / "train.jsonl"
+    if not data.exists():
+        from paser.demo_data import demo_records
+
+        data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:48]))
+    base = dict(model=str(model), data=str(data), out=tmp_path / "rec", epochs=3, lr=5e-3, batch_size=8,
+                micro_batch_size=4, dtype="fp32", save_steps=2, cutoff_len=64)
+    return RecoverConfig(**(base | overrides))
+
+
+def test_recovery_trains_merges_and_keeps_zeros(tmp_path, sparse_tiny):
+    from paser.models import load_model
+
+    before, _ = load_model(str(sparse_tiny))
+    zeros_before = {n: (m.weight == 0) for n, m in before.named_modules() if isinstance(m, torch.nn.Linear)
+                    and ".layers." in f".{n}"}
+    log = run_recovery(small_config(tmp_path, sparse_tiny))
+    assert log["steps"] == 18  # 48 records / 8 per step x 3 epochs
+    losses = [p["loss"] for p in log["loss_curve"]]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # training loss falls
+    merged, _ = load_model(str(tmp_path / "rec" / "merged"))
+    modules = dict(merged.named_modules())
+    changed = 0
+    for name, zeros in zeros_before.items():
+        after = modules[name].weight
+        assert torch.equal(after == 0, zeros), name  # exactly the pruned zeros, no more, no fewer
+        changed += int(not torch.equal(after, dict(before.named_modules())[name].weight))
+    assert changed > 0  # the merge did change the kept weights
+    assert (tmp_path / "rec" / "adapter" / "adapter_config.json").exists()
+    saved = json.loads((tmp_path / "rec" / "train_log.json").read_text())
+    assert {"loss_curve", "tokens_per_s", "seconds", "peak_memory_gb"} <= set(saved)
+
+
+class _Interrupt(TrainerCallback):
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise KeyboardInterrupt
+
+
+def test_resume_ends_at_the_same_step_count(tmp_path, tiny_model_dir):
+    config = small_config(tmp_path, tiny_model_dir, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_recovery(config, callbacks=[_Interrupt(at_step=5)])
+    assert (tmp_path / "rec" / "checkpoints" / "checkpoint-4").exists()
+    counter = _CountSteps()
+    log = run_recovery(small_config(tmp_path, tiny_model_dir, epochs=2, resume=True), callbacks=[counter])
+    assert log["resumed_from"].endswith("checkpoint-4")
+    assert log["steps"] == 12  # the same as an uninterrupted run: 48 / 8 x 2
+    assert counter.steps == 8  # only the steps after the checkpoint were trained again
+    assert [p["step"] for p in log["loss_curve"]] == list(range(1, 13))
+
+
+class _CountSteps(TrainerCallback):
+    steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+def test_bad_recovery_config(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
+        run_recovery(small_config(tmp_path, tiny_model_dir, batch_size=6, micro_batch_size=4))
