@@ -26,7 +26,6 @@ def deep_size(records) -> float:
     total = 0
     for r in records:
         total += sys.getsizeof(r) + sys.getsizeof(r.raw) + sum(sys.getsizeof(v) for v in r.raw.values())
-        total += sys.getsizeof(r.where)
     return total / 1024**2
 
 

@@ -82,7 +82,13 @@ class Record:
     input: str
     output: str
     raw: dict = field(repr=False)
-    where: str = ""  # "file:line", for messages about this record
+    source: str = ""  # shared by all records of a file (not copied per record)
+    number: int = 0  # line (JSONL, CSV), record (JSON) or row (parquet, hub) number
+
+    @property
+    def where(self) -> str:
+        """``source:number``, for messages about this record."""
+        return f"{self.source}:{self.number}"
 
     @property
     def key(self) -> tuple[str, str]:
@@ -227,7 +233,7 @@ def iter_dict_records(rows: Iterable[Any], source: str, columns: ColumnMap | Non
             raise DataError(source, number, columns.messages or columns.instruction, "empty instruction", unit=unit)
         if not output.strip():
             raise DataError(source, number, columns.messages or columns.output, "empty output", unit=unit)
-        yield Record(instruction, input_text, output, row, f"{source}:{number}")
+        yield Record(instruction, input_text, output, row, source, number)
 
 
 def load_records(source: str | Path, columns: ColumnMap | None = None,
@@ -239,16 +245,16 @@ def load_records(source: str | Path, columns: ColumnMap | None = None,
     if duplicates not in {"keep", "drop"}:
         raise DataError(str(source), None, None, f"duplicates must be 'keep' or 'drop', not '{duplicates}'")
     records: list[Record] = []
-    seen: dict[tuple[str, str], str] = {}
+    first_seen: dict[tuple[str, str], int] = {}  # key -> line number; the key reuses the record's strings
     n_dup = 0
     for record in iter_records(source, columns):
         if limit is not None and len(records) >= limit:
             break
-        first = seen.setdefault(record.key, record.where)
-        if first != record.where:
+        first = first_seen.setdefault(record.key, record.number)
+        if first != record.number:
             n_dup += 1
             if n_dup <= 3:
-                log.warning("duplicate instruction at %s (first at %s)", record.where, first)
+                log.warning("duplicate instruction at %s (first at %s:%d)", record.where, record.source, first)
             if duplicates == "drop":
                 continue
         records.append(record)
