@@ -99,3 +99,17 @@ def test_normalize_answer():
     assert normalize_answer("  Paris.\nMore text") == "paris"
     assert normalize_answer("`42`") == "42"
     assert normalize_answer("Washington,  D.C.") == normalize_answer("washington, d.c")
+
+
+def test_skill_accuracy_uses_normalised_exact_match():
+    from paser.data import iter_dict_records
+    from paser.evaluate import skill_accuracy
+
+    rows = [{"instruction": "q1", "output": "Paris", "answer": "Paris", "skill": "capitals"},
+            {"instruction": "q2", "output": "Rome", "answer": "Rome", "skill": "capitals"},
+            {"instruction": "q3", "output": "42", "answer": "42", "skill": "arithmetic"}]
+    records = list(iter_dict_records(rows, source="t"))
+    table = skill_accuracy(records, ["paris.", "The capital is Rome", "`42`\nbecause"])
+    assert table["capitals"] == {"acc": 0.5, "n": 2}
+    assert table["arithmetic"] == {"acc": 1.0, "n": 1}
+    assert table["mean"]["acc"] == 0.75

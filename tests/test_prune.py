@@ -1,6 +1,10 @@
+import json
+
+import pytest
 import torch
 
-from paser.prune import magnitude_prune_
+from paser.errors import ConfigError, NotBuiltError
+from paser.prune import PruneConfig, decoder_linears, magnitude_prune_, perplexity, run_prune
 
 
 def test_magnitude_prune_zeroes_exactly_the_smallest_half_per_row(tiny_model_dir):
@@ -18,3 +22,57 @@ def test_magnitude_prune_zeroes_exactly_the_smallest_half_per_row(tiny_model_dir
     kept_min = magnitude.masked_fill(~kept, float("inf")).amin(dim=1)
     assert (dropped_max <= kept_min).all()  # per output row, the smallest half went
     assert (model.lm_head.weight != 0).all()
+
+
+def groups_hold_zeros(weight, n, m):
+    return bool(((weight.view(weight.shape[0], -1, m) == 0).sum(-1) >= n).all())
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_unstructured_and_2_4(tmp_path, tiny_model_dir, method):
+    from transformers import AutoModelForCausalLM
+
+    report = run_prune(PruneConfig(model=str(tiny_model_dir), out=tmp_path / "p", method=method, sparsity=0.5,
+                                   calib_samples=16, heldout_samples=4, seq_len=64))
+    for layer in report["layers"].values():
+        assert abs(layer["achieved"] - 0.5) <= 0.005
+    assert report["perplexity_after"] > 0 and report["parameters_before"] == report["parameters_after"]
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert "quantization_config" not in config and "compression_config" not in config
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    for module in decoder_linears(reloaded).values():
+        assert abs((module.weight == 0).float().mean().item() - 0.5) <= 0.005
+    assert json.loads((tmp_path / "p" / "prune_report.json").read_text())["method"] == method
+
+    run_prune(PruneConfig(model=str(tiny_model_dir), out=tmp_path / "nm", method=method, sparsity=0.5, pattern="2:4",
+                          calib_samples=16, heldout_samples=4, seq_len=64))
+    for module in decoder_linears(AutoModelForCausalLM.from_pretrained(tmp_path / "nm")).values():
+        assert groups_hold_zeros(module.weight, 2, 4)
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    ({"sparsity": 1.0}, ConfigError, "sparsity must be in"),
+    ({"sparsity": 0.0}, ConfigError, "sparsity must be in"),
+    ({"pattern": "2:4", "sparsity": 0.6}, ConfigError, "means sparsity 0.5"),
+    ({"pattern": "4:2"}, ConfigError, "0 < N < M"),
+    ({"pattern": "two:four"}, ConfigError, "N:M"),
+    ({"method": "random"}, ConfigError, "method must be"),
+    ({"method": "taylor", "sparsity": 0.2}, NotBuiltError, "not built yet"),
+])
+def test_bad_requests_fail_before_work(tmp_path, overrides, error, message, monkeypatch):
+    monkeypatch.setattr("paser.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(error, match=message):
+        run_prune(PruneConfig(**({"model": "x", "out": tmp_path / "o"} | overrides)))
+
+
+def test_perplexity_matches_direct_computation(tiny_model_dir):
+    from paser.models import load_model
+
+    model, _ = load_model(str(tiny_model_dir))
+    sequences = [[5, 9, 14, 3, 7], [8, 2, 11]]
+    nll = []
+    with torch.no_grad():
+        for s in sequences:
+            logp = model(torch.tensor([s])).logits[0].log_softmax(-1)
+            nll += [-logp[t - 1, s[t]].item() for t in range(1, len(s))]
+    assert perplexity(model, sequences) == pytest.approx(torch.tensor(nll).mean().exp().item(), rel=1e-5)

@@ -49,16 +49,28 @@ def _not_built(command: str, issue: str) -> None:
 @app.command()
 def prune(
     model: str = typer.Argument(..., help="Model spec: smollm2-135m-instruct, a local HF directory, a .gguf file or a hub id."),
-    method: str = typer.Option("wanda", help="wanda | sparsegpt | magnitude | taylor (structured, LLM-Pruner style)."),
+    method: str = typer.Option("wanda", help="wanda | sparsegpt | magnitude (taylor, structured: not built yet)."),
     sparsity: float = typer.Option(0.5, help="Fraction of weights (or, for taylor, of prunable channels/heads) to remove, in (0, 1)."),
     pattern: Optional[str] = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4 (wanda, sparsegpt, magnitude)."),
     calib_data: str = typer.Option("demo", help="Calibration data: any instruction source paser reads, or a plain .txt file."),
     calib_samples: int = typer.Option(128, help="Number of calibration samples."),
     seq_len: int = typer.Option(256, help="Calibration sequence length in tokens."),
     out: Path = typer.Option(..., help="Output directory (a plain Hugging Face model directory)."),
+    seed: int = typer.Option(0, help="Seed."),
 ) -> None:
-    """Prune a model (Wanda, SparseGPT, magnitude, or Taylor structured pruning)."""
-    _not_built("prune", "issue 3")
+    """Prune a model: wanda and sparsegpt (llmcompressor one-shot), magnitude; unstructured or N:M.
+
+    Writes a plain Hugging Face model directory with the tokenizer and prune_report.json (per-layer
+    sparsity, parameters, perplexity before/after on held-out calibration samples, time, memory).
+    Taylor structured pruning is not built yet.
+    """
+    from .prune import PruneConfig, run_prune
+
+    report = run_prune(PruneConfig(model=model, out=out, method=method, sparsity=sparsity, pattern=pattern,
+                                   calib_data=calib_data, calib_samples=calib_samples, seq_len=seq_len, seed=seed))
+    typer.echo(f"{report['method']}: sparsity {report['achieved_sparsity']:.4f} of decoder linear weights; "
+               f"perplexity {report['perplexity_before']:.2f} -> {report['perplexity_after']:.2f}; "
+               f"{report['seconds']:.0f}s -> {out}")
 
 
 # ----------------------------------------------------------------------------------------------- select

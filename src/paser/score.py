@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .cache import cache_root, stable_hash, write_parquet
+from .cache import stable_hash, write_parquet
 from .data import Encoded
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ SCORE_COLUMNS = ["index", "jsd", "prompt_tokens", "response_tokens", "loss_origi
 class ScoreConfig:
     """Scoring settings (documented defaults, shared by the CLI and the API)."""
 
-    max_length: int = 256  # tokens per sample (prompt + response), see PromptFormatter truncation
     batch_size: int = 16  # samples per batch at most
     max_batch_tokens: int = 4096  # padded tokens per batch at most
     chunk_rows: int = 128  # response positions per LM-head/JSD chunk (keeps logits cache-sized)
@@ -199,10 +198,6 @@ def score_records(original: Any, pruned: Any, encoded: Sequence[Encoded], pad_id
         if partial and partial.exists():
             partial.unlink()
     return result
-
-
-def scores_dir() -> Path:
-    return cache_root() / "scores"
 
 
 # -------------------------------------------------------------------------------------------- scorers

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .allocate import ALLOCATION_RULES, allocate, apportion, ies, rank_within
-from .cache import cache_root, stable_hash, write_json, write_jsonl, write_parquet
+from .cache import atomic_path, cache_root, stable_hash, write_json, write_jsonl, write_parquet
 from .ccg import ConceptGraph, extract_concepts
 from .cluster import ClusterConfig, ClusterResult, cluster_embeddings
 from .data import ColumnMap, PromptFormatter, Record, load_records
@@ -141,8 +141,6 @@ def _cluster(ctx: _Context) -> ClusterResult:
         ctx.info["clusters_from_cache"] = True
     else:
         result = cluster_embeddings(embeddings, cluster_config)
-        from .cache import atomic_path
-
         with atomic_path(path, suffix=".npz") as tmp:
             np.savez(tmp, labels=result.labels, k=result.k, eigenvalues=result.eigenvalues,
                      coordinates=result.coordinates)
@@ -271,7 +269,7 @@ def _scores(config: SelectConfig, records: list[Record], cache: Path, timings: d
     timings["load_models"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     table = score_records(original, pruned, encoded, tokenizer.pad_token_id,
-                          ScoreConfig(max_length=config.max_length, batch_size=config.batch_size),
+                          ScoreConfig(batch_size=config.batch_size),
                           cache_file=path)
     timings["score"] = time.perf_counter() - t0
     return table, False
