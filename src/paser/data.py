@@ -108,6 +108,7 @@ def _iter_raw(source: str) -> Iterator[tuple[str, int, Any]]:
         if suffix in {".jsonl", ".ndjson"}:
             with open(path, encoding="utf-8") as f:
                 for lineno, line in enumerate(f, start=1):
+                    line = line.rstrip("\r\n")  # so a truncated line reports its own column, not "line 2"
                     if not line.strip():
                         continue
                     try:
