@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Sequence
 
+import torch
+
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -350,3 +352,14 @@ class PromptFormatter:
 
     def encode_all(self, records: Sequence[Record]) -> list[Encoded]:
         return [self.encode(r) for r in records]
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(ids, attention_mask)`` tensors for a batch of token id lists."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention[row, :len(seq)] = 1
+    return ids, attention

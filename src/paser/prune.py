@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from .cache import atomic_dir, write_json
+from .data import pad_right
 from .errors import ConfigError, NotBuiltError
 
 log = logging.getLogger(__name__)
@@ -112,13 +113,7 @@ def perplexity(model: Any, sequences: Sequence[Sequence[int]], batch_size: int =
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for start in range(0, len(sequences), batch_size):
-        batch = sequences[start:start + batch_size]
-        width = max(len(s) for s in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(batch):
-            ids[row, :len(s)] = torch.tensor(s)
-            mask[row, :len(s)] = 1
+        ids, mask = pad_right(sequences[start:start + batch_size], 0)  # padding is masked out below
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(device), reduction="none")
         valid = mask[:, 1:].to(device).bool()

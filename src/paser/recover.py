@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from .cache import atomic_dir, write_json
-from .data import Encoded, PromptFormatter, load_records
+from .data import Encoded, PromptFormatter, load_records, pad_right
 from .errors import ConfigError
 from .models import load_model, resolve_dtype_name
 
@@ -85,15 +85,8 @@ class _Examples(torch.utils.data.Dataset):
 
 def collate_for_training(features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch; padding gets attention 0 and label -100."""
-    width = max(len(f["input_ids"]) for f in features)
-    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(features), width), dtype=torch.long)
-    for row, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[row, :n] = torch.tensor(f["input_ids"])
-        labels[row, :n] = torch.tensor(f["labels"])
-        attention[row, :n] = 1
+    ids, attention = pad_right([f["input_ids"] for f in features], pad_id)
+    labels, _ = pad_right([f["labels"] for f in features], IGNORE_INDEX)
     return {"input_ids": ids, "labels": labels, "attention_mask": attention}
 
 

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import stable_hash, write_parquet
-from .data import Encoded
+from .data import Encoded, pad_right
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,10 @@ def length_buckets(lengths: Sequence[int], batch_size: int, max_batch_tokens: in
 
 def collate(encoded: Sequence[Encoded], pad_id: int):
     """Right-padded ids, attention mask, response mask over hidden positions, and response targets."""
-    width = max(len(e.input_ids) for e in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(encoded), width), dtype=torch.long)
-    predicts_response = torch.zeros((len(encoded), width), dtype=torch.bool)
+    ids, attention = pad_right([e.input_ids for e in encoded], pad_id)
+    predicts_response = torch.zeros_like(ids, dtype=torch.bool)
     for row, e in enumerate(encoded):
         n, p = len(e.input_ids), len(e.prompt_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        attention[row, :n] = 1
         predicts_response[row, p - 1:n - 1] = True  # hidden state at t predicts token t + 1
     targets = ids[:, 1:][predicts_response[:, :-1]]
     return ids, attention, predicts_response, targets

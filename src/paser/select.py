@@ -250,7 +250,8 @@ def _data_fingerprint(records: Sequence[Record]) -> str:
 def _scores(config: SelectConfig, records: list[Record], cache: Path, timings: dict) -> tuple[pd.DataFrame, bool]:
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(config.original)
-    check_compatible(tokenizer, load_tokenizer(config.pruned))
+    pruned_tokenizer = load_tokenizer(config.pruned)
+    check_compatible(tokenizer, pruned_tokenizer)
     formatter = PromptFormatter(tokenizer, template=config.template, max_length=config.max_length)
     dtype = resolve_dtype_name(config.dtype)
     key = score_cache_key(model_fingerprint(config.original), model_fingerprint(config.pruned),
@@ -265,7 +266,7 @@ def _scores(config: SelectConfig, records: list[Record], cache: Path, timings: d
     t0 = time.perf_counter()
     original, _ = load_model(config.original, dtype=dtype, tokenizer=False)
     pruned, _ = load_model(config.pruned, dtype=dtype, tokenizer=False)
-    check_compatible(tokenizer, tokenizer, original, pruned)
+    check_compatible(tokenizer, pruned_tokenizer, original, pruned)  # now the output sizes too
     timings["load_models"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     table = score_records(original, pruned, encoded, tokenizer.pad_token_id,
