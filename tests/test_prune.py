@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from paser.errors import ConfigError, NotBuiltError
-from paser.prune import PruneConfig, decoder_linears, magnitude_prune_, perplexity, run_prune
+from paser.errors import ConfigError
+from paser.prune import PruneConfig, decoder_linears, magnitude_prune_, run_prune, taylor_prune_
 
 
 def test_magnitude_prune_zeroes_exactly_the_smallest_half_per_row(tiny_model_dir):
@@ -57,7 +57,7 @@ def test_unstructured_and_2_4(tmp_path, tiny_model_dir, method):
     ({"pattern": "4:2"}, ConfigError, "0 < N < M"),
     ({"pattern": "two:four"}, ConfigError, "N:M"),
     ({"method": "random"}, ConfigError, "method must be"),
-    ({"method": "taylor", "sparsity": 0.2}, NotBuiltError, "not built yet"),
+    ({"method": "taylor", "pattern": "2:4"}, ConfigError, "not taylor"),
 ])
 def test_bad_requests_fail_before_work(tmp_path, overrides, error, message, monkeypatch):
     monkeypatch.setattr("paser.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
@@ -65,14 +65,3 @@ def test_bad_requests_fail_before_work(tmp_path, overrides, error, message, monk
         run_prune(PruneConfig(**({"model": "x", "out": tmp_path / "o"} | overrides)))
 
 
-def test_perplexity_matches_direct_computation(tiny_model_dir):
-    from paser.models import load_model
-
-    model, _ = load_model(str(tiny_model_dir))
-    sequences = [[5, 9, 14, 3, 7], [8, 2, 11]]
-    nll = []
-    with torch.no_grad():
-        for s in sequences:
-            logp = model(torch.tensor([s])).logits[0].log_softmax(-1)
-            nll += [-logp[t - 1, s[t]].item() for t in range(1, len(s))]
-    assert perplexity(model, sequences) == pytest.approx(torch.tensor(nll).mean().exp().item(), rel=1e-5)

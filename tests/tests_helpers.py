@@ -1,8 +1,12 @@
 """Helpers shared by tests (kept out of conftest so they can be imported by name)."""
 
 import copy
+import json
 from pathlib import Path
 
+import torch
+
+from paser.evaluate import ZERO_SHOT_TASKS
 from paser.prune import magnitude_prune_
 
 
@@ -11,4 +15,33 @@ def magnitude_prune_copy(model, tokenizer, directory: Path, sparsity: float = 0.
     pruned = magnitude_prune_(copy.deepcopy(model), sparsity)
     pruned.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+WORDS = "the cat sat on a mat while two dogs ran over green hills to find red apples near old trees".split()
+
+
+def _sentence(rng, n):
+    return " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (n,), generator=rng))
+
+
+def write_fixtures(directory, rows=10):
+    """10 rows of every task format, as in ../shared/data/eval (extra fields included, to be ignored)."""
+    rng = torch.Generator().manual_seed(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    for task in ZERO_SHOT_TASKS:
+        with (directory / f"{task}.jsonl").open("w") as f:
+            for i in range(rows):
+                n_choices = 2 if task in ("boolq", "piqa", "winogrande") else 4
+                doc = {"question": _sentence(rng, 6), "choices": [_sentence(rng, 3) for _ in range(n_choices)],
+                       "label": i % n_choices, "query_raw": "ignored"}
+                if task == "boolq":
+                    doc["choices"] = ["no", "yes"]
+                    doc["context"] = _sentence(rng, 20)
+                if task == "winogrande":
+                    doc["question"] = ""
+                    doc["context_options"] = [_sentence(rng, 5) for _ in range(2)]
+                    doc["continuation"] = _sentence(rng, 4)
+                    doc["choices"] = [c + " " + doc["continuation"] for c in doc["context_options"]]
+                f.write(json.dumps(doc) + "\n")
     return directory

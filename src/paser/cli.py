@@ -10,7 +10,7 @@ from typing import Optional
 import click
 import typer
 
-from .errors import NotBuiltError, PaserError
+from .errors import PaserError
 
 app = typer.Typer(
     name="paser",
@@ -41,15 +41,11 @@ def _global_options(
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-def _not_built(command: str, issue: str) -> None:
-    raise NotBuiltError(f"'paser {command}' is not built yet ({issue}); nothing was done")
-
-
 # ------------------------------------------------------------------------------------------------ prune
 @app.command()
 def prune(
     model: str = typer.Argument(..., help="Model spec: smollm2-135m-instruct, a local HF directory, a .gguf file or a hub id."),
-    method: str = typer.Option("wanda", help="wanda | sparsegpt | magnitude (taylor, structured: not built yet)."),
+    method: str = typer.Option("wanda", help="wanda | sparsegpt | magnitude (unstructured or N:M) | taylor (structured: MLP channels and head groups)."),
     sparsity: float = typer.Option(0.5, help="Fraction of weights (or, for taylor, of prunable channels/heads) to remove, in (0, 1)."),
     pattern: Optional[str] = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4 (wanda, sparsegpt, magnitude)."),
     calib_data: str = typer.Option("demo", help="Calibration data: any instruction source paser reads, or a plain .txt file."),
@@ -58,11 +54,12 @@ def prune(
     out: Path = typer.Option(..., help="Output directory (a plain Hugging Face model directory)."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
-    """Prune a model: wanda and sparsegpt (llmcompressor one-shot), magnitude; unstructured or N:M.
+    """Prune a model: wanda and sparsegpt (llmcompressor one-shot), magnitude, taylor (structured).
 
-    Writes a plain Hugging Face model directory with the tokenizer and prune_report.json (per-layer
-    sparsity, parameters, perplexity before/after on held-out calibration samples, time, memory).
-    Taylor structured pruning is not built yet.
+    Unstructured methods zero weights (or N:M groups); taylor removes the least salient MLP channels and
+    key/value head groups of every decoder layer (LLM-Pruner style) and shrinks the config. Writes a
+    plain Hugging Face model directory with the tokenizer and prune_report.json (per-layer sparsity,
+    parameters, perplexity before/after on held-out calibration samples, time, memory).
     """
     from .prune import PruneConfig, run_prune
 
@@ -175,28 +172,72 @@ def evaluate(
     models: list[str] = typer.Argument(..., help="One or more model specs, compared side by side."),
     tasks: str = typer.Option("boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
                               help="Comma-separated zero-shot tasks ('' for none)."),
-    task_dir: Optional[Path] = typer.Option(None, help="Directory with one <task>.jsonl per task (local, offline)."),
+    task_dir: Optional[Path] = typer.Option(None, help="Directory with one <task>.jsonl per task (local, offline); without it, lm-eval's hub tasks."),
     limit: Optional[int] = typer.Option(None, help="At most N examples per task."),
-    ppl: list[Path] = typer.Option([], help="Plain text file(s) to measure perplexity on."),
-    ppl_seqlen: int = typer.Option(1024, help="Perplexity window length in tokens."),
+    ppl: list[Path] = typer.Option([], help="Plain text file to measure perplexity on (repeatable)."),
+    ppl_seqlen: int = typer.Option(1024, help="Perplexity window length in tokens (capped at the model's maximum)."),
+    response_ppl: list[str] = typer.Option([], help="Instruction data whose response perplexity to measure (repeatable)."),
     demo_skills: bool = typer.Option(False, help="Exact-match accuracy per skill on the built-in held-out demo set."),
+    demo_questions: Optional[int] = typer.Option(None, help="Held-out demo questions per skill (default: all 40)."),
     batch_size: int = typer.Option(8, help="Batch size."),
     dtype: str = typer.Option("auto", help="auto (bf16 only where the hardware has native bf16) | bf16 | fp32."),
-    out: Path = typer.Option(Path("results.json"), help="Results file; a markdown table is written beside it."),
+    label: list[str] = typer.Option([], help="Display name per model, in order (default: the model specs)."),
+    out: Path = typer.Option(Path("results.json"), help="Results file; a markdown table is written beside it (.md)."),
 ) -> None:
-    """Evaluate models: zero-shot tasks (lm-eval), perplexity, demo skills."""
-    _not_built("evaluate", "issue 4")
+    """Evaluate models side by side: zero-shot tasks (lm-eval), perplexity, demo skills.
+
+    Each model is loaded once; tasks and tokenised text are built once for all models. Writes
+    results.json (metrics with stderr and n, versions, dtype, limit, wall time per task) and results.md.
+    """
+    from .evaluate import EvaluateConfig, run_evaluation
+
+    results = run_evaluation(EvaluateConfig(
+        models=list(models), tasks=[t.strip() for t in tasks.split(",") if t.strip()], task_dir=task_dir,
+        limit=limit, ppl=[str(p) for p in ppl], ppl_seqlen=ppl_seqlen, response_ppl=list(response_ppl),
+        demo_skills=demo_skills, demo_questions=demo_questions, batch_size=batch_size, dtype=dtype,
+        labels=list(label) or None, out=out))
+    typer.echo(results["table"])
+    typer.echo(f"{results['seconds']:.0f}s; results -> {out}")
 
 
 # -------------------------------------------------------------------------------------------------- run
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="Pipeline YAML config (sections model, prune, data, select, recover, evaluate)."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default: from the config)."),
-    from_stage: Optional[str] = typer.Option(None, "--from", help="Redo this stage and everything after it."),
+    config: Path = typer.Argument(..., help="Pipeline YAML config (sections model, prune or pruned, data, select, recover, evaluate)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: the config's 'out')."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Redo this stage (prune, select, recover, evaluate) and everything after it."),
 ) -> None:
-    """Run prune -> select -> recover -> evaluate from one config, resumably."""
-    _not_built("run", "issue 5")
+    """Run prune -> select -> recover -> evaluate from one config, resumably.
+
+    Stages whose inputs are unchanged since the last run are skipped; a changed setting redoes its
+    stage and everything downstream. Writes OUT/run.json and OUT/report.html and prints the table.
+    """
+    from .pipeline import load_config, run_pipeline
+
+    _finish_run(run_pipeline(load_config(config), out=out, from_stage=from_stage))
+
+
+def _finish_run(run: dict) -> None:
+    from rich.console import Console
+
+    out = Path(run["out"])
+    console = Console()
+    for stage in run["stages"]:
+        status = "skipped" if stage["skipped"] else f"{stage['seconds']:.0f}s, peak {stage['peak_rss_gb']:.2f} GB"
+        console.print(f"  {stage['stage']}: {status}")
+    table = out / "evaluate" / "results.md"
+    if table.exists():
+        typer.echo(table.read_text())
+    typer.echo(f"{run['seconds']:.0f}s; report: {out / 'report.html'}; run record: {out / 'run.json'}")
+
+
+# ----------------------------------------------------------------------------------------------- report
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A 'paser run' output directory.")) -> None:
+    """Rebuild RUN_DIR/report.html (self-contained: clusters, CDS and budgets, JSD, CCG, losses, evaluation)."""
+    from .report import build_report
+
+    typer.echo(str(build_report(run_dir)))
 
 
 # --------------------------------------------------------------------------------------------- validate
@@ -217,27 +258,32 @@ def validate(
 # ------------------------------------------------------------------------------------------------- demo
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Demo output directory."),
+    out: Path = typer.Option(Path("runs/demo"), help="Demo run directory."),
+    show_config: bool = typer.Option(False, "--show-config", help="Print the demo's pipeline config and stop."),
     export_data: Optional[Path] = typer.Option(None, help="Only write the built-in demo data (train.jsonl, heldout.jsonl) to this directory."),
-    seed: int = typer.Option(0, help="Seed of the built-in demo data."),
-    questions: int = typer.Option(2, help="Held-out questions per skill that the embedded model answers."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Redo this stage and everything after it."),
 ) -> None:
-    """The embedded default model on the built-in demo data (set-up check and tour).
+    """The whole pipeline on the embedded SmolLM2-135M-Instruct and the built-in demo data.
 
-    With --export-data, writes the demo data set and stops. Otherwise: loads the embedded
-    SmolLM2-135M-Instruct (converting its GGUF once), writes the demo data into OUT, and shows the
-    model answering held-out questions of every skill. The full prune -> select -> recover ->
-    evaluate demo arrives with 'paser run' (issue 5).
+    Wanda 50%, PASER and random selection at a 20% budget, 1 epoch of LoRA, evaluation on the demo
+    skills, held-out response perplexity and (when ../shared/data/eval exists) zero-shot tasks. Ends
+    with the side-by-side table (dense, pruned, pruned + paser, pruned + random) and OUT/report.html.
+    A second run skips every stage that is up to date.
     """
-    from .demo import run_quick_demo
-    from .demo_data import export_demo_data
+    import yaml
 
+    from .demo_data import export_demo_data
+    from .pipeline import demo_config_text, parse_config, run_pipeline
+
+    if show_config:
+        typer.echo(demo_config_text())
+        return
     if export_data is not None:
-        paths = export_demo_data(export_data, seed=seed)
-        for split, path in paths.items():
+        for split, path in export_demo_data(export_data).items():
             typer.echo(f"{split}: {path}")
         return
-    run_quick_demo(out, seed=seed, questions_per_skill=questions)
+    config = parse_config(yaml.safe_load(demo_config_text()), where="demo config")
+    _finish_run(run_pipeline(config, out=out, from_stage=from_stage))
 
 
 def main() -> None:

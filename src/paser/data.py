@@ -1,9 +1,10 @@
 """Instruction data: the only place in paser that reads instruction files.
 
 Records are Alpaca-style (``instruction``, ``input``, ``output``); extra fields are kept untouched in
-``Record.raw``. Sources: JSON (an array), JSONL, parquet, CSV, a hub dataset name, or ``demo`` (the
-built-in demo set). Other schemas map onto the three fields with a :class:`ColumnMap`
-(``question``/``answer``, ``prompt``/``response`` and chat ``messages`` are detected automatically).
+``Record.raw``. Sources: JSON (an array), JSONL, parquet, CSV, a hub dataset name, ``demo`` (the
+built-in demo set) or ``demo-heldout`` (its held-out questions). Other schemas map onto the three
+fields with a :class:`ColumnMap` (``question``/``answer``, ``prompt``/``response`` and chat ``messages``
+are detected automatically).
 
 Everything is validated before any heavy work: the first bad record raises :class:`DataError` naming
 the file, the line (or record/row) and the field.
@@ -206,13 +207,16 @@ def _record_from_messages(source: str, unit: str, number: int, row: dict, column
     return messages[users[-1]]["content"], messages[-1]["content"]
 
 
+DEMO_SOURCES = {"demo": "train", "demo-heldout": "heldout"}  # the built-in demo set's splits
+
+
 def iter_records(source: str | Path, columns: ColumnMap | None = None) -> Iterator[Record]:
     """Stream validated records from ``source``; the first invalid one raises :class:`DataError`."""
     source = str(source)
-    if source == "demo":
+    if source in DEMO_SOURCES:
         from .demo_data import demo_records
 
-        yield from iter_dict_records(demo_records()["train"], source="demo")
+        yield from iter_dict_records(demo_records()[DEMO_SOURCES[source]], source=source)
         return
     yield from iter_dict_records(_iter_raw(source), source=source, columns=columns)
 

@@ -22,6 +22,3 @@ class ConfigError(PaserError):
 class ModelError(PaserError):
     """A model spec that cannot be resolved, or two models that cannot be compared."""
 
-
-class NotBuiltError(PaserError):
-    """A subcommand whose stage is not implemented yet."""

@@ -1,23 +1,236 @@
-"""Evaluation: exact-match accuracy on the built-in demo skills (greedy decoding).
+"""Evaluation: zero-shot tasks through lm-evaluation-harness, perplexity, and the built-in demo skills.
 
-Zero-shot lm-eval tasks and perplexity arrive with issue 4.
+- Zero-shot multiple choice (``boolq piqa hellaswag winogrande arc_easy arc_challenge openbookqa``):
+  with ``task_dir``, the package's task configs (``paser/tasks/<task>.yaml``) read ``<task_dir>/<task>.jsonl``
+  offline as lm-eval tasks named ``paser_<task>``; without it, lm-eval's own hub tasks of the same names.
+  Metrics: acc and acc_norm with their standard errors, and n.
+- Text perplexity (WikiText-2 protocol of Wanda/SparseGPT): the whole file tokenised once, cut into
+  non-overlapping windows of ``ppl_seqlen`` tokens (the remainder dropped), exp of the mean token NLL.
+- Response perplexity of instruction data: exp of the mean NLL of response tokens given the prompt
+  (same template as selection and recovery).
+- Demo skills: greedy answers to the held-out demo questions, exact match after
+  :func:`paser.demo_data.normalize_answer` (lower case, surrounding punctuation and spaces stripped,
+  inner whitespace collapsed, first line only).
+
+Each model is loaded once; tasks, tokenised text and encoded records are built once for all models.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import platform
+import tempfile
+import time
 from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from importlib import metadata, resources
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import PromptFormatter, Record
-from .demo_data import normalize_answer
+from .cache import stable_hash, write_json, write_text
+from .data import PromptFormatter, Record, load_records, pad_right
+from .demo_data import SKILLS, demo_records, normalize_answer
+from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
+ZERO_SHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+LOCAL_TASK_PREFIX = "paser_"
+REQUIRED_FIELDS = {task: ("question", "choices", "label") for task in ZERO_SHOT_TASKS}
+REQUIRED_FIELDS["boolq"] = ("question", "choices", "label", "context")
+REQUIRED_FIELDS["winogrande"] = ("choices", "label", "context_options", "continuation")
+# The metric each task shows in the table (LLM-Pruner/Wanda convention); results.json keeps both.
+TABLE_METRIC = {"boolq": "acc", "piqa": "acc", "winogrande": "acc", "hellaswag": "acc_norm",
+                "arc_easy": "acc", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+IGNORE_INDEX = -100
 
+
+@dataclass
+class EvaluateConfig:
+    """What to measure; defaults are the CLI's."""
+
+    models: list[str]
+    out: str | Path = "results.json"
+    tasks: list[str] = field(default_factory=lambda: list(ZERO_SHOT_TASKS))
+    task_dir: str | Path | None = None  # one <task>.jsonl per task; None: lm-eval's hub tasks
+    limit: int | None = None  # examples per task
+    ppl: list[str] = field(default_factory=list)  # plain text files
+    ppl_seqlen: int = 1024
+    response_ppl: list[str] = field(default_factory=list)  # instruction data sources
+    response_max_length: int = 512
+    demo_skills: bool = False
+    demo_questions: int | None = None  # held-out questions per skill (None: all)
+    batch_size: int = 8
+    dtype: str = "auto"
+    labels: list[str] | None = None  # display names for the table (default: the model specs)
+
+    def validate(self) -> None:
+        """Check everything that does not need a model: task names and files, text files, numbers."""
+        if not self.models:
+            raise ConfigError("name at least one model to evaluate")
+        if self.labels is not None and len(self.labels) != len(self.models):
+            raise ConfigError(f"{len(self.labels)} labels for {len(self.models)} models")
+        unknown = [t for t in self.tasks if t not in ZERO_SHOT_TASKS]
+        if unknown:
+            raise ConfigError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(ZERO_SHOT_TASKS)}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, not {self.limit}")
+        if self.ppl_seqlen < 2 or self.batch_size < 1:
+            raise ConfigError("ppl_seqlen must be >= 2 and batch_size >= 1")
+        if self.task_dir is not None:
+            for task in self.tasks:
+                check_task_file(Path(self.task_dir) / f"{task}.jsonl", task)
+        for path in self.ppl:
+            if not Path(path).is_file():
+                raise ConfigError(f"perplexity text file not found: {path}")
+        if not (self.tasks or self.ppl or self.response_ppl or self.demo_skills):
+            raise ConfigError("nothing to evaluate: give tasks, --ppl, --response-ppl or --demo-skills")
+
+
+# ------------------------------------------------------------------------------------ zero-shot tasks
+def check_task_file(path: Path, task: str) -> int:
+    """Validate a local task file; the first bad record is named by line and field. Returns the row count."""
+    if not path.is_file():
+        raise ConfigError(f"task '{task}': {path} not found (task_dir needs one <task>.jsonl per task)")
+    rows = 0
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, number, None, f"malformed JSON ({exc.msg})") from None
+            for name in REQUIRED_FIELDS[task]:
+                if name not in doc:
+                    raise DataError(path, number, name, "missing")
+            choices = doc["choices"]
+            if not isinstance(choices, list) or len(choices) < 2:
+                raise DataError(path, number, "choices", "must be a list of at least 2 strings")
+            label = doc["label"]
+            if not isinstance(label, int) or not 0 <= label < len(choices):
+                raise DataError(path, number, "label", f"must be an index into choices, not {label!r}")
+            if task == "winogrande" and len(doc["context_options"]) != len(choices):
+                raise DataError(path, number, "context_options", "needs one context per choice")
+            rows += 1
+    if not rows:
+        raise ConfigError(f"task '{task}': {path} has no records")
+    return rows
+
+
+def write_task_configs(task_dir: str | Path, tasks: Sequence[str], dest: str | Path) -> dict[str, str]:
+    """Write lm-eval task configs ``paser_<task>.yaml`` reading ``task_dir/<task>.jsonl`` into ``dest``.
+
+    ``lm_eval --include_path DEST --tasks paser_arc_easy ...`` runs the same tasks. Returns task -> name.
+    """
+    import yaml
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    names = {}
+    for task in tasks:
+        config = yaml.safe_load(resources.files("paser").joinpath("tasks", f"{task}.yaml").read_text())
+        name = LOCAL_TASK_PREFIX + task
+        config.update(task=name, dataset_path="json", test_split="test",
+                      dataset_kwargs={"data_files": {"test": str((Path(task_dir) / f"{task}.jsonl").resolve())}})
+        (dest / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        names[task] = name
+    return names
+
+
+def load_tasks(tasks: Sequence[str], task_dir: str | Path | None) -> dict[str, Any]:
+    """Build lm-eval Task objects once (datasets read, documents prepared); returns task -> Task."""
+    from lm_eval.tasks import TaskManager
+
+    if not tasks:
+        return {}
+    if task_dir is None:
+        names = {t: t for t in tasks}
+        manager = TaskManager()
+    else:
+        include = tempfile.mkdtemp(prefix="paser-tasks-")
+        names = write_task_configs(task_dir, tasks, include)
+        manager = TaskManager(include_path=include, include_defaults=False)  # indexing lm-eval's own tasks takes ~20 s
+    loaded = manager.load(list(names.values()))["tasks"]
+    by_name = {getattr(t, "task_name", None) or t.config.task: t for t in loaded.values()}
+    return {task: by_name[names[task]] for task in tasks}
+
+
+def run_task(lm: Any, task: Any, limit: int | None) -> dict:
+    """One lm-eval task on a wrapped model: acc, acc_norm (with stderr), n and seconds."""
+    from lm_eval.evaluator import evaluate
+
+    name = task.config.task
+    t0 = time.perf_counter()
+    results = evaluate(lm=lm, task_dict={"tasks": {name: task}, "groups": {}}, limit=limit, log_samples=False,
+                       bootstrap_iters=1000, verbosity="WARNING")
+    seconds = time.perf_counter() - t0
+    metrics = results["results"][name]
+    row = {}
+    for metric in ("acc", "acc_norm"):
+        if f"{metric},none" in metrics:
+            row[metric] = metrics[f"{metric},none"]
+            stderr = metrics.get(f"{metric}_stderr,none")
+            row[f"{metric}_stderr"] = stderr if isinstance(stderr, float) else None
+    samples = results.get("n-samples", {}).get(name, {})
+    row["n"] = samples.get("effective", samples.get("original"))
+    row["seconds"] = round(seconds, 2)
+    return row
+
+
+# ------------------------------------------------------------------------------------------ perplexity
+@torch.no_grad()
+def perplexity(model: Any, sequences: Sequence[Sequence[int]], batch_size: int = 8, progress: bool = False) -> float:
+    """exp(mean NLL) over every predicted token of the sequences (right-padded batches)."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    starts = range(0, len(sequences), batch_size)
+    for start in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
+        ids, mask = pad_right(sequences[start:start + batch_size], 0)  # padding is masked out below
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(device), reduction="none")
+        valid = mask[:, 1:].to(device).bool()
+        total += nll[valid].sum().item()
+        count += int(valid.sum())
+    return math.exp(total / max(count, 1))
+
+
+def text_windows(tokenizer: Any, text: str, seqlen: int) -> list[list[int]]:
+    """Non-overlapping windows of ``seqlen`` tokens over the whole text; the short remainder is dropped."""
+    ids = tokenizer(text)["input_ids"]
+    windows = [ids[i:i + seqlen] for i in range(0, len(ids) - seqlen + 1, seqlen)]
+    if not windows:
+        raise ConfigError(f"text has {len(ids)} tokens, fewer than one window of {seqlen}")
+    return windows
+
+
+@torch.no_grad()
+def response_perplexity(model: Any, encoded: Sequence[Any], pad_id: int, batch_size: int = 8,
+                        progress: bool = False) -> float:
+    """exp(mean NLL of the response tokens given their prompts) over all records."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    for start in tqdm(range(0, len(order), batch_size), desc="response perplexity", disable=not progress,
+                      leave=False):
+        batch = [encoded[i] for i in order[start:start + batch_size]]
+        ids, mask = pad_right([e.input_ids for e in batch], pad_id)
+        labels, _ = pad_right([[IGNORE_INDEX] * len(e.prompt_ids) + list(e.response_ids) for e in batch],
+                              IGNORE_INDEX)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+        targets = labels[:, 1:].to(device)
+        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                                   reduction="sum").item()
+        count += int((targets != IGNORE_INDEX).sum())
+    return math.exp(total / max(count, 1))
+
+
+# ----------------------------------------------------------------------------------------- demo skills
 @torch.no_grad()
 def generate_answers(model: Any, tokenizer: Any, records: Sequence[Record], max_new_tokens: int = 32,
                      batch_size: int = 16, template: str = "auto", progress: bool = True) -> list[str]:
@@ -50,3 +263,129 @@ def skill_accuracy(records: Sequence[Record], answers: Sequence[str]) -> dict[st
     table = {skill: {"acc": sum(h) / len(h), "n": len(h)} for skill, h in sorted(hits.items())}
     table["mean"] = {"acc": sum(v["acc"] for v in table.values()) / len(table), "n": len(records)}
     return table
+
+
+def demo_heldout(per_skill: int | None = None, seed: int = 0) -> list[Record]:
+    """The built-in held-out demo questions, the first ``per_skill`` of every skill (all when None)."""
+    from .data import iter_dict_records
+
+    heldout = demo_records(seed)["heldout"]
+    chosen = [r for skill in SKILLS for r in [x for x in heldout if x["skill"] == skill][:per_skill]]
+    return list(iter_dict_records(chosen, source="demo heldout"))
+
+
+# ------------------------------------------------------------------------------------------ the table
+def results_table(results: dict) -> str:
+    """Markdown: models as rows; zero-shot metrics, their mean, perplexities and demo skills as columns."""
+    models = results["models"]
+    tasks = results["tasks"]
+    columns = [f"{t} ({TABLE_METRIC[t]})" for t in tasks] + (["mean acc"] if tasks else [])
+    columns += [f"ppl {Path(p).name}" for p in results["ppl_files"]]
+    columns += [f"response ppl {Path(p).name}" for p in results["response_ppl_files"]]
+    columns += ["demo skills acc"] if results["demo_skills"] else []
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for label, entry in models.items():
+        cells = []
+        accs = []
+        for task in tasks:
+            value = entry["tasks"][task].get(TABLE_METRIC[task])
+            accs.append(value)
+            cells.append(f"{100 * value:.2f}" if value is not None else "-")
+        if tasks:
+            cells.append(f"{100 * sum(accs) / len(accs):.2f}" if None not in accs else "-")
+        cells += [f"{entry['perplexity'][p]['ppl']:.2f}" for p in results["ppl_files"]]
+        cells += [f"{entry['response_perplexity'][p]['ppl']:.2f}" for p in results["response_ppl_files"]]
+        if results["demo_skills"]:
+            cells.append(f"{100 * entry['demo_skills']['mean']['acc']:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("paser", "torch", "transformers", "lm_eval", "peft"):
+        try:
+            versions[package] = metadata.version(package.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _tokenizer_key(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return stable_hash(backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()))
+
+
+def run_evaluation(config: EvaluateConfig) -> dict:
+    """Evaluate every model; writes ``config.out`` (JSON) and a markdown table beside it; returns the results."""
+    from .models import load_model, resolve_dtype_name
+
+    config.validate()
+    started = time.perf_counter()
+    dtype = resolve_dtype_name(config.dtype)
+    response_records = {src: load_records(src) for src in config.response_ppl}  # validated before models load
+    demo = demo_heldout(config.demo_questions) if config.demo_skills else []
+    t0 = time.perf_counter()
+    tasks = load_tasks(config.tasks, config.task_dir)
+    task_build_seconds = time.perf_counter() - t0
+    texts = {path: Path(path).read_text(encoding="utf-8") for path in config.ppl}
+    labels = config.labels or list(config.models)
+    windows_cache: dict[tuple, list] = {}
+    encoded_cache: dict[tuple, list] = {}
+
+    results: dict[str, Any] = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "versions": _versions(), "dtype": dtype, "limit": config.limit, "tasks": list(config.tasks),
+        "task_source": str(config.task_dir) if config.task_dir else "lm-eval hub tasks",
+        "ppl_files": list(config.ppl), "ppl_seqlen": config.ppl_seqlen,
+        "response_ppl_files": list(config.response_ppl), "demo_skills": config.demo_skills,
+        "task_build_seconds": round(task_build_seconds, 2), "models": {},
+    }
+    for spec, label in zip(config.models, labels):
+        log.info("evaluating %s", label)
+        t_model = time.perf_counter()
+        model, tokenizer = load_model(spec, dtype=dtype)
+        model.eval()
+        entry: dict[str, Any] = {"spec": spec, "tasks": {}, "perplexity": {}, "response_perplexity": {}}
+        if tasks:
+            from lm_eval.models.huggingface import HFLM
+
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
+            for task, task_obj in tasks.items():
+                entry["tasks"][task] = run_task(lm, task_obj, config.limit)
+                log.info("%s %s: %s", label, task, entry["tasks"][task])
+        tok_key = _tokenizer_key(tokenizer)
+        max_positions = getattr(model.config, "max_position_embeddings", None) or config.ppl_seqlen
+        seqlen = min(config.ppl_seqlen, max_positions)
+        for path, text in texts.items():
+            key = (tok_key, path, seqlen)
+            if key not in windows_cache:
+                windows_cache[key] = text_windows(tokenizer, text, seqlen)
+            t0 = time.perf_counter()
+            ppl = perplexity(model, windows_cache[key], batch_size=max(1, config.batch_size // 4), progress=True)
+            entry["perplexity"][path] = {"ppl": ppl, "windows": len(windows_cache[key]), "seqlen": seqlen,
+                                         "seconds": round(time.perf_counter() - t0, 2)}
+        for source, records in response_records.items():
+            key = (tok_key, source)
+            if key not in encoded_cache:
+                formatter = PromptFormatter(tokenizer, max_length=config.response_max_length)
+                encoded_cache[key] = formatter.encode_all(records)
+            t0 = time.perf_counter()
+            ppl = response_perplexity(model, encoded_cache[key], tokenizer.pad_token_id, config.batch_size,
+                                      progress=True)
+            entry["response_perplexity"][source] = {"ppl": ppl, "records": len(records),
+                                                    "seconds": round(time.perf_counter() - t0, 2)}
+        if demo:
+            t0 = time.perf_counter()
+            answers = generate_answers(model, tokenizer, demo, max_new_tokens=24, batch_size=config.batch_size * 2)
+            entry["demo_skills"] = skill_accuracy(demo, answers)
+            entry["demo_skills_seconds"] = round(time.perf_counter() - t0, 2)
+        entry["seconds"] = round(time.perf_counter() - t_model, 2)
+        results["models"][label] = entry
+        del model
+    results["seconds"] = round(time.perf_counter() - started, 2)
+    results["table"] = results_table(results)
+    out = Path(config.out)
+    write_json(out, results)
+    write_text(out.with_suffix(".md"), results["table"])
+    return results

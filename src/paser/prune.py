@@ -1,10 +1,17 @@
-"""Pruning: Wanda and SparseGPT through llmcompressor's one-shot modifiers; magnitude pruning directly.
+"""Pruning: Wanda and SparseGPT through llmcompressor's one-shot modifiers; magnitude and Taylor here.
 
-Every method prunes the linear layers inside the decoder blocks (embeddings and LM head are kept),
-unstructured or N:M (``pattern="2:4"``: at least N zeros in every M consecutive input weights).
+Unstructured methods prune the linear layers inside the decoder blocks (embeddings and LM head are
+kept), unstructured or N:M (``pattern="2:4"``: at least N zeros in every M consecutive input weights).
 llmcompressor's ``MagnitudePruningModifier`` is a training-schedule modifier that leaves weights
 untouched in one-shot use (checked with llmcompressor 0.14), so ``magnitude`` is implemented here.
-Taylor structured pruning (LLM-Pruner style, through torch-pruning) is not built yet.
+
+``taylor`` is LLM-Pruner-style structured pruning: first-order Taylor importance |w * dL/dw| from the
+calibration loss, summed over each coupled group (an MLP channel: a row of gate/up and a column of
+down; a key/value head group: its query, key and value rows and its output columns). The lowest-ranked
+groups are removed physically with torch-pruning's pruning functions. Every decoder layer loses the
+same number of channels and head groups, because a plain Hugging Face config has one
+``intermediate_size`` and one head count for all layers; LLM-Pruner's habit of keeping the first and
+last layers dense would give per-layer widths that no stock config can describe, so it is not offered.
 
 The output directory is a plain Hugging Face model (dense safetensors, no compression config) plus the
 tokenizer and ``prune_report.json``.
@@ -24,11 +31,14 @@ import torch
 
 from .cache import atomic_dir, write_json
 from .data import pad_right
-from .errors import ConfigError, NotBuiltError
+from .evaluate import perplexity
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 METHODS = ("wanda", "sparsegpt", "magnitude", "taylor")
+TAYLOR_BATCH = 4  # calibration sequences per backward pass
+TAYLOR_MODEL_TYPES = ("llama", "mistral", "qwen2")  # gated MLP + (grouped-query) attention, one width per config
 
 
 @dataclass
@@ -69,8 +79,6 @@ class PruneConfig:
             raise ConfigError(f"pattern {self.pattern} means sparsity {nm[0] / nm[1]:g}, but --sparsity is {self.sparsity:g}")
         if self.calib_samples < 1 or self.seq_len < 8:
             raise ConfigError("calib_samples must be >= 1 and seq_len >= 8")
-        if self.method == "taylor":
-            raise NotBuiltError("taylor (structured) pruning is not built yet; use wanda, sparsegpt or magnitude")
 
 
 # ------------------------------------------------------------------------------------------ pure core
@@ -103,23 +111,95 @@ def magnitude_prune_(model: torch.nn.Module, sparsity: float = 0.5, nm: tuple[in
     return model
 
 
+def check_taylor_supported(config: Any, spec: str) -> None:
+    """Taylor pruning needs a stock gated-MLP decoder whose config holds one width for all layers."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in TAYLOR_MODEL_TYPES:
+        raise ConfigError(f"taylor pruning supports {', '.join(TAYLOR_MODEL_TYPES)} architectures; "
+                          f"'{spec}' is '{model_type}'")
+    if not isinstance(getattr(config, "intermediate_size", None), int):
+        raise ConfigError(f"taylor pruning: '{spec}' has per-layer MLP widths, which it cannot handle")
+
+
+def _head_groups(config: Any) -> tuple[int, int, int]:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, head_dim
+
+
+def taylor_prune_(model: torch.nn.Module, batches: Sequence[Sequence[Sequence[int]]], ratio: float,
+                  progress: bool = True) -> dict:
+    """LLM-Pruner-style structured pruning in place; returns what was removed.
+
+    ``ratio`` is the fraction of MLP channels and of key/value head groups removed from every decoder
+    layer (LLM-Pruner's meaning; head groups round down, so a model with few of them may keep all).
+    Importance is accumulated over ``batches`` of token ids (each a list of sequences).
+    """
+    import torch_pruning as tp
+    from tqdm.auto import tqdm
+
+    config = model.config
+    layers = model.model.layers
+    heads, kv_heads, head_dim = _head_groups(config)
+    q_per_kv = heads // kv_heads
+    channels = config.intermediate_size
+    drop_channels = int(round(ratio * channels))
+    drop_groups = int(ratio * kv_heads)
+    if drop_channels >= channels:
+        raise ConfigError(f"taylor ratio {ratio} would remove all {channels} MLP channels")
+
+    model.zero_grad(set_to_none=True)
+    device = next(model.parameters()).device
+    for batch in tqdm(batches, desc="taylor gradients", disable=not progress, leave=False):
+        ids, mask = pad_right(batch, 0)
+        labels = ids.masked_fill(mask == 0, -100)
+        model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss.backward()
+
+    def salience(linear: torch.nn.Linear) -> torch.Tensor:
+        return (linear.weight.detach() * linear.weight.grad).abs().float()
+
+    removed_groups = 0
+    with torch.no_grad():
+        for layer in layers:
+            mlp, attn = layer.mlp, layer.self_attn
+            score = salience(mlp.gate_proj).sum(1) + salience(mlp.up_proj).sum(1) + salience(mlp.down_proj).sum(0)
+            drop = score.argsort()[:drop_channels].tolist()
+            tp.prune_linear_out_channels(mlp.gate_proj, drop)
+            tp.prune_linear_out_channels(mlp.up_proj, drop)
+            tp.prune_linear_in_channels(mlp.down_proj, drop)
+            if drop_groups:
+                q = salience(attn.q_proj).sum(1).view(kv_heads, q_per_kv * head_dim).sum(1)
+                k = salience(attn.k_proj).sum(1).view(kv_heads, head_dim).sum(1)
+                v = salience(attn.v_proj).sum(1).view(kv_heads, head_dim).sum(1)
+                o = salience(attn.o_proj).sum(0).view(kv_heads, q_per_kv * head_dim).sum(1)
+                groups = (q + k + v + o).argsort()[:drop_groups].tolist()
+                q_rows = [g * q_per_kv * head_dim + i for g in groups for i in range(q_per_kv * head_dim)]
+                kv_rows = [g * head_dim + i for g in groups for i in range(head_dim)]
+                tp.prune_linear_out_channels(attn.q_proj, q_rows)
+                tp.prune_linear_out_channels(attn.k_proj, kv_rows)
+                tp.prune_linear_out_channels(attn.v_proj, kv_rows)
+                tp.prune_linear_in_channels(attn.o_proj, q_rows)
+                removed_groups += len(groups)
+    model.zero_grad(set_to_none=True)
+
+    config.intermediate_size = channels - drop_channels
+    if drop_groups:
+        config.num_key_value_heads = kv_heads - drop_groups
+        config.num_attention_heads = (kv_heads - drop_groups) * q_per_kv
+        config.head_dim = head_dim  # no longer hidden_size // heads
+        for layer in layers:  # attention modules cache these at construction
+            for name, value in (("num_heads", config.num_attention_heads),
+                                ("num_key_value_heads", config.num_key_value_heads)):
+                if hasattr(layer.self_attn, name):
+                    setattr(layer.self_attn, name, value)
+    return {"mlp_channels": [channels, channels - drop_channels],
+            "kv_head_groups": [kv_heads, kv_heads - drop_groups],
+            "attention_heads": [heads, config.num_attention_heads], "head_groups_removed": removed_groups}
+
+
 def layer_sparsity(model: torch.nn.Module) -> dict[str, float]:
     return {name: (m.weight == 0).float().mean().item() for name, m in decoder_linears(model).items()}
-
-
-@torch.no_grad()
-def perplexity(model: Any, sequences: Sequence[Sequence[int]], batch_size: int = 8) -> float:
-    """exp(mean NLL) over every predicted token of the sequences (right-padded batches)."""
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    for start in range(0, len(sequences), batch_size):
-        ids, mask = pad_right(sequences[start:start + batch_size], 0)  # padding is masked out below
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(device), reduction="none")
-        valid = mask[:, 1:].to(device).bool()
-        total += nll[valid].sum().item()
-        count += int(valid.sum())
-    return math.exp(total / max(count, 1))
 
 
 # ---------------------------------------------------------------------------------------------- I/O
@@ -154,9 +234,13 @@ def _llmcompressor_prune(model: Any, tokenizer: Any, config: PruneConfig, calibr
 
 def run_prune(config: PruneConfig) -> dict:
     """Prune ``config.model`` and write the model directory and ``prune_report.json``; returns the report."""
-    from .models import load_model
+    from .models import load_model, resolve_spec
 
     config.validate()
+    if config.method == "taylor":  # architecture check before the model loads
+        from transformers import AutoConfig
+
+        check_taylor_supported(AutoConfig.from_pretrained(resolve_spec(config.model).location), config.model)
     started = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype="fp32")
     torch.manual_seed(config.seed)
@@ -167,27 +251,39 @@ def run_prune(config: PruneConfig) -> dict:
                           f"need more than {config.heldout_samples} (held out for perplexity)")
     calibration, heldout = sequences[:-config.heldout_samples], sequences[-config.heldout_samples:]
     params_before = sum(p.numel() for p in model.parameters())
+    sizes_before = {name: m.weight.numel() for name, m in decoder_linears(model).items()}
     ppl_before = perplexity(model, heldout)
 
     t0 = time.perf_counter()
+    structure = None
     if config.method == "magnitude":
         magnitude_prune_(model, config.sparsity, config.nm())
+    elif config.method == "taylor":
+        batches = [calibration[i:i + TAYLOR_BATCH] for i in range(0, len(calibration), TAYLOR_BATCH)]
+        structure = taylor_prune_(model, batches, config.sparsity)
     else:
         model = _llmcompressor_prune(model, tokenizer, config, calibration)
     prune_seconds = time.perf_counter() - t0
     ppl_after = perplexity(model, heldout)
 
-    per_layer = layer_sparsity(model)
-    sizes = {name: m.weight.numel() for name, m in decoder_linears(model).items()}
-    zeros_total = sum(per_layer[n] * sizes[n] for n in sizes)
+    if structure is None:  # unstructured: zeros within unchanged shapes
+        per_layer = layer_sparsity(model)
+        removed = {n: per_layer[n] * sizes_before[n] for n in sizes_before}
+    else:  # structured: parameters physically removed
+        sizes_after = {name: m.weight.numel() for name, m in decoder_linears(model).items()}
+        removed = {n: sizes_before[n] - sizes_after[n] for n in sizes_before}
+        per_layer = {n: removed[n] / sizes_before[n] for n in sizes_before}
+    params_after = sum(p.numel() for p in model.parameters())
     report = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "method": config.method, "pattern": config.pattern, "target_sparsity": config.sparsity,
-        "achieved_sparsity": zeros_total / sum(sizes.values()),
-        "achieved_sparsity_all_parameters": zeros_total / params_before,
+        "achieved_sparsity": sum(removed.values()) / sum(sizes_before.values()),
+        "achieved_sparsity_all_parameters": sum(removed.values()) / params_before,
         "layers": {n: {"target": config.sparsity, "achieved": round(s, 6)} for n, s in per_layer.items()},
-        "parameters_before": params_before, "parameters_after": sum(p.numel() for p in model.parameters()),
+        "parameters_before": params_before, "parameters_after": params_after,
+        "parameters_removed_fraction": 1 - params_after / params_before,
         "nonzero_parameters_after": int(sum(int((p != 0).sum()) for p in model.parameters())),
+        "structure": structure,
         "calibration_samples": len(calibration), "heldout_samples": len(heldout),
         "perplexity_before": ppl_before, "perplexity_after": ppl_after,
         "prune_seconds": round(prune_seconds, 2), "seconds": round(time.perf_counter() - started, 2),
@@ -195,7 +291,7 @@ def run_prune(config: PruneConfig) -> dict:
     }
     out = Path(config.out)
     with atomic_dir(out) as tmp:
-        if config.method == "magnitude":
+        if config.method in ("magnitude", "taylor"):
             model.save_pretrained(tmp)
         else:  # llmcompressor wraps save_pretrained; ask for plain dense tensors, not a compressed format
             model.save_pretrained(tmp, save_compressed=False)

@@ -212,6 +212,7 @@ def _select_paser(ctx: _Context) -> tuple[list[int], dict]:
 
     ctx.table["cluster"] = labels
     ctx.table["ies"] = efficiency
+    ctx.table["map_x"], ctx.table["map_y"] = _map_2d(clusters.coordinates)
     within_rank = np.empty(len(labels), dtype=np.int64)
     for c in range(k):
         within_rank[ranked[c]] = np.arange(1, sizes[c] + 1)
@@ -236,6 +237,18 @@ def _select_paser(ctx: _Context) -> tuple[list[int], dict]:
         "clusters_from_cache": ctx.info.get("clusters_from_cache"),
     }
     return order, details
+
+
+def _map_2d(coordinates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A 2-D picture of the diffusion coordinates (their first two principal components), for reports."""
+    from sklearn.decomposition import PCA
+
+    if coordinates.shape[1] < 2 or len(coordinates) < 3:
+        padded = np.zeros((len(coordinates), 2), dtype=np.float32)
+        padded[:, :coordinates.shape[1]] = coordinates[:, :2]
+        return padded[:, 0], padded[:, 1]
+    xy = PCA(n_components=2, random_state=0).fit_transform(coordinates).astype(np.float32)
+    return xy[:, 0], xy[:, 1]
 
 
 STRATEGIES: dict[str, Callable[[_Context], tuple[list[int], dict]]] = {

@@ -1,0 +1,232 @@
+"""``OUT/report.html``: one self-contained page (images inline) on what was selected, why, and what it bought.
+
+Built only from the files a ``paser run`` leaves (``run.json``, ``select/<method>/``, ``recover/<method>/``,
+``evaluate/``), so ``paser report OUT`` rebuilds it at any time; parts whose files are missing are
+named as missing instead of failing the whole page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from .cache import write_text
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
+h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; }
+table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.55rem; text-align: right; }
+th { background: #f2f2f2; } td.text, th.text { text-align: left; }
+img { max-width: 100%; } .missing { color: #a33; } .note { color: #555; font-size: 0.9rem; }
+"""
+
+
+def _figure_html(fig: Any, alt: str) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(header: list[str], rows: list[list[Any]], text_columns: int = 1) -> str:
+    def cell(tag: str, i: int, value: Any) -> str:
+        cls = ' class="text"' if i < text_columns else ""
+        return f"<{tag}{cls}>{html.escape(str(value))}</{tag}>"
+
+    head = "".join(cell("th", i, h) for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _missing(what: str) -> str:
+    return f'<p class="missing">{html.escape(what)} not available.</p>'
+
+
+# ----------------------------------------------------------------------------------------- sections
+def _selection_section(run_dir: Path, methods: list[str]) -> str:
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+
+    parts = []
+    paser_dir = run_dir / "select" / "paser"
+    summary = _read_json(paser_dir / "selection.json")
+    scores_path = paser_dir / "scores.parquet"
+    if summary and "clusters" in summary and scores_path.exists():
+        table = pd.read_parquet(scores_path)
+        fig, ax = plt.subplots(figsize=(7.5, 5.5))
+        cmap = plt.get_cmap("tab10" if summary["k"] <= 10 else "tab20")
+        for c in sorted(table["cluster"].unique()):
+            members = table[table["cluster"] == c]
+            ax.scatter(members["map_x"], members["map_y"], s=9, color=cmap(c % cmap.N), alpha=0.55, label=f"{c}")
+        chosen = table[table["selected"]]
+        ax.scatter(chosen["map_x"], chosen["map_y"], s=22, facecolors="none", edgecolors="black", linewidths=0.7,
+                   label="selected")
+        ax.set_title(f"Clusters (K = {summary['k']}) in diffusion space, 2 principal components")
+        ax.legend(fontsize=7, ncol=2, loc="best", markerscale=1.5, title="cluster")
+        parts.append("<h2>Clusters</h2>" + _figure_html(fig, "cluster map"))
+
+        clusters = summary["clusters"]
+        ids = [c["cluster"] for c in clusters]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+        left.bar(ids, [c["cds"] for c in clusters], color="#4c72b0")
+        left.set_title("Capability degradation score (mean JSD) per cluster")
+        left.set_xlabel("cluster")
+        width = 0.4
+        right.bar(np.array(ids) - width / 2, [c["budget"] for c in clusters], width, label="budget", color="#dd8452")
+        right.bar(np.array(ids) + width / 2, [c["selected"] for c in clusters], width, label="selected",
+                  color="#55a868")
+        right.set_title(f"Budget ('{summary['allocation']}' rule) and selection per cluster")
+        right.set_xlabel("cluster")
+        right.legend()
+        rows = [[c["cluster"], c["size"], f"{c['cds']:.4f}", c["budget"], c["selected"], c["rejected"]]
+                for c in clusters]
+        parts.append("<h2>Degradation and budget</h2>" + _figure_html(fig, "CDS and budget per cluster")
+                     + _table(["cluster", "size", "CDS", "budget", "selected", "CCG rejected"], rows))
+
+        ccg = summary.get("ccg", {})
+        examples = [[c["cluster"], e["instruction"], e["conflict"]] for c in clusters
+                    for e in c.get("rejection_examples", [])]
+        text = (f"<p>Concept-consistency filter {'on' if ccg.get('enabled') else 'off'}: "
+                f"{ccg.get('rejected', 0)} candidates rejected, {ccg.get('admitted_despite_conflict', 0)} admitted "
+                f"despite a conflict to reach the budget; the graph holds {ccg.get('graph_nodes', 0)} concepts "
+                f"and {ccg.get('graph_edges', 0)} co-occurrence edges.</p>")
+        parts.append("<h2>What the concept-consistency filter rejected</h2>" + text
+                     + (_table(["cluster", "instruction", "why"], examples, text_columns=3) if examples else ""))
+    else:
+        parts.append("<h2>Clusters</h2>" + _missing("PASER selection (select/paser)"))
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    drawn = False
+    for method in methods:
+        path = run_dir / "select" / method / "scores.parquet"
+        if not path.exists():
+            continue
+        table = pd.read_parquet(path)
+        if not drawn:
+            ax.hist(table["jsd"], bins=40, density=True, alpha=0.35, color="gray", label="all records")
+            drawn = True
+        ax.hist(table.loc[table["selected"], "jsd"], bins=40, density=True, histtype="step", linewidth=1.6,
+                label=f"selected by {method}")
+    if drawn:
+        ax.set_xlabel("JSD between the original and pruned next-token distributions (mean over response)")
+        ax.set_ylabel("density")
+        ax.legend()
+        parts.append("<h2>JSD distribution</h2>" + _figure_html(fig, "JSD distribution"))
+    else:
+        plt.close(fig)
+        parts.append("<h2>JSD distribution</h2>" + _missing("scores"))
+    return "".join(parts)
+
+
+def _training_section(run_dir: Path, methods: list[str]) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    rows = []
+    for method in methods:
+        log_data = _read_json(run_dir / "recover" / method / "train_log.json")
+        if not log_data or not log_data.get("loss_curve"):
+            continue
+        curve = log_data["loss_curve"]
+        ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker="o", markersize=3, label=method)
+        rows.append([method, log_data["records"], log_data["steps"], f"{curve[0]['loss']:.3f}",
+                     f"{curve[-1]['loss']:.3f}", f"{log_data['seconds']:.0f}", log_data["tokens_per_s"]])
+    if not rows:
+        plt.close(fig)
+        return "<h2>Recovery training</h2>" + _missing("train logs")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (response tokens)")
+    ax.legend()
+    return ("<h2>Recovery training</h2>" + _figure_html(fig, "training loss curves")
+            + _table(["selection", "records", "steps", "first loss", "last loss", "seconds", "tokens/s"], rows))
+
+
+def _evaluation_section(run_dir: Path) -> str:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    results = _read_json(run_dir / "evaluate" / "results.json")
+    if not results:
+        return "<h2>Evaluation</h2>" + _missing("evaluation results")
+    lines = [line.strip().strip("|").split("|") for line in results["table"].strip().splitlines()]
+    header, rows = [c.strip() for c in lines[0]], [[c.strip() for c in row] for row in lines[2:]]
+    notes = (f"<p class='note'>dtype {results['dtype']}; zero-shot limit {results['limit']}; "
+             f"tasks from {html.escape(str(results['task_source']))}; {results['seconds']:.0f} s.</p>")
+    parts = ["<h2>Evaluation</h2>", _table(header, rows), notes]
+    models = results["models"]
+    if results.get("demo_skills"):
+        skills = [s for s in next(iter(models.values()))["demo_skills"] if s != "mean"]
+        fig, ax = plt.subplots(figsize=(11, 4))
+        width = 0.8 / len(models)
+        x = np.arange(len(skills))
+        for i, (label, entry) in enumerate(models.items()):
+            ax.bar(x + i * width - 0.4 + width / 2, [100 * entry["demo_skills"][s]["acc"] for s in skills], width,
+                   label=label)
+        ax.set_xticks(x, skills, rotation=25, ha="right")
+        ax.set_ylabel("exact match (%)")
+        ax.set_title("Held-out demo skills")
+        ax.legend(fontsize=8)
+        parts.append(_figure_html(fig, "per-skill accuracy"))
+    return "".join(parts)
+
+
+def _stages_section(run: dict | None) -> str:
+    if not run:
+        return "<h2>Stages</h2>" + _missing("run.json")
+    rows = [[s["stage"], "skipped (up to date)" if s["skipped"] else "ran", f"{s['seconds']:.1f}",
+             "" if s["peak_rss_gb"] is None else f"{s['peak_rss_gb']:.2f}",
+             ", ".join(f"{k}: {v}" for k, v in s["cache"].items())] for s in run["stages"]]
+    return ("<h2>Stages</h2>" + _table(["stage", "status", "seconds", "peak RSS (GB)", "cache"], rows, text_columns=2)
+            + f"<p class='note'>Total {run['seconds']:.1f} s.</p>")
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.html`` from the run's files; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory not found: {run_dir}")
+    run = _read_json(run_dir / "run.json")
+    if run is None and not (run_dir / "select").is_dir():
+        raise ConfigError(f"{run_dir} holds no paser run (no run.json, no select/)")
+    methods = (run or {}).get("config", {}).get("select", {}).get("methods") or sorted(
+        p.name for p in (run_dir / "select").iterdir() if p.is_dir())
+    config = (run or {}).get("config", {})
+    title = f"paser run: {html.escape(str(config.get('model', run_dir.name)))}"
+    prune = config.get("prune") or {}
+    subtitle = (f"pruned with {prune.get('method')} at {prune.get('sparsity')}" if prune
+                else f"pruned model {config.get('pruned')}")
+    select = config.get("select", {})
+    body = [f"<h1>{title}</h1>",
+            f"<p class='note'>{html.escape(subtitle)}; data {html.escape(str(config.get('data', {}).get('source')))}; "
+            f"methods {', '.join(methods)} at budget {select.get('budget')}; run directory "
+            f"{html.escape(str(run_dir.resolve()))}.</p>",
+            _evaluation_section(run_dir), _selection_section(run_dir, methods), _training_section(run_dir, methods),
+            _stages_section(run)]
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>"
+            f"</head><body>{''.join(body)}</body></html>")
+    path = run_dir / "report.html"
+    write_text(path, page)
+    return path

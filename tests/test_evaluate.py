@@ -1,0 +1,163 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import shared_path
+from tests_helpers import WORDS, write_fixtures
+from paser.data import PromptFormatter, iter_dict_records
+from paser.errors import ConfigError, DataError
+from paser.evaluate import (ZERO_SHOT_TASKS, EvaluateConfig, perplexity, response_perplexity, run_evaluation,
+                            text_windows, write_task_configs)
+
+@torch.no_grad()
+def loglikelihood(model, tokenizer, context, continuation):
+    """log p(continuation | context), tokenised as lm-eval does (context and continuation apart)."""
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    logp = model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+    return sum(logp[len(ctx) + i - 1, t].item() for i, t in enumerate(cont))
+
+
+def test_all_task_formats_on_a_tiny_model(tmp_path, tiny_model_dir):
+    from paser.models import load_model
+
+    fixtures = write_fixtures(tmp_path / "tasks")
+    out = tmp_path / "res" / "results.json"
+    results = run_evaluation(EvaluateConfig(models=[str(tiny_model_dir)], task_dir=fixtures, out=out, batch_size=4))
+    entry = results["models"][str(tiny_model_dir)]
+    for task in ZERO_SHOT_TASKS:
+        row = entry["tasks"][task]
+        assert row["n"] == 10 and 0 <= row["acc"] <= 1 and 0 <= row["acc_norm"] <= 1
+        assert row["acc_stderr"] is not None and row["seconds"] >= 0
+    saved = json.loads(out.read_text())
+    assert saved["versions"]["lm_eval"].startswith("0.4") and saved["dtype"] == "fp32"
+    table = out.with_suffix(".md").read_text()
+    assert str(tiny_model_dir) in table and "mean acc" in table and "arc_easy (acc)" in table
+
+    # acc equals an independent computation: argmax of log p(" choice" | prompt), and for WinoGrande
+    # argmax of log p(continuation | option).
+    model, tokenizer = load_model(str(tiny_model_dir))
+    docs = [json.loads(line) for line in (fixtures / "arc_easy.jsonl").read_text().splitlines()]
+    hits = [max(range(4), key=lambda c: loglikelihood(model, tokenizer, f"Question: {d['question']}\nAnswer:",
+                                                      " " + d["choices"][c])) == d["label"] for d in docs]
+    assert entry["tasks"]["arc_easy"]["acc"] == pytest.approx(sum(hits) / len(hits))
+    docs = [json.loads(line) for line in (fixtures / "winogrande.jsonl").read_text().splitlines()]
+    hits = [max(range(2), key=lambda c: loglikelihood(model, tokenizer, d["context_options"][c],
+                                                      " " + d["continuation"])) == d["label"] for d in docs]
+    assert entry["tasks"]["winogrande"]["acc"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_two_models_share_tasks_and_tokenised_text(tmp_path, tiny_model_dir, tiny_pruned_dir, monkeypatch):
+    import paser.evaluate as ev
+
+    fixtures = write_fixtures(tmp_path / "tasks", rows=4)
+    text = tmp_path / "wiki.txt"
+    text.write_text(" ".join(WORDS * 20))
+    calls = {"load_tasks": 0, "text_windows": 0}
+
+    def spy(name):
+        real = getattr(ev, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(ev, name, wrapper)
+
+    spy("load_tasks")
+    spy("text_windows")
+    results = run_evaluation(EvaluateConfig(models=[str(tiny_model_dir), str(tiny_pruned_dir)], tasks=["arc_easy"],
+                                            task_dir=fixtures, ppl=[str(text)], ppl_seqlen=32, limit=3,
+                                            labels=["dense", "pruned"], out=tmp_path / "r.json"))
+    assert calls == {"load_tasks": 1, "text_windows": 1}
+    assert list(results["models"]) == ["dense", "pruned"]
+    assert results["models"]["pruned"]["tasks"]["arc_easy"]["n"] == 3
+    assert results["models"]["dense"]["perplexity"][str(text)]["ppl"] != results["models"]["pruned"]["perplexity"][str(text)]["ppl"]
+    lines = results["table"].splitlines()
+    assert lines[2].startswith("| dense |") and lines[3].startswith("| pruned |")
+
+
+def test_perplexity_matches_direct_computation(tiny_model_dir):
+    from paser.models import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    sequences = [[5, 9, 14, 3, 7], [8, 2, 11]]
+    nll = []
+    with torch.no_grad():
+        for s in sequences:
+            logp = model(torch.tensor([s])).logits[0].log_softmax(-1)
+            nll += [-logp[t - 1, s[t]].item() for t in range(1, len(s))]
+    assert perplexity(model, sequences) == pytest.approx(torch.tensor(nll).mean().exp().item(), rel=1e-5)
+
+    text = " ".join(WORDS * 5)
+    ids = tokenizer(text)["input_ids"]
+    windows = text_windows(tokenizer, text, 16)
+    assert len(windows) == len(ids) // 16 and sum(windows, []) == ids[:len(windows) * 16]
+    with pytest.raises(ConfigError, match="fewer than one window"):
+        text_windows(tokenizer, "the cat", 16)
+
+
+def test_response_perplexity_counts_response_tokens_only(tiny_model_dir):
+    from paser.models import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    records = list(iter_dict_records([{"instruction": "Add 2 and 3.", "output": "5"},
+                                      {"instruction": "Name a colour.", "input": "warm", "output": "red or orange"}], source="t"))
+    encoded = PromptFormatter(tokenizer).encode_all(records)
+    nll = []
+    with torch.no_grad():
+        for e in encoded:
+            logp = model(torch.tensor([e.input_ids])).logits[0].log_softmax(-1)
+            start = len(e.prompt_ids)
+            nll += [-logp[t - 1, e.input_ids[t]].item() for t in range(start, len(e.input_ids))]
+    expected = math.exp(sum(nll) / len(nll))
+    assert response_perplexity(model, encoded, tokenizer.pad_token_id, batch_size=2) == pytest.approx(expected, rel=1e-5)
+
+
+def test_bad_requests_fail_before_any_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr("paser.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    fixtures = write_fixtures(tmp_path / "tasks", rows=3)
+    with pytest.raises(ConfigError, match="unknown task"):
+        run_evaluation(EvaluateConfig(models=["m"], tasks=["mmlu"], task_dir=fixtures))
+    with pytest.raises(ConfigError, match="not found"):
+        run_evaluation(EvaluateConfig(models=["m"], tasks=["arc_easy"], task_dir=tmp_path / "none"))
+    with pytest.raises(ConfigError, match="perplexity text file not found"):
+        run_evaluation(EvaluateConfig(models=["m"], tasks=[], ppl=[str(tmp_path / "missing.txt")]))
+    lines = (fixtures / "piqa.jsonl").read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["label"] = 5
+    (fixtures / "piqa.jsonl").write_text("\n".join([lines[0], json.dumps(bad), lines[2]]) + "\n")
+    with pytest.raises(DataError, match=r"piqa.jsonl: line 2: field 'label'"):
+        run_evaluation(EvaluateConfig(models=["m"], tasks=["piqa"], task_dir=fixtures))
+    del bad["label"]
+    (fixtures / "piqa.jsonl").write_text("\n".join([lines[0], json.dumps(bad)]) + "\n")
+    with pytest.raises(DataError, match=r"line 2: field 'label'.*missing"):
+        run_evaluation(EvaluateConfig(models=["m"], tasks=["piqa"], task_dir=fixtures))
+
+
+@pytest.mark.slow
+def test_arc_easy_matches_lm_eval_command_line(tmp_path):
+    """paser's ARC-Easy accuracy equals lm-eval's own CLI on the same task config and data (50 rows)."""
+    from paser.models import DEFAULT_MODEL as embedded, resolve_spec
+
+    arc = shared_path("eval", "arc_easy.jsonl")
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    (task_dir / "arc_easy.jsonl").write_text("".join(arc.read_text().splitlines(keepends=True)[:50]))
+    ours = run_evaluation(EvaluateConfig(models=[embedded], tasks=["arc_easy"], task_dir=task_dir, limit=50,
+                                         dtype="fp32", batch_size=8, out=tmp_path / "ours.json"))
+    ours = ours["models"][embedded]["tasks"]["arc_easy"]
+
+    include = write_task_configs(task_dir, ["arc_easy"], tmp_path / "configs")
+    location = resolve_spec(embedded).location
+    subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf",
+                    "--model_args", f"pretrained={location},dtype=float32", "--tasks", include["arc_easy"],
+                    "--include_path", str(tmp_path / "configs"), "--limit", "50", "--batch_size", "8",
+                    "--output_path", str(tmp_path / "cli")], check=True, capture_output=True)
+    theirs = json.loads(next((tmp_path / "cli").rglob("results_*.json")).read_text())["results"]["paser_arc_easy"]
+    assert ours["n"] == 50
+    assert ours["acc"] == pytest.approx(theirs["acc,none"], abs=1e-9)
+    assert ours["acc_norm"] == pytest.approx(theirs["acc_norm,none"], abs=1e-9)
