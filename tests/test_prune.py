@@ -65,3 +65,18 @@ def test_bad_requests_fail_before_work(tmp_path, overrides, error, message, monk
         run_prune(PruneConfig(**({"model": "x", "out": tmp_path / "o"} | overrides)))
 
 
+
+
+def test_calibration_windows_are_full_and_packed(tiny_tokenizer, tmp_path):
+    from paser.data import PromptFormatter, load_records
+    from paser.prune import calibration_sequences
+
+    windows = calibration_sequences("demo", tiny_tokenizer, 5, 32)
+    assert len(windows) == 5 and all(len(w) == 32 for w in windows)
+    formatter = PromptFormatter(tiny_tokenizer, max_length=32)
+    packed = sum((formatter.encode(r).input_ids for r in load_records("demo", limit=40)), [])
+    assert sum(windows, []) == packed[:160]
+    text = tmp_path / "calib.txt"
+    text.write_text("the cat sat on the mat. " * 40)
+    chunks = calibration_sequences(str(text), tiny_tokenizer, 3, 16)
+    assert len(chunks) == 3 and sum(chunks, []) == tiny_tokenizer(text.read_text(), add_special_tokens=False)["input_ids"][:48]

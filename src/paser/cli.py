@@ -48,7 +48,7 @@ def prune(
     method: str = typer.Option("wanda", help="wanda | sparsegpt | magnitude (unstructured or N:M) | taylor (structured: MLP channels and head groups)."),
     sparsity: float = typer.Option(0.5, help="Fraction of weights (or, for taylor, of prunable channels/heads) to remove, in (0, 1)."),
     pattern: Optional[str] = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4 (wanda, sparsegpt, magnitude)."),
-    calib_data: str = typer.Option("demo", help="Calibration data: any instruction source paser reads, or a plain .txt file."),
+    calib_data: str = typer.Option("demo", help="Calibration data: any instruction source paser reads (formatted records packed into full windows), or a plain .txt file."),
     calib_samples: int = typer.Option(128, help="Number of calibration samples."),
     seq_len: int = typer.Option(256, help="Calibration sequence length in tokens."),
     out: Path = typer.Option(..., help="Output directory (a plain Hugging Face model directory)."),
@@ -176,7 +176,8 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, help="At most N examples per task."),
     ppl: list[Path] = typer.Option([], help="Plain text file to measure perplexity on (repeatable)."),
     ppl_seqlen: int = typer.Option(1024, help="Perplexity window length in tokens (capped at the model's maximum)."),
-    response_ppl: list[str] = typer.Option([], help="Instruction data whose response perplexity to measure (repeatable)."),
+    response_ppl: list[str] = typer.Option([], help="Instruction data whose response perplexity to measure (repeatable), e.g. demo-heldout."),
+    response_ppl_limit: Optional[int] = typer.Option(None, help="Use the first N records of each --response-ppl source."),
     demo_skills: bool = typer.Option(False, help="Exact-match accuracy per skill on the built-in held-out demo set."),
     demo_questions: Optional[int] = typer.Option(None, help="Held-out demo questions per skill (default: all 40)."),
     batch_size: int = typer.Option(8, help="Batch size."),
@@ -194,7 +195,8 @@ def evaluate(
     results = run_evaluation(EvaluateConfig(
         models=list(models), tasks=[t.strip() for t in tasks.split(",") if t.strip()], task_dir=task_dir,
         limit=limit, ppl=[str(p) for p in ppl], ppl_seqlen=ppl_seqlen, response_ppl=list(response_ppl),
-        demo_skills=demo_skills, demo_questions=demo_questions, batch_size=batch_size, dtype=dtype,
+        response_ppl_limit=response_ppl_limit, demo_skills=demo_skills, demo_questions=demo_questions,
+        batch_size=batch_size, dtype=dtype,
         labels=list(label) or None, out=out))
     typer.echo(results["table"])
     typer.echo(f"{results['seconds']:.0f}s; results -> {out}")

@@ -215,7 +215,8 @@ def demo_records(seed: int = 0, train_per_skill: int = 200, heldout_per_skill: i
 
     Training records are unique within a skill; held-out records are unique and never share an
     ``(instruction, input)`` with any training record. Skills whose space of distinct prompts is small
-    (word forms, capitals) may give fewer records than asked; the counts are deterministic.
+    (word forms, capitals) may give fewer records than asked; the counts are deterministic. Both
+    splits are shuffled.
     """
     train: list[dict] = []
     heldout: list[dict] = []
@@ -233,6 +234,7 @@ def demo_records(seed: int = 0, train_per_skill: int = 200, heldout_per_skill: i
                 out.append(_to_record(ex, skill))
                 made += 1
     random.Random(seed).shuffle(train)
+    random.Random(seed + 1).shuffle(heldout)  # so the first N of either split cover every skill
     return {"train": train, "heldout": heldout}
 
 

@@ -9,8 +9,8 @@
 - Response perplexity of instruction data: exp of the mean NLL of response tokens given the prompt
   (same template as selection and recovery).
 - Demo skills: greedy answers to the held-out demo questions, exact match after
-  :func:`paser.demo_data.normalize_answer` (lower case, surrounding punctuation and spaces stripped,
-  inner whitespace collapsed, first line only).
+  :func:`paser.demo_data.normalize_answer` (first non-empty line, lower case, surrounding quotes,
+  backticks and a final period stripped, runs of spaces collapsed).
 
 Each model is loaded once; tasks, tokenised text and encoded records are built once for all models.
 """
@@ -62,6 +62,7 @@ class EvaluateConfig:
     ppl: list[str] = field(default_factory=list)  # plain text files
     ppl_seqlen: int = 1024
     response_ppl: list[str] = field(default_factory=list)  # instruction data sources
+    response_ppl_limit: int | None = None  # the first N records of each source (None: all)
     response_max_length: int = 512
     demo_skills: bool = False
     demo_questions: int | None = None  # held-out questions per skill (None: all)
@@ -78,8 +79,10 @@ class EvaluateConfig:
         unknown = [t for t in self.tasks if t not in ZERO_SHOT_TASKS]
         if unknown:
             raise ConfigError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(ZERO_SHOT_TASKS)}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be >= 1, not {self.limit}")
+        for name in ("limit", "response_ppl_limit", "demo_questions"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, not {value}")
         if self.ppl_seqlen < 2 or self.batch_size < 1:
             raise ConfigError("ppl_seqlen must be >= 2 and batch_size >= 1")
         if self.task_dir is not None:
@@ -323,7 +326,8 @@ def run_evaluation(config: EvaluateConfig) -> dict:
     config.validate()
     started = time.perf_counter()
     dtype = resolve_dtype_name(config.dtype)
-    response_records = {src: load_records(src) for src in config.response_ppl}  # validated before models load
+    # Data is read (and validated) before any model loads.
+    response_records = {src: load_records(src, limit=config.response_ppl_limit) for src in config.response_ppl}
     demo = demo_heldout(config.demo_questions) if config.demo_skills else []
     t0 = time.perf_counter()
     tasks = load_tasks(config.tasks, config.task_dir)

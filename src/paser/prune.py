@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("wanda", "sparsegpt", "magnitude", "taylor")
 TAYLOR_BATCH = 4  # calibration sequences per backward pass
+CALIBRATION_BATCH = 8  # sequences per llmcompressor calibration pass (all windows have the same length)
 TAYLOR_MODEL_TYPES = ("llama", "mistral", "qwen2")  # gated MLP + (grouped-query) attention, one width per config
 
 
@@ -204,17 +205,23 @@ def layer_sparsity(model: torch.nn.Module) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- I/O
 def calibration_sequences(source: str, tokenizer: Any, count: int, seq_len: int) -> list[list[int]]:
-    """Token id sequences: formatted instruction records, or consecutive chunks of a plain text file."""
-    from .data import PromptFormatter, load_records
+    """``count`` windows of exactly ``seq_len`` token ids: consecutive chunks of a plain text file, or of
+    formatted instruction records packed end to end (so every window is full, as with C4 in Wanda)."""
+    from .data import PromptFormatter, iter_records
 
     if source.endswith(".txt"):
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"calibration text file not found: {source}")
         ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-        return [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:count]
-    formatter = PromptFormatter(tokenizer, max_length=seq_len)
-    return [e.input_ids for e in formatter.encode_all(load_records(source, limit=count))]
+    else:
+        formatter = PromptFormatter(tokenizer, max_length=seq_len)
+        ids = []
+        for record in iter_records(source):
+            ids.extend(formatter.encode(record).input_ids)
+            if len(ids) >= count * seq_len:
+                break
+    return [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:count]
 
 
 def _llmcompressor_prune(model: Any, tokenizer: Any, config: PruneConfig, calibration: list[list[int]]) -> Any:
@@ -229,7 +236,7 @@ def _llmcompressor_prune(model: Any, tokenizer: Any, config: PruneConfig, calibr
     dataset = Dataset.from_dict({"input_ids": calibration, "attention_mask": [[1] * len(s) for s in calibration]})
     return oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=modifier,
                    num_calibration_samples=len(calibration), max_seq_length=config.seq_len,
-                   shuffle_calibration_samples=False)
+                   batch_size=CALIBRATION_BATCH, shuffle_calibration_samples=False)
 
 
 def run_prune(config: PruneConfig) -> dict:
