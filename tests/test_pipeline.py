@@ -88,6 +88,7 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
 
     again = run_pipeline(parse_config(raw))
     assert all(s["skipped"] for s in again["stages"])
+    assert [s["earlier_run"]["seconds"] for s in again["stages"]] == [s["seconds"] for s in run["stages"]]
 
     raw["select"]["budget"] = 0.3  # invalidates selection and everything downstream, not pruning
     changed = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw))["stages"]}

@@ -225,7 +225,9 @@ def _finish_run(run: dict) -> None:
     out = Path(run["out"])
     console = Console()
     for stage in run["stages"]:
-        status = "skipped" if stage["skipped"] else f"{stage['seconds']:.0f}s, peak {stage['peak_rss_gb']:.2f} GB"
+        earlier = stage.get("earlier_run") or {}
+        status = (f"skipped (up to date; it took {earlier.get('seconds') or 0:.0f}s when it ran)" if stage["skipped"]
+                  else f"{stage['seconds']:.0f}s, peak {stage['peak_rss_gb']:.2f} GB")
         console.print(f"  {stage['stage']}: {status}")
     table = out / "evaluate" / "results.md"
     if table.exists():

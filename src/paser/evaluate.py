@@ -381,7 +381,7 @@ def run_evaluation(config: EvaluateConfig) -> dict:
                                                     "seconds": round(time.perf_counter() - t0, 2)}
         if demo:
             t0 = time.perf_counter()
-            answers = generate_answers(model, tokenizer, demo, max_new_tokens=24, batch_size=config.batch_size * 2)
+            answers = generate_answers(model, tokenizer, demo, max_new_tokens=24, batch_size=config.batch_size * 4)
             entry["demo_skills"] = skill_accuracy(demo, answers)
             entry["demo_skills_seconds"] = round(time.perf_counter() - t0, 2)
         entry["seconds"] = round(time.perf_counter() - t_model, 2)

@@ -266,6 +266,7 @@ class StageRecord:
     seconds: float = 0.0
     peak_rss_gb: float | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    earlier_run: dict[str, Any] | None = None  # for a skipped stage: the run that made its outputs
 
 
 class _Runner:
@@ -291,7 +292,9 @@ class _Runner:
         name = directory.relative_to(self.out).as_posix()
         if stage not in self.forced and marker.get("hash") == digest and marker.get("status") == "done":
             log.info("%s: up to date, skipped", name)
-            self.records.append(StageRecord(name, str(directory), digest, True, cache={"stage": "hit"}))
+            earlier = {k: marker.get(k) for k in ("seconds", "peak_rss_gb", "finished")}
+            self.records.append(StageRecord(name, str(directory), digest, True, cache={"stage": "hit"},
+                                            earlier_run=earlier))
             yield None
             return
         resumable = marker.get("hash") == digest and marker.get("status") == "running"
@@ -302,11 +305,10 @@ class _Runner:
         t0 = time.perf_counter()
         with _PeakMemory() as memory:
             yield notes
-        seconds = time.perf_counter() - t0
-        write_json(directory / "stage.json", {"hash": digest, "status": "done", "inputs": inputs,
-                                              "seconds": round(seconds, 2)})
-        self.records.append(StageRecord(name, str(directory), digest, False, round(seconds, 2),
-                                        round(memory.peak / 1024**3, 3), notes))
+        seconds, peak = round(time.perf_counter() - t0, 2), round(memory.peak / 1024**3, 3)
+        write_json(directory / "stage.json", {"hash": digest, "status": "done", "inputs": inputs, "seconds": seconds,
+                                              "peak_rss_gb": peak, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self.records.append(StageRecord(name, str(directory), digest, False, seconds, peak, notes))
 
 
 def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_stage: str | None = None) -> dict:

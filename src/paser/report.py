@@ -193,10 +193,15 @@ def _evaluation_section(run_dir: Path) -> str:
 def _stages_section(run: dict | None) -> str:
     if not run:
         return "<h2>Stages</h2>" + _missing("run.json")
-    rows = [[s["stage"], "skipped (up to date)" if s["skipped"] else "ran", f"{s['seconds']:.1f}",
-             "" if s["peak_rss_gb"] is None else f"{s['peak_rss_gb']:.2f}",
-             ", ".join(f"{k}: {v}" for k, v in s["cache"].items())] for s in run["stages"]]
-    return ("<h2>Stages</h2>" + _table(["stage", "status", "seconds", "peak RSS (GB)", "cache"], rows, text_columns=2)
+    rows = []
+    for stage in run["stages"]:
+        made = (stage.get("earlier_run") or {}) if stage["skipped"] else stage
+        status = f"skipped (up to date since {made.get('finished') or '?'})" if stage["skipped"] else "ran"
+        rows.append([stage["stage"], status, "" if made.get("seconds") is None else f"{made['seconds']:.1f}",
+                     "" if made.get("peak_rss_gb") is None else f"{made['peak_rss_gb']:.2f}",
+                     ", ".join(f"{k}: {v}" for k, v in stage["cache"].items())])
+    header = ["stage", "status", "seconds (when it ran)", "peak RSS GB", "cache"]
+    return ("<h2>Stages</h2>" + _table(header, rows, text_columns=2)
             + f"<p class='note'>Total {run['seconds']:.1f} s.</p>")
 
 
