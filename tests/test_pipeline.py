@@ -78,6 +78,7 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
                                        "pruned (magnitude 0.5) + random"]
     for entry in results["models"].values():
         assert entry["tasks"]["arc_easy"]["n"] == 4 and str(heldout) in entry["response_perplexity"]
+        assert entry["demo_skills"]["mean"]["n"] == 11 and len(entry["demo_answer_examples"]) == 11
     for method in ("paser", "random"):
         assert len((out / "select" / method / "selected.jsonl").read_text().splitlines()) == 12
         assert (out / "recover" / method / "merged" / "config.json").exists()

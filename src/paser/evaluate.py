@@ -383,6 +383,13 @@ def run_evaluation(config: EvaluateConfig) -> dict:
             t0 = time.perf_counter()
             answers = generate_answers(model, tokenizer, demo, max_new_tokens=24, batch_size=config.batch_size * 4)
             entry["demo_skills"] = skill_accuracy(demo, answers)
+            shown: dict[str, int] = defaultdict(int)
+            entry["demo_answer_examples"] = []  # what exact match saw, two per skill
+            for record, answer in zip(demo, answers):
+                if shown[record.raw["skill"]] < 2:
+                    shown[record.raw["skill"]] += 1
+                    entry["demo_answer_examples"].append({"skill": record.raw["skill"], "question": record.user_text,
+                                                          "reference": record.raw["answer"], "answer": answer})
             entry["demo_skills_seconds"] = round(time.perf_counter() - t0, 2)
         entry["seconds"] = round(time.perf_counter() - t_model, 2)
         results["models"][label] = entry
