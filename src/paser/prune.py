@@ -227,8 +227,8 @@ def calibration_sequences(source: str, tokenizer: Any, count: int, seq_len: int)
 def _llmcompressor_prune(model: Any, tokenizer: Any, config: PruneConfig, calibration: list[list[int]]) -> Any:
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.obcq import SparseGPTModifier
     from llmcompressor.modifiers.pruning import WandaPruningModifier
+    from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
     structure = config.pattern or "0:0"  # llmcompressor's spelling of "unstructured"
     cls = WandaPruningModifier if config.method == "wanda" else SparseGPTModifier
