@@ -34,7 +34,7 @@ def test_all_task_formats_on_a_tiny_model(tmp_path, tiny_model_dir):
         assert row["n"] == 10 and 0 <= row["acc"] <= 1 and 0 <= row["acc_norm"] <= 1
         assert row["acc_stderr"] is not None and row["seconds"] >= 0
     saved = json.loads(out.read_text())
-    assert saved["versions"]["lm_eval"].startswith("0.4") and saved["dtype"] == "fp32"
+    assert saved["versions"]["lm-eval"].startswith("0.4") and saved["dtype"] == "fp32"
     table = out.with_suffix(".md").read_text()
     assert str(tiny_model_dir) in table and "mean acc" in table and "arc_easy (acc)" in table
 

@@ -20,22 +20,22 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
 import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from importlib import metadata, resources
+from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .cache import stable_hash, write_json, write_text
+from .cache import package_versions, stable_hash, write_json, write_text
 from .data import PromptFormatter, Record, load_records, pad_right
 from .demo_data import SKILLS, demo_records, normalize_answer
 from .errors import ConfigError, DataError
+from .recover import IGNORE_INDEX, labels_for
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ REQUIRED_FIELDS["winogrande"] = ("choices", "label", "context_options", "continu
 # The metric each task shows in the table (LLM-Pruner/Wanda convention); results.json keeps both.
 TABLE_METRIC = {"boolq": "acc", "piqa": "acc", "winogrande": "acc", "hellaswag": "acc_norm",
                 "arc_easy": "acc", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -223,8 +222,7 @@ def response_perplexity(model: Any, encoded: Sequence[Any], pad_id: int, batch_s
                       leave=False):
         batch = [encoded[i] for i in order[start:start + batch_size]]
         ids, mask = pad_right([e.input_ids for e in batch], pad_id)
-        labels, _ = pad_right([[IGNORE_INDEX] * len(e.prompt_ids) + list(e.response_ids) for e in batch],
-                              IGNORE_INDEX)
+        labels, _ = pad_right([labels_for(e) for e in batch], IGNORE_INDEX)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
         targets = labels[:, 1:].to(device)
         total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
@@ -278,40 +276,34 @@ def demo_heldout(per_skill: int | None = None, seed: int = 0) -> list[Record]:
 
 
 # ------------------------------------------------------------------------------------------ the table
-def results_table(results: dict) -> str:
-    """Markdown: models as rows; zero-shot metrics, their mean, perplexities and demo skills as columns."""
-    models = results["models"]
+def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The side-by-side table: models as rows; zero-shot metrics, their mean, perplexities and demo
+    skills as columns. Returns ``(header, rows)`` of formatted cells."""
     tasks = results["tasks"]
     columns = [f"{t} ({TABLE_METRIC[t]})" for t in tasks] + (["mean acc"] if tasks else [])
     columns += [f"ppl {Path(p).name}" for p in results["ppl_files"]]
     columns += [f"response ppl {Path(p).name}" for p in results["response_ppl_files"]]
     columns += ["demo skills acc"] if results["demo_skills"] else []
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for label, entry in models.items():
-        cells = []
-        accs = []
-        for task in tasks:
-            value = entry["tasks"][task].get(TABLE_METRIC[task])
-            accs.append(value)
-            cells.append(f"{100 * value:.2f}" if value is not None else "-")
+    rows = []
+    for label, entry in results["models"].items():
+        accs = [entry["tasks"][task].get(TABLE_METRIC[task]) for task in tasks]
+        cells = [f"{100 * value:.2f}" if value is not None else "-" for value in accs]
         if tasks:
             cells.append(f"{100 * sum(accs) / len(accs):.2f}" if None not in accs else "-")
         cells += [f"{entry['perplexity'][p]['ppl']:.2f}" for p in results["ppl_files"]]
         cells += [f"{entry['response_perplexity'][p]['ppl']:.2f}" for p in results["response_ppl_files"]]
         if results["demo_skills"]:
             cells.append(f"{100 * entry['demo_skills']['mean']['acc']:.2f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        rows.append([label, *cells])
+    return ["model", *columns], rows
+
+
+def results_table(results: dict) -> str:
+    """:func:`table_rows` as markdown."""
+    header, rows = table_rows(results)
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("paser", "torch", "transformers", "lm_eval", "peft"):
-        try:
-            versions[package] = metadata.version(package.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 def _tokenizer_key(tokenizer: Any) -> str:
@@ -339,7 +331,8 @@ def run_evaluation(config: EvaluateConfig) -> dict:
 
     results: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-        "versions": _versions(), "dtype": dtype, "limit": config.limit, "tasks": list(config.tasks),
+        "versions": package_versions("paser", "torch", "transformers", "lm-eval", "peft"),
+        "dtype": dtype, "limit": config.limit, "tasks": list(config.tasks),
         "task_source": str(config.task_dir) if config.task_dir else "lm-eval hub tasks",
         "ppl_files": list(config.ppl), "ppl_seqlen": config.ppl_seqlen,
         "response_ppl_files": list(config.response_ppl), "demo_skills": config.demo_skills,

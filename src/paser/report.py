@@ -165,11 +165,12 @@ def _evaluation_section(run_dir: Path) -> str:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from .evaluate import table_rows
+
     results = _read_json(run_dir / "evaluate" / "results.json")
     if not results:
         return "<h2>Evaluation</h2>" + _missing("evaluation results")
-    lines = [line.strip().strip("|").split("|") for line in results["table"].strip().splitlines()]
-    header, rows = [c.strip() for c in lines[0]], [[c.strip() for c in row] for row in lines[2:]]
+    header, rows = table_rows(results)
     notes = (f"<p class='note'>dtype {results['dtype']}; zero-shot limit {results['limit']}; "
              f"tasks from {html.escape(str(results['task_source']))}; {results['seconds']:.0f} s.</p>")
     parts = ["<h2>Evaluation</h2>", _table(header, rows), notes]

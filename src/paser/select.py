@@ -16,7 +16,6 @@ Python API::
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from .allocate import ALLOCATION_RULES, allocate, apportion, ies, rank_within
-from .cache import atomic_path, cache_root, stable_hash, write_json, write_jsonl, write_parquet
+from .cache import (atomic_path, cache_root, package_versions, stable_hash, write_json, write_jsonl,
+                    write_parquet)
 from .ccg import ConceptGraph, extract_concepts
 from .cluster import ClusterConfig, ClusterResult, cluster_embeddings
 from .data import ColumnMap, PromptFormatter, Record, load_records
@@ -289,17 +289,6 @@ def _scores(config: SelectConfig, records: list[Record], cache: Path, timings: d
     return table, False
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for package in ("paser", "torch", "transformers", "sentence-transformers", "scikit-learn", "scipy", "faiss-cpu",
-                    "yake"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 # ------------------------------------------------------------------------------------------ entry point
 def run_selection(config: SelectConfig) -> SelectionResult:
     """Select ``config.budget`` records with ``config.method``; write outputs if ``config.out`` is set."""
@@ -338,7 +327,8 @@ def run_selection(config: SelectConfig) -> SelectionResult:
         timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     summary["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    summary["versions"] = _versions()
+    summary["versions"] = package_versions("paser", "torch", "transformers", "sentence-transformers",
+                                           "scikit-learn", "scipy", "faiss-cpu", "yake")
     if config.out:
         write_json(Path(config.out) / "selection.json", summary)
     return result
