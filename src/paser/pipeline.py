@@ -75,7 +75,6 @@ class PipelineConfig:
     recover: dict[str, Any]
     evaluate: dict[str, Any]
     source: str = "<dict>"  # where the config came from, for messages
-    raw: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "dtype": self.dtype, "out": self.out, "pruned": self.pruned,
@@ -154,7 +153,7 @@ def parse_config(raw: Any, where: str = "<config>") -> PipelineConfig:
     evaluate = _check_section("evaluate", raw.get("evaluate"), *spec["evaluate"], where, {"models": ["-"]})
     config = PipelineConfig(model=model, out=str(raw.get("out") or "runs/paser"), dtype=dtype,
                             pruned=str(raw["pruned"]) if raw.get("pruned") else None, prune=prune, data=data,
-                            select=select, recover=recover, evaluate=evaluate, source=where, raw=raw)
+                            select=select, recover=recover, evaluate=evaluate, source=where)
     _semantic_checks(config)
     return config
 
