@@ -52,7 +52,7 @@ def test_missing_and_unsupported_files(tmp_path):
     with pytest.raises(DataError, match="unsupported file type '.txt'"):
         load_records(tmp_path / "d.txt")
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(DataError, match="no records"):
+    with pytest.raises(DataError, match="no usable records"):
         load_records(tmp_path / "empty.jsonl")
 
 

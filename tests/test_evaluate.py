@@ -23,7 +23,7 @@ def loglikelihood(model, tokenizer, context, continuation):
 
 
 def test_all_task_formats_on_a_tiny_model(tmp_path, tiny_model_dir):
-    from paser.models import load_model
+    from paser.models import load_model, resolve_dtype_name
 
     fixtures = write_fixtures(tmp_path / "tasks")
     out = tmp_path / "res" / "results.json"
@@ -34,13 +34,13 @@ def test_all_task_formats_on_a_tiny_model(tmp_path, tiny_model_dir):
         assert row["n"] == 10 and 0 <= row["acc"] <= 1 and 0 <= row["acc_norm"] <= 1
         assert row["acc_stderr"] is not None and row["seconds"] >= 0
     saved = json.loads(out.read_text())
-    assert saved["versions"]["lm-eval"].startswith("0.4") and saved["dtype"] == "fp32"
+    assert saved["versions"]["lm-eval"].startswith("0.4") and saved["dtype"] == resolve_dtype_name("auto")
     table = out.with_suffix(".md").read_text()
     assert str(tiny_model_dir) in table and "mean acc" in table and "arc_easy (acc)" in table
 
     # acc equals an independent computation: argmax of log p(" choice" | prompt), and for WinoGrande
     # argmax of log p(continuation | option).
-    model, tokenizer = load_model(str(tiny_model_dir))
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="fp32")
     docs = [json.loads(line) for line in (fixtures / "arc_easy.jsonl").read_text().splitlines()]
     hits = [max(range(4), key=lambda c: loglikelihood(model, tokenizer, f"Question: {d['question']}\nAnswer:",
                                                       " " + d["choices"][c])) == d["label"] for d in docs]
@@ -83,7 +83,7 @@ def test_two_models_share_tasks_and_tokenised_text(tmp_path, tiny_model_dir, tin
 def test_perplexity_matches_direct_computation(tiny_model_dir):
     from paser.models import load_model
 
-    model, tokenizer = load_model(str(tiny_model_dir))
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="fp32")
     sequences = [[5, 9, 14, 3, 7], [8, 2, 11]]
     nll = []
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_perplexity_matches_direct_computation(tiny_model_dir):
 def test_response_perplexity_counts_response_tokens_only(tiny_model_dir):
     from paser.models import load_model
 
-    model, tokenizer = load_model(str(tiny_model_dir))
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="fp32")
     records = list(iter_dict_records([{"instruction": "Add 2 and 3.", "output": "5"},
                                       {"instruction": "Name a colour.", "input": "warm", "output": "red or orange"}], source="t"))
     encoded = PromptFormatter(tokenizer).encode_all(records)

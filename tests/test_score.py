@@ -38,7 +38,7 @@ def test_jsd_is_finite_and_bounded_at_extremes():
 def test_identical_models_give_zero(tiny_model_dir, tiny_tokenizer):
     from paser.models import load_model
 
-    model, _ = load_model(str(tiny_model_dir))
+    model, _ = load_model(str(tiny_model_dir), dtype="fp32")
     records = load_records("demo", limit=12)
     encoded = PromptFormatter(tiny_tokenizer).encode_all(records)
     jsd, loss_a, loss_b = score_batch(model, model, encoded, tiny_tokenizer.pad_token_id)
@@ -49,8 +49,8 @@ def test_identical_models_give_zero(tiny_model_dir, tiny_tokenizer):
 def test_padding_invariance(tiny_model_dir, tiny_pruned_dir, tiny_tokenizer):
     from paser.models import load_model
 
-    original, _ = load_model(str(tiny_model_dir))
-    pruned, _ = load_model(str(tiny_pruned_dir))
+    original, _ = load_model(str(tiny_model_dir), dtype="fp32")
+    pruned, _ = load_model(str(tiny_pruned_dir), dtype="fp32")
     records = load_records("demo", limit=24)
     encoded = PromptFormatter(tiny_tokenizer).encode_all(records)
     lengths = {len(e.input_ids) for e in encoded}
@@ -67,8 +67,8 @@ def test_jsd_averages_response_positions_only(tiny_model_dir, tiny_pruned_dir, t
     """The per-sample JSD equals a direct full-logit computation over the response positions."""
     from paser.models import load_model
 
-    original, _ = load_model(str(tiny_model_dir))
-    pruned, _ = load_model(str(tiny_pruned_dir))
+    original, _ = load_model(str(tiny_model_dir), dtype="fp32")
+    pruned, _ = load_model(str(tiny_pruned_dir), dtype="fp32")
     encoded = PromptFormatter(tiny_tokenizer).encode_all(load_records("demo", limit=3))
     batched, loss_o, _ = score_batch(original, pruned, encoded, tiny_tokenizer.pad_token_id)
     for i, e in enumerate(encoded):
@@ -107,8 +107,8 @@ def test_resume_from_partial_file(tmp_path, tiny_model_dir, tiny_pruned_dir, tin
     from paser import score as score_module
     from paser.models import load_model
 
-    original, _ = load_model(str(tiny_model_dir))
-    pruned, _ = load_model(str(tiny_pruned_dir))
+    original, _ = load_model(str(tiny_model_dir), dtype="fp32")
+    pruned, _ = load_model(str(tiny_pruned_dir), dtype="fp32")
     encoded = PromptFormatter(tiny_tokenizer).encode_all(load_records("demo", limit=40))
     cache_file = tmp_path / "scores.parquet"
     full = score_records(original, pruned, encoded, tiny_tokenizer.pad_token_id, ScoreConfig(batch_size=8),

@@ -32,7 +32,7 @@ def test_end_to_end_with_tiny_models(tmp_path, tiny_model_dir, tiny_pruned_dir, 
     scores = pd.read_parquet(out / "scores.parquet")
 
     assert len(selected) == 60 == len(set(result.indices))
-    assert all(set(row["paser"]) == {"cluster", "jsd", "ies", "rank"} for row in selected)
+    assert all(set(row["paser"]) == {"index", "line", "cluster", "jsd", "ies", "rank"} for row in selected)
     assert all("skill" in row for row in selected)  # records as given, extra fields kept
     assert summary["n_selected"] == 60 and summary["scores_from_cache"] is False
     assert sum(c["selected"] for c in summary["clusters"]) == 60

@@ -17,6 +17,35 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from . import faults
+
+
+def checkpoint_seconds(default: float = 60.0) -> float:
+    """How often long stages save partial progress: ``$PASER_CHECKPOINT_SECONDS`` or ``default``."""
+    return float(os.environ.get("PASER_CHECKPOINT_SECONDS", default))
+
+
+@contextlib.contextmanager
+def entry_lock(path: str | Path, what: str = "this cache entry") -> Iterator[None]:
+    """Hold an inter-process lock on one cache entry, so concurrent runs sharing ``PASER_CACHE`` compute it
+    once: the second waits (and says so), then finds the first one's finished file."""
+    import logging
+
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logging.getLogger(__name__).info("waiting for another process that is computing %s (%s)", what, path.name)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
 
 def cache_root() -> Path:
     """Root of paser's cache: ``$PASER_CACHE`` if set, else ``~/.cache/paser``."""
@@ -49,6 +78,7 @@ def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        faults.reached("atomic.before_rename")  # a kill here must leave ``dest`` as it was
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():

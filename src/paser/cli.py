@@ -30,8 +30,10 @@ def _global_options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: the CPUs this process may use). Warns when another heavy job is running."),
 ) -> None:
     _state["debug"] = debug
+    _state["threads"] = threads
     from rich.logging import RichHandler
 
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
@@ -39,6 +41,10 @@ def _global_options(
                         handlers=[RichHandler(show_path=False, rich_tracebacks=debug)], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "sentence_transformers", "transformers"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if not {"-h", "--help"} & set(sys.argv[1:]):  # help needs no torch
+        from .runtime import configure_threads
+
+        configure_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------ prune
@@ -92,6 +98,7 @@ def select(
     columns: Optional[str] = typer.Option(None, help="Field mapping, e.g. instruction=question,output=answer."),
     duplicates: str = typer.Option("keep", help="keep | drop duplicate (instruction, input) pairs."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N records of the data."),
+    bad_records: str = typer.Option("skip", help="skip: leave out unusable records (malformed, not UTF-8, empty or missing fields), count them by reason in selection.json | error: stop at the first."),
 ) -> None:
     """Select recovery data with PASER (or a random/full baseline).
 
@@ -104,7 +111,7 @@ def select(
         original=original, pruned=pruned, data=data, budget=budget, out=out, method=method, clusters=clusters,
         cluster_method=cluster_method, embedder=embedder, allocation=allocation, score=score,
         max_length=max_length, batch_size=batch_size, dtype=dtype, ccg=ccg, seed=seed, columns=columns,
-        duplicates=duplicates, limit=limit))
+        duplicates=duplicates, limit=limit, bad_records=bad_records))
     _print_selection(result.summary, out)
 
 
@@ -142,11 +149,12 @@ def recover(
     batch_size: int = typer.Option(64, help="Effective batch size (micro-batch x gradient accumulation)."),
     micro_batch_size: int = typer.Option(4, help="Examples per forward pass."),
     dtype: str = typer.Option("auto", help="auto (bf16 only where the hardware has native bf16) | bf16 | fp32."),
-    resume: bool = typer.Option(False, help="Resume from the last checkpoint in OUT/checkpoints."),
+    resume: bool = typer.Option(True, help="Continue from the last checkpoint in OUT/checkpoints when it was made with the same settings and data (--no-resume starts afresh)."),
     warmup_ratio: float = typer.Option(0.05, help="Fraction of the optimizer steps spent warming up."),
     save_steps: int = typer.Option(50, help="Checkpoint every N optimizer steps (what --resume restarts from)."),
     seed: int = typer.Option(0, help="Seed for LoRA init, data order and dropout."),
     limit: Optional[int] = typer.Option(None, help="Train on the first N records only."),
+    bad_records: str = typer.Option("skip", help="skip: leave out unusable records, count them in train_log.json | error: stop at the first."),
 ) -> None:
     """Recover a pruned model with LoRA on selected data (response-only loss).
 
@@ -159,7 +167,7 @@ def recover(
         model=model, data=data, out=out, epochs=epochs, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, targets=targets, cutoff_len=cutoff_len, batch_size=batch_size,
         micro_batch_size=micro_batch_size, dtype=dtype, resume=resume, warmup_ratio=warmup_ratio,
-        save_steps=save_steps, seed=seed, limit=limit))
+        save_steps=save_steps, seed=seed, limit=limit, bad_records=bad_records))
     curve = train_log["loss_curve"]
     first, last = (curve[0]["loss"], curve[-1]["loss"]) if curve else (float("nan"), float("nan"))
     typer.echo(f"{train_log['steps']} steps in {train_log['seconds']:.0f}s ({train_log['tokens_per_s']} tok/s); "
@@ -250,11 +258,27 @@ def validate(
     data: str = typer.Argument(..., help="Instruction data: .jsonl/.json/.csv/.parquet, a hub dataset name, or 'demo'."),
     columns: Optional[str] = typer.Option(None, help="Field mapping, e.g. instruction=question,output=answer or messages=conversations."),
     duplicates: str = typer.Option("keep", help="keep | drop duplicate (instruction, input) pairs."),
+    report: bool = typer.Option(False, "--report", help="List every bad record (file:line: field: problem) instead of stopping at the first; exit 1 if there is any."),
 ) -> None:
-    """Check an instruction data file: the first bad record is named by file, line and field."""
-    from .data import ColumnMap, load_records
+    """Check an instruction data file: the first bad record is named by file, line and field.
 
-    records = load_records(data, ColumnMap.parse(columns) if columns else None, duplicates=duplicates)
+    With --report every bad record is listed, then a count per reason; the exit status is 1 when any
+    record is bad (2 when the file cannot be read at all).
+    """
+    from .data import ColumnMap, SkippedRecords, iter_records
+
+    column_map = ColumnMap.parse(columns) if columns else None
+    if report:
+        skipped = SkippedRecords(examples_per_reason=None)
+        good = sum(1 for _ in iter_records(data, column_map, bad_records="skip", skipped=skipped))
+        for example in skipped.examples:
+            typer.echo(example["message"])
+        reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.counts.items())
+        typer.echo(f"{data}: {good} valid records, {skipped.total} bad" + (f" ({reasons})" if reasons else ""))
+        raise typer.Exit(1 if skipped.total else 0)
+    from .data import load_records
+
+    records = load_records(data, column_map, duplicates=duplicates)
     with_input = sum(1 for r in records if r.input)
     typer.echo(f"{data}: {len(records)} valid records ({with_input} with input)")
 

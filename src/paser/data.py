@@ -6,8 +6,11 @@ built-in demo set) or ``demo-heldout`` (its held-out questions). Other schemas m
 fields with a :class:`ColumnMap` (``question``/``answer``, ``prompt``/``response`` and chat ``messages``
 are detected automatically).
 
-Everything is validated before any heavy work: the first bad record raises :class:`DataError` naming
-the file, the line (or record/row) and the field.
+Everything is validated before any heavy work. A record that cannot be used (malformed JSON, bytes
+that are not UTF-8, a missing, empty or non-string field, a chat record without an assistant turn) is
+either an error (``bad_records="error"``: :class:`DataError` naming the file, the line or record, and the
+field) or left out and counted by reason (``"skip"``, :class:`SkippedRecords`). A file that cannot be
+read at all, or that holds no usable record, is an error either way.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class Record:
     raw: dict = field(repr=False)
     source: str = ""  # shared by all records of a file (not copied per record)
     number: int = 0  # line (JSONL, CSV), record (JSON) or row (parquet, hub) number
+    index: int = 0  # 0-based position of the row in its source, skipped rows counted: outputs join on it
 
     @property
     def where(self) -> str:
@@ -103,53 +107,176 @@ class Record:
 
 
 # --------------------------------------------------------------------------------------------- reading
+BadRecords = Literal["skip", "error"]
+BAD_RECORD_POLICIES = ("skip", "error")
+
+
+@dataclass
+class SkippedRecords:
+    """Records left out under ``bad_records="skip"``: a count per reason and the first few of each.
+
+    ``examples_per_reason=None`` keeps every one (``paser validate --report``).
+    """
+
+    examples_per_reason: int | None = 3
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, error: DataError) -> None:
+        seen = self.counts.get(error.reason, 0)
+        self.counts[error.reason] = seen + 1
+        if self.examples_per_reason is None or seen < self.examples_per_reason:
+            where = error.source if error.line is None else f"{error.source}:{error.line}"
+            self.examples.append({"where": where, "unit": error.unit, "line": error.line, "field": error.field,
+                                  "reason": error.reason, "message": str(error)})
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def merge(self, other: "SkippedRecords") -> None:
+        for reason, n in other.counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + n
+        self.examples.extend(other.examples)
+
+    def summary(self) -> dict[str, Any]:
+        """What ``selection.json`` and ``train_log.json`` record under ``skipped_records``."""
+        return {"total": self.total, "by_reason": dict(self.counts), "examples": list(self.examples)}
+
+    def describe(self) -> str:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items(), key=lambda kv: -kv[1]))
+        first = self.examples[0]["where"] if self.examples else ""
+        return f"{self.total} bad record(s) skipped ({reasons}; first at {first})"
+
+
+class Records(list):
+    """A list of :class:`Record` that also says which input records were skipped, and why."""
+
+    def __init__(self, records: Iterable[Record] = (), skipped: SkippedRecords | None = None):
+        super().__init__(records)
+        self.skipped = skipped if skipped is not None else SkippedRecords()
+
+
+def _bad(source: str, number: int, problem: str, reason: str, field: str | None = None,
+         unit: str = "line") -> DataError:
+    return DataError(source, number, field, problem, unit=unit, reason=reason)
+
+
+def _not_utf8(source: str, number: int, unit: str) -> DataError:
+    return _bad(source, number, "not UTF-8", "not UTF-8", unit=unit)
+
+
+def _has_undecodable(value: Any) -> bool:
+    """True where text read with ``surrogateescape`` hides bytes that are not UTF-8."""
+    if isinstance(value, str):
+        return any("\udc80" <= ch <= "\udcff" for ch in value) if not value.isascii() else False
+    if isinstance(value, dict):
+        return any(_has_undecodable(k) or _has_undecodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_undecodable(v) for v in value)
+    return False
+
+
 def _iter_raw(source: str) -> Iterator[tuple[str, int, Any]]:
-    """Yield ``(unit, number, raw_row)`` from a file or hub dataset, streaming where the format allows."""
+    """Yield ``(unit, number, raw_row)`` from a file or hub dataset, streaming where the format allows.
+
+    A row that cannot be read (malformed JSON, bytes that are not UTF-8, a broken CSV line) is yielded
+    as a :class:`DataError` in place of the row, so the caller's bad-record policy decides; a file that
+    cannot be read at all raises.
+    """
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if path.is_file():
         if suffix in {".jsonl", ".ndjson"}:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, start=1):
-                    line = line.rstrip("\r\n")  # so a truncated line reports its own column, not "line 2"
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(source, lineno, None, f"malformed JSON ({exc.msg} at column {exc.colno})")
-                    yield "line", lineno, row
+            yield from _iter_jsonl(source, path)
         elif suffix == ".json":
+            raw = path.read_bytes()
+            if raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            text = raw.decode("utf-8", errors="surrogateescape")
             try:
-                with open(path, encoding="utf-8") as f:
-                    rows = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise DataError(source, exc.lineno, None, f"malformed JSON ({exc.msg} at column {exc.colno})")
+                rows = json.loads(text)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                where = getattr(exc, "lineno", None)
+                detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise DataError(source, where, None, f"malformed JSON ({detail})") from None
             if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
                 rows = next(iter(rows.values()))  # {"data": [...]} wrappers
             if not isinstance(rows, list):
                 raise DataError(source, None, None, "a .json file must hold an array of records (use .jsonl for one per line)")
             for i, row in enumerate(rows, start=1):
-                yield "record", i, row
+                yield "record", i, (_not_utf8(source, i, "record") if _has_undecodable(row) else row)
         elif suffix == ".csv":
-            with open(path, encoding="utf-8", newline="") as f:
-                # Row numbers are file lines: the header is line 1.
-                for lineno, row in enumerate(csv.DictReader(f), start=2):
-                    yield "line", lineno, row
+            yield from _iter_csv(source, path)
         elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            number = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-                for row in batch.to_pylist():
-                    number += 1
-                    yield "row", number, row
+            yield from _iter_parquet(source, path)
         else:
             raise DataError(source, None, None, f"unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)")
         return
     if path.exists() or source.startswith((".", "/", "~")) or suffix in {".jsonl", ".json", ".csv", ".parquet"}:
         raise DataError(source, None, None, "file not found")
     yield from _iter_hub(source)
+
+
+def _iter_jsonl(source: str, path: Path) -> Iterator[tuple[str, int, Any]]:
+    with open(path, "rb") as f:  # bytes, so one undecodable line cannot stop the file
+        for lineno, line in enumerate(f, start=1):
+            if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            try:
+                text = line.decode("utf-8").rstrip("\r\n")  # a truncated line reports its own column
+            except UnicodeDecodeError as exc:
+                yield "line", lineno, _bad(source, lineno, f"not UTF-8 (byte 0x{line[exc.start]:02x} at byte "
+                                                            f"{exc.start + 1})", "not UTF-8")
+                continue
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                row = _bad(source, lineno, f"malformed JSON ({exc.msg} at column {exc.colno})", "malformed JSON")
+            except RecursionError:
+                row = _bad(source, lineno, "malformed JSON (nested too deeply)", "malformed JSON")
+            yield "line", lineno, row
+
+
+def _iter_csv(source: str, path: Path) -> Iterator[tuple[str, int, Any]]:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f)
+        while True:
+            line = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:  # e.g. a field over the csv module's size limit; the reader moves on
+                yield "line", line, _bad(source, line, f"unreadable CSV ({exc})", "unreadable CSV")
+                continue
+            # Row numbers are file lines (the header is line 1); a quoted field may span several.
+            line = reader.line_num
+            if _has_undecodable(row):
+                yield "line", line, _not_utf8(source, line, "line")
+            elif None in row:  # more values than header columns
+                yield "line", line, _bad(source, line, f"{len(row[None])} value(s) beyond the header's columns",
+                                         "malformed CSV")
+            else:
+                yield "line", line, row
+
+
+def _iter_parquet(source: str, path: Path) -> Iterator[tuple[str, int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        number = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                yield "row", number, row
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(source, None, None, f"not a readable parquet file ({type(exc).__name__}: "
+                                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def _iter_hub(name: str) -> Iterator[tuple[str, int, Any]]:
@@ -167,94 +294,156 @@ def _iter_hub(name: str) -> Iterator[tuple[str, int, Any]]:
         yield "row", i, row
 
 
-def _detect_columns(source: str, row: Any) -> ColumnMap:
+def _schema_of(row: Any) -> ColumnMap | None:
     if isinstance(row, dict):
         for schema in KNOWN_SCHEMAS:
             needed = [schema.messages] if schema.messages else [schema.instruction, schema.output]
             if all(name in row for name in needed):
                 return schema
-        fields = ", ".join(sorted(map(str, row))) or "none"
-        raise DataError(source, None, None,
-                        f"cannot tell which fields hold instruction and output (fields: {fields}); "
-                        "pass --columns instruction=FIELD,output=FIELD[,input=FIELD]")
-    raise DataError(source, None, None, "records must be JSON objects")
+    return None
+
+
+SCHEMA_LOOKAHEAD = 1000  # rows read while looking for one whose fields name a known schema
 
 
 def _text_field(source: str, unit: str, number: int, row: dict, name: str, required: bool) -> str:
     if name not in row or row[name] is None:
         if required:
-            raise DataError(source, number, name, "missing", unit=unit)
+            raise DataError(source, number, name, "missing", unit=unit, reason="missing field")
         return ""
     value = row[name]
     if not isinstance(value, str):
-        raise DataError(source, number, name, f"expected a string, got {type(value).__name__}", unit=unit)
+        raise DataError(source, number, name, f"expected a string, got {type(value).__name__}", unit=unit,
+                        reason="not a string")
     return value
 
 
 def _record_from_messages(source: str, unit: str, number: int, row: dict, column: str) -> tuple[str, str]:
+    def bad(field: str, problem: str) -> DataError:
+        return DataError(source, number, field, problem, unit=unit, reason="unusable chat record")
+
     messages = row.get(column)
     if not isinstance(messages, list) or not messages:
-        raise DataError(source, number, column, "expected a non-empty list of messages", unit=unit)
+        raise bad(column, "expected a non-empty list of messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
-            raise DataError(source, number, f"{column}[{i}]", "expected {'role': ..., 'content': str}", unit=unit)
+            raise bad(f"{column}[{i}]", "expected {'role': ..., 'content': str}")
     roles = [m["role"] for m in messages]
     if roles[-1] not in {"assistant", "gpt"}:
-        raise DataError(source, number, column, "the last message must be the assistant's", unit=unit)
+        raise bad(column, "the last message must be the assistant's")
     users = [i for i, r in enumerate(roles[:-1]) if r in {"user", "human"}]
     if not users:
-        raise DataError(source, number, column, "no user message before the assistant's", unit=unit)
+        raise bad(column, "no user message before the assistant's")
     return messages[users[-1]]["content"], messages[-1]["content"]
 
 
 DEMO_SOURCES = {"demo": "train", "demo-heldout": "heldout"}  # the built-in demo set's splits
 
 
-def iter_records(source: str | Path, columns: ColumnMap | None = None) -> Iterator[Record]:
-    """Stream validated records from ``source``; the first invalid one raises :class:`DataError`."""
+def iter_records(source: str | Path, columns: ColumnMap | None = None, bad_records: BadRecords = "error",
+                 skipped: SkippedRecords | None = None) -> Iterator[Record]:
+    """Stream validated records from ``source``.
+
+    ``bad_records="error"``: the first unusable record raises :class:`DataError` (file, line, field).
+    ``"skip"``: it is left out and counted in ``skipped``. A file that cannot be read at all raises
+    either way.
+    """
     source = str(source)
     if source in DEMO_SOURCES:
         from .demo_data import demo_records
 
         yield from iter_dict_records(demo_records()[DEMO_SOURCES[source]], source=source)
         return
-    yield from iter_dict_records(_iter_raw(source), source=source, columns=columns)
+    yield from iter_dict_records(_iter_raw(source), source=source, columns=columns, bad_records=bad_records,
+                                 skipped=skipped)
 
 
-def iter_dict_records(rows: Iterable[Any], source: str, columns: ColumnMap | None = None) -> Iterator[Record]:
-    """Validate in-memory rows (dicts, or ``(unit, number, dict)`` triples) into records."""
-    for n, item in enumerate(rows, start=1):
-        unit, number, row = item if isinstance(item, tuple) else ("record", n, item)
-        if not isinstance(row, dict):
-            raise DataError(source, number, None, f"expected a JSON object, got {type(row).__name__}", unit=unit)
+def iter_dict_records(rows: Iterable[Any], source: str, columns: ColumnMap | None = None,
+                      bad_records: BadRecords = "error", skipped: SkippedRecords | None = None) -> Iterator[Record]:
+    """Validate in-memory rows (dicts, or ``(unit, number, dict)`` triples) into records.
+
+    ``Record.index`` is the row's 0-based position in ``rows``, bad rows included, so outputs join back
+    to the input whatever was skipped.
+    """
+    if bad_records not in BAD_RECORD_POLICIES:
+        raise DataError(source, None, None, f"bad_records must be 'skip' or 'error', not '{bad_records}'")
+    skipped = skipped if skipped is not None else SkippedRecords()
+    items = enumerate(iter(rows))
+    pending: list[tuple[int, Any]] = []
+    if columns is None:  # detect the schema from the first row that has one (bad rows before it are judged by it)
+        for index, item in items:
+            pending.append((index, item))
+            row = item[2] if isinstance(item, tuple) else item
+            columns = _schema_of(row)
+            if columns is not None:
+                break
+            if len(pending) >= SCHEMA_LOOKAHEAD:
+                break
         if columns is None:
-            columns = _detect_columns(source, row)
-        if columns.messages:
-            instruction, output = _record_from_messages(source, unit, number, row, columns.messages)
-            input_text = ""
-        else:
-            instruction = _text_field(source, unit, number, row, columns.instruction, required=True)
-            input_text = _text_field(source, unit, number, row, columns.input, required=False) if columns.input else ""
-            output = _text_field(source, unit, number, row, columns.output, required=True)
-        if not instruction.strip():
-            raise DataError(source, number, columns.messages or columns.instruction, "empty instruction", unit=unit)
-        if not output.strip():
-            raise DataError(source, number, columns.messages or columns.output, "empty output", unit=unit)
-        yield Record(instruction, input_text, output, row, source, number)
+            first = next((i[2] if isinstance(i, tuple) else i for _, i in pending
+                          if isinstance(i[2] if isinstance(i, tuple) else i, dict)), None)
+            if first is None and not pending:
+                return
+            if first is None:
+                _, item = pending[0]
+                unit, number, row = item if isinstance(item, tuple) else ("record", 1, item)
+                if isinstance(row, DataError):
+                    raise row
+                raise DataError(source, number, None, f"expected a JSON object, got {type(row).__name__}", unit=unit)
+            fields = ", ".join(sorted(map(str, first))) or "none"
+            raise DataError(source, None, None,
+                            f"cannot tell which fields hold instruction and output (fields: {fields}); "
+                            "pass --columns instruction=FIELD,output=FIELD[,input=FIELD]")
+
+    def chained() -> Iterator[tuple[int, Any]]:
+        yield from pending
+        yield from items
+
+    for index, item in chained():
+        unit, number, row = item if isinstance(item, tuple) else ("record", index + 1, item)
+        try:
+            yield _validate_row(source, unit, number, row, columns, index)
+        except DataError as error:
+            if bad_records == "error":
+                raise
+            skipped.add(error)
+
+
+def _validate_row(source: str, unit: str, number: int, row: Any, columns: ColumnMap, index: int) -> Record:
+    if isinstance(row, DataError):
+        raise row
+    if not isinstance(row, dict):
+        raise DataError(source, number, None, f"expected a JSON object, got {type(row).__name__}", unit=unit,
+                        reason="not an object")
+    if columns.messages:
+        instruction, output = _record_from_messages(source, unit, number, row, columns.messages)
+        input_text = ""
+    else:
+        instruction = _text_field(source, unit, number, row, columns.instruction, required=True)
+        input_text = _text_field(source, unit, number, row, columns.input, required=False) if columns.input else ""
+        output = _text_field(source, unit, number, row, columns.output, required=True)
+    if not instruction.strip():
+        raise DataError(source, number, columns.messages or columns.instruction, "empty instruction", unit=unit)
+    if not output.strip():
+        raise DataError(source, number, columns.messages or columns.output, "empty output", unit=unit)
+    return Record(instruction, input_text, output, row, source, number, index)
 
 
 def load_records(source: str | Path, columns: ColumnMap | None = None,
-                 duplicates: Literal["keep", "drop"] = "keep", limit: int | None = None) -> list[Record]:
-    """Load and validate every record of ``source`` (up to ``limit``), reporting duplicates.
+                 duplicates: Literal["keep", "drop"] = "keep", limit: int | None = None,
+                 bad_records: BadRecords = "error") -> Records:
+    """Load and validate every record of ``source`` (up to ``limit`` usable ones), reporting duplicates.
 
-    Duplicates share ``(instruction, input)``; they are logged, and kept or dropped (first kept).
+    ``bad_records``: ``error`` raises on the first unusable record; ``skip`` leaves it out, logs one
+    warning, and lists it in the result's ``skipped``. A source with no usable record is an error either
+    way. Duplicates share ``(instruction, input)``; they are logged, and kept or dropped (first kept).
     """
     if duplicates not in {"keep", "drop"}:
         raise DataError(str(source), None, None, f"duplicates must be 'keep' or 'drop', not '{duplicates}'")
-    records: list[Record] = []
+    records = Records()
     first_seen: dict[tuple[str, str], int] = {}  # key -> line number; the key reuses the record's strings
     n_dup = 0
-    for record in iter_records(source, columns):
+    for record in iter_records(source, columns, bad_records=bad_records, skipped=records.skipped):
         if limit is not None and len(records) >= limit:
             break
         first = first_seen.setdefault(record.key, record.number)
@@ -266,7 +455,10 @@ def load_records(source: str | Path, columns: ColumnMap | None = None,
                 continue
         records.append(record)
     if not records:
-        raise DataError(str(source), None, None, "no records")
+        bad = f" ({records.skipped.describe()})" if records.skipped.total else ""
+        raise DataError(str(source), None, None, f"no usable records{bad}")
+    if records.skipped.total:
+        log.warning("%s: %s", source, records.skipped.describe())
     if n_dup:
         log.warning("%d duplicate record(s) in %s: %s", n_dup, source, "dropped" if duplicates == "drop" else "kept")
     return records
@@ -356,6 +548,28 @@ class PromptFormatter:
 
     def encode_all(self, records: Sequence[Record]) -> list[Encoded]:
         return [self.encode(r) for r in records]
+
+
+def encode_records(formatter: PromptFormatter, records: Sequence[Record], bad_records: BadRecords = "error",
+                   skipped: SkippedRecords | None = None) -> tuple[list[Record], list[Encoded]]:
+    """Encode records, leaving out (``skip``) or refusing (``error``) those with no response token to
+    train on or score within ``formatter.max_length``. Returns the kept records and their encodings."""
+    kept: list[Record] = []
+    encoded: list[Encoded] = []
+    for record in records:
+        e = formatter.encode(record)
+        if not e.response_ids:
+            error = DataError(record.source, record.number, "output",
+                              f"no response token within max_length {formatter.max_length}",
+                              reason="no response token")
+            if bad_records == "error":
+                raise error
+            if skipped is not None:
+                skipped.add(error)
+            continue
+        kept.append(record)
+        encoded.append(e)
+    return kept, encoded
 
 
 def pad_right(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:

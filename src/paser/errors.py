@@ -8,8 +8,10 @@ class PaserError(Exception):
 class DataError(PaserError):
     """Invalid instruction data; the message names the file, the line and the field."""
 
-    def __init__(self, source: str, line: int | None, field: str | None, problem: str, unit: str = "line"):
-        self.source, self.line, self.field, self.problem = source, line, field, problem
+    def __init__(self, source: str, line: int | None, field: str | None, problem: str, unit: str = "line",
+                 reason: str | None = None):
+        self.source, self.line, self.field, self.problem, self.unit = source, line, field, problem, unit
+        self.reason = reason or problem  # the category a skipped record is counted under
         where = source if line is None else f"{source}: {unit} {line}"
         what = f"field '{field}': " if field else ""
         super().__init__(f"{where}: {what}{problem}")

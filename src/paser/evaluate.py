@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from . import faults
 from .cache import package_versions, stable_hash, write_json, write_text
 from .data import PromptFormatter, Record, load_records, pad_right
 from .demo_data import SKILLS, demo_records, normalize_answer
@@ -68,6 +69,7 @@ class EvaluateConfig:
     batch_size: int = 8
     dtype: str = "auto"
     labels: list[str] | None = None  # display names for the table (default: the model specs)
+    bad_records: str = "skip"  # unusable records in --response-ppl sources: skip (reported) | error
 
     def validate(self) -> None:
         """Check everything that does not need a model: task names and files, text files, numbers."""
@@ -90,6 +92,8 @@ class EvaluateConfig:
         for path in self.ppl:
             if not Path(path).is_file():
                 raise ConfigError(f"perplexity text file not found: {path}")
+        if self.bad_records not in ("skip", "error"):
+            raise ConfigError(f"bad_records must be skip or error, not '{self.bad_records}'")
         if not (self.tasks or self.ppl or self.response_ppl or self.demo_skills):
             raise ConfigError("nothing to evaluate: give tasks, --ppl, --response-ppl or --demo-skills")
 
@@ -311,15 +315,129 @@ def _tokenizer_key(tokenizer: Any) -> str:
     return stable_hash(backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()))
 
 
+class _PartsCache:
+    """One JSON file per finished (model, measurement), beside the results file, keyed by the model's
+    weights and everything that decides the figure: a killed or repeated evaluation redoes only what
+    is missing, and a model whose every measurement is there is not even loaded."""
+
+    def __init__(self, out: Path, dtype: str):
+        self.dir = out.parent / f".{out.stem}-parts"
+        self.dtype = dtype
+
+    def path(self, model_key: str, kind: str, name: str, settings: dict[str, Any]) -> Path:
+        return self.dir / f"{kind}-{stable_hash(model_key, kind, name, settings, self.dtype)}.json"
+
+    def get(self, path: Path) -> dict | None:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))["value"]
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    def put(self, path: Path, value: Any) -> None:
+        write_json(path, {"value": value})
+        faults.reached("evaluate.saved")
+
+
+def _evaluate_model(spec: str, label: str, config: EvaluateConfig, dtype: str, parts: _PartsCache,
+                    tasks: dict[str, Any], texts: dict[str, str], response_records: dict[str, list[Record]],
+                    demo: list[Record], windows_cache: dict, encoded_cache: dict) -> dict[str, Any]:
+    """Every measurement of one model, each taken from ``parts`` when it was finished before."""
+    from .cache import file_fingerprint
+    from .models import load_model, model_fingerprint
+
+    t_model = time.perf_counter()
+    model_key = model_fingerprint(spec)
+    plan: list[tuple[str, str, Path]] = []  # (kind, name, part file)
+    for task in tasks:
+        plan.append(("tasks", task, parts.path(model_key, "task", task, {
+            "limit": config.limit, "batch_size": config.batch_size, "task_dir": str(config.task_dir),
+            "file": file_fingerprint(Path(config.task_dir) / f"{task}.jsonl") if config.task_dir else None})))
+    for path in texts:
+        plan.append(("perplexity", path, parts.path(model_key, "ppl", path, {
+            "file": file_fingerprint(path), "seqlen": config.ppl_seqlen})))
+    for source, records in response_records.items():
+        plan.append(("response_perplexity", source, parts.path(model_key, "response", source, {
+            "data": stable_hash([(r.instruction, r.input, r.output) for r in records]),
+            "max_length": config.response_max_length})))
+    if demo:
+        plan.append(("demo_skills", "", parts.path(model_key, "demo", "", {"questions": config.demo_questions})))
+    entry: dict[str, Any] = {"spec": spec, "tasks": {}, "perplexity": {}, "response_perplexity": {}}
+    done = {path: value for _, _, path in plan if (value := parts.get(path)) is not None}
+    if done:
+        log.info("%s: %d of %d measurements already finished (%s)", label, len(done), len(plan), parts.dir)
+    model = tokenizer = lm = None
+    for kind, name, path in plan:
+        value = done.get(path)
+        if value is None:
+            if model is None:
+                log.info("evaluating %s", label)
+                model, tokenizer = load_model(spec, dtype=dtype)
+                model.eval()
+            value, lm = _measure(kind, name, model, tokenizer, lm, config, tasks, texts, response_records, demo,
+                                 windows_cache, encoded_cache)
+            parts.put(path, value)
+        if kind == "demo_skills":
+            entry.update(value)
+        else:
+            entry[kind][name] = value
+        log.info("%s %s %s: %s", label, kind, name, value if kind != "demo_skills" else "done")
+    entry["seconds"] = round(time.perf_counter() - t_model, 2)
+    entry["from_earlier_run"] = len(done)
+    return entry
+
+
+def _measure(kind: str, name: str, model: Any, tokenizer: Any, lm: Any, config: EvaluateConfig,
+             tasks: dict[str, Any], texts: dict[str, str], response_records: dict[str, list[Record]],
+             demo: list[Record], windows_cache: dict, encoded_cache: dict) -> tuple[Any, Any]:
+    """One measurement of a loaded model; returns it and the (lazily built) lm-eval wrapper."""
+    t0 = time.perf_counter()
+    if kind == "tasks":
+        if lm is None:
+            from lm_eval.models.huggingface import HFLM
+
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
+        return run_task(lm, tasks[name], config.limit), lm
+    tok_key = _tokenizer_key(tokenizer)
+    if kind == "perplexity":
+        max_positions = getattr(model.config, "max_position_embeddings", None) or config.ppl_seqlen
+        seqlen = min(config.ppl_seqlen, max_positions)
+        key = (tok_key, name, seqlen)
+        if key not in windows_cache:
+            windows_cache[key] = text_windows(tokenizer, texts[name], seqlen)
+        ppl = perplexity(model, windows_cache[key], batch_size=max(1, config.batch_size // 4), progress=True)
+        return {"ppl": ppl, "windows": len(windows_cache[key]), "seqlen": seqlen,
+                "seconds": round(time.perf_counter() - t0, 2)}, lm
+    if kind == "response_perplexity":
+        records = response_records[name]
+        key = (tok_key, name)
+        if key not in encoded_cache:
+            formatter = PromptFormatter(tokenizer, max_length=config.response_max_length)
+            encoded_cache[key] = formatter.encode_all(records)
+        ppl = response_perplexity(model, encoded_cache[key], tokenizer.pad_token_id, config.batch_size,
+                                  progress=True)
+        return {"ppl": ppl, "records": len(records), "seconds": round(time.perf_counter() - t0, 2)}, lm
+    answers = generate_answers(model, tokenizer, demo, max_new_tokens=24, batch_size=config.batch_size * 4)
+    shown: dict[str, int] = defaultdict(int)
+    examples = []  # what exact match saw, two per skill
+    for record, answer in zip(demo, answers):
+        if shown[record.raw["skill"]] < 2:
+            shown[record.raw["skill"]] += 1
+            examples.append({"skill": record.raw["skill"], "question": record.user_text,
+                             "reference": record.raw["answer"], "answer": answer})
+    return {"demo_skills": skill_accuracy(demo, answers), "demo_answer_examples": examples,
+            "demo_skills_seconds": round(time.perf_counter() - t0, 2)}, lm
+
+
 def run_evaluation(config: EvaluateConfig) -> dict:
     """Evaluate every model; writes ``config.out`` (JSON) and a markdown table beside it; returns the results."""
-    from .models import load_model, resolve_dtype_name
+    from .models import resolve_dtype_name
 
     config.validate()
     started = time.perf_counter()
     dtype = resolve_dtype_name(config.dtype)
     # Data is read (and validated) before any model loads.
-    response_records = {src: load_records(src, limit=config.response_ppl_limit) for src in config.response_ppl}
+    response_records = {src: load_records(src, limit=config.response_ppl_limit, bad_records=config.bad_records)
+                        for src in config.response_ppl}
     demo = demo_heldout(config.demo_questions) if config.demo_skills else []
     t0 = time.perf_counter()
     tasks = load_tasks(config.tasks, config.task_dir)
@@ -338,55 +456,11 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         "response_ppl_files": list(config.response_ppl), "demo_skills": config.demo_skills,
         "task_build_seconds": round(task_build_seconds, 2), "models": {},
     }
+    parts = _PartsCache(Path(config.out), dtype)
     for spec, label in zip(config.models, labels):
-        log.info("evaluating %s", label)
-        t_model = time.perf_counter()
-        model, tokenizer = load_model(spec, dtype=dtype)
-        model.eval()
-        entry: dict[str, Any] = {"spec": spec, "tasks": {}, "perplexity": {}, "response_perplexity": {}}
-        if tasks:
-            from lm_eval.models.huggingface import HFLM
-
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
-            for task, task_obj in tasks.items():
-                entry["tasks"][task] = run_task(lm, task_obj, config.limit)
-                log.info("%s %s: %s", label, task, entry["tasks"][task])
-        tok_key = _tokenizer_key(tokenizer)
-        max_positions = getattr(model.config, "max_position_embeddings", None) or config.ppl_seqlen
-        seqlen = min(config.ppl_seqlen, max_positions)
-        for path, text in texts.items():
-            key = (tok_key, path, seqlen)
-            if key not in windows_cache:
-                windows_cache[key] = text_windows(tokenizer, text, seqlen)
-            t0 = time.perf_counter()
-            ppl = perplexity(model, windows_cache[key], batch_size=max(1, config.batch_size // 4), progress=True)
-            entry["perplexity"][path] = {"ppl": ppl, "windows": len(windows_cache[key]), "seqlen": seqlen,
-                                         "seconds": round(time.perf_counter() - t0, 2)}
-        for source, records in response_records.items():
-            key = (tok_key, source)
-            if key not in encoded_cache:
-                formatter = PromptFormatter(tokenizer, max_length=config.response_max_length)
-                encoded_cache[key] = formatter.encode_all(records)
-            t0 = time.perf_counter()
-            ppl = response_perplexity(model, encoded_cache[key], tokenizer.pad_token_id, config.batch_size,
-                                      progress=True)
-            entry["response_perplexity"][source] = {"ppl": ppl, "records": len(records),
-                                                    "seconds": round(time.perf_counter() - t0, 2)}
-        if demo:
-            t0 = time.perf_counter()
-            answers = generate_answers(model, tokenizer, demo, max_new_tokens=24, batch_size=config.batch_size * 4)
-            entry["demo_skills"] = skill_accuracy(demo, answers)
-            shown: dict[str, int] = defaultdict(int)
-            entry["demo_answer_examples"] = []  # what exact match saw, two per skill
-            for record, answer in zip(demo, answers):
-                if shown[record.raw["skill"]] < 2:
-                    shown[record.raw["skill"]] += 1
-                    entry["demo_answer_examples"].append({"skill": record.raw["skill"], "question": record.user_text,
-                                                          "reference": record.raw["answer"], "answer": answer})
-            entry["demo_skills_seconds"] = round(time.perf_counter() - t0, 2)
-        entry["seconds"] = round(time.perf_counter() - t_model, 2)
+        entry = _evaluate_model(spec, label, config, dtype, parts, tasks, texts, response_records, demo,
+                                windows_cache, encoded_cache)
         results["models"][label] = entry
-        del model
     results["seconds"] = round(time.perf_counter() - started, 2)
     results["table"] = results_table(results)
     out = Path(config.out)

@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import faults
 from .cache import file_fingerprint, stable_hash, write_json, write_text
 from .errors import ConfigError, PaserError
 
@@ -51,14 +52,14 @@ def _section_spec() -> dict[str, tuple[type, set[str], dict[str, Any]]]:
     return {
         "prune": (PruneConfig, {"model", "out"}, {}),
         "select": (SelectConfig, {"original", "pruned", "data", "out", "method", "columns", "duplicates", "limit",
-                                  "cache_dir", "dtype"}, {"methods": ["paser", "random"]}),
-        "recover": (RecoverConfig, {"model", "data", "out", "resume", "limit", "dtype"}, {}),
+                                  "cache_dir", "dtype", "bad_records"}, {"methods": ["paser", "random"]}),
+        "recover": (RecoverConfig, {"model", "data", "out", "resume", "limit", "dtype", "bad_records"}, {}),
         "evaluate": (EvaluateConfig, {"models", "out", "labels", "dtype"}, {"skip_missing_task_dir": False}),
     }
 
 
-DATA_KEYS = {"source": "demo", "columns": None, "duplicates": "keep", "limit": None}
-TOP_KEYS = {"model", "dtype", "out", "prune", "pruned", "data", "select", "recover", "evaluate"}
+DATA_KEYS = {"source": "demo", "columns": None, "duplicates": "keep", "limit": None, "bad_records": "skip"}
+TOP_KEYS = {"model", "dtype", "threads", "out", "prune", "pruned", "data", "select", "recover", "evaluate"}
 
 
 @dataclass
@@ -75,9 +76,10 @@ class PipelineConfig:
     recover: dict[str, Any]
     evaluate: dict[str, Any]
     source: str = "<dict>"  # where the config came from, for messages
+    threads: int | None = None  # torch CPU threads (None: the CPUs this process may use)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "dtype": self.dtype, "out": self.out, "pruned": self.pruned,
+        return {"model": self.model, "dtype": self.dtype, "threads": self.threads, "out": self.out, "pruned": self.pruned,
                 "prune": self.prune, "data": self.data, "select": self.select, "recover": self.recover,
                 "evaluate": self.evaluate}
 
@@ -135,6 +137,11 @@ def parse_config(raw: Any, where: str = "<config>") -> PipelineConfig:
     data = {**DATA_KEYS, **data}
     if data["limit"] is not None and (not isinstance(data["limit"], int) or data["limit"] < 1):
         raise ConfigError(f"{where}: data.limit must be a positive integer, not {data['limit']!r}")
+    if data["bad_records"] not in ("skip", "error"):
+        raise ConfigError(f"{where}: data.bad_records must be skip or error, not {data['bad_records']!r}")
+    threads = raw.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"{where}: threads must be a positive integer, not {threads!r}")
 
     prune = None
     if not raw.get("pruned"):
@@ -153,7 +160,7 @@ def parse_config(raw: Any, where: str = "<config>") -> PipelineConfig:
     evaluate = _check_section("evaluate", raw.get("evaluate"), *spec["evaluate"], where, {"models": ["-"]})
     config = PipelineConfig(model=model, out=str(raw.get("out") or "runs/paser"), dtype=dtype,
                             pruned=str(raw["pruned"]) if raw.get("pruned") else None, prune=prune, data=data,
-                            select=select, recover=recover, evaluate=evaluate, source=where)
+                            select=select, recover=recover, evaluate=evaluate, source=where, threads=threads)
     _semantic_checks(config)
     return config
 
@@ -170,7 +177,8 @@ def _semantic_checks(config: PipelineConfig) -> None:
         checks.append(("prune", lambda: PruneConfig(model=config.model, out="-", **config.prune).validate()))
     for method in config.select["methods"]:
         checks.append(("select", lambda m=method: _select_config(config, "-", m, "-").validate()))
-    checks.append(("recover", lambda: RecoverConfig(model="-", data="-", out="-", **config.recover).validate()))
+    checks.append(("recover", lambda: RecoverConfig(model="-", data="-", out="-", bad_records=config.data["bad_records"],
+                                                    **config.recover).validate()))
     checks.append(("evaluate", lambda: EvaluateConfig(**_evaluate_kwargs(config, ["-"], "-")).validate()))
     for section, check in checks:
         try:
@@ -206,7 +214,8 @@ def _select_config(config: PipelineConfig, pruned: str, method: str, out: str | 
     settings = {k: v for k, v in config.select.items() if k != "methods"}
     return SelectConfig(original=config.model, pruned=pruned, data=config.data["source"], out=out, method=method,
                         columns=config.data["columns"], duplicates=config.data["duplicates"],
-                        limit=config.data["limit"], dtype=config.dtype, **settings)
+                        limit=config.data["limit"], bad_records=config.data["bad_records"], dtype=config.dtype,
+                        **settings)
 
 
 def _evaluate_kwargs(config: PipelineConfig, models: list[str], out: str | Path,
@@ -308,6 +317,7 @@ class _Runner:
         write_json(directory / "stage.json", {"hash": digest, "status": "done", "inputs": inputs, "seconds": seconds,
                                               "peak_rss_gb": peak, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         self.records.append(StageRecord(name, str(directory), digest, False, seconds, peak, notes))
+        faults.reached("run.stage_done")
 
 
 def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_stage: str | None = None) -> dict:
@@ -320,6 +330,10 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
 
     if from_stage is not None and from_stage not in STAGES:
         raise ConfigError(f"--from must be one of {', '.join(STAGES)}, not '{from_stage}'")
+    if config.threads is not None:
+        from .runtime import configure_threads
+
+        configure_threads(config.threads)
     out = Path(out or config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -362,8 +376,8 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
         with runner.stage("recover", directory, inputs) as notes:
             if notes is not None:
                 run_recovery(RecoverConfig(model=pruned, data=str(out / "select" / method / "selected.jsonl"),
-                                           out=directory, resume=bool(notes["resumed"]), dtype=config.dtype,
-                                           **config.recover))
+                                           out=directory, dtype=config.dtype,
+                                           bad_records=config.data["bad_records"], **config.recover))
         recovered[method] = str(directory / "merged")
         recover_hashes[method] = runner.records[-1].hash
 

@@ -20,8 +20,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .cache import atomic_dir, write_json
-from .data import Encoded, PromptFormatter, load_records, pad_right
+from . import faults
+from .cache import atomic_dir, stable_hash, write_json
+from .data import BAD_RECORD_POLICIES, Encoded, PromptFormatter, encode_records, load_records, pad_right
 from .errors import ConfigError
 from .models import load_model, resolve_dtype_name
 
@@ -50,12 +51,15 @@ class RecoverConfig:
     warmup_ratio: float = 0.05  # fraction of the optimizer steps spent warming up
     dtype: str = "auto"
     seed: int = 0
-    resume: bool = False
-    save_steps: int = 50  # checkpoint every N optimizer steps (for --resume)
+    resume: bool = True  # continue from OUT/checkpoints when they were made with these settings and data
+    save_steps: int = 50  # checkpoint every N optimizer steps (what a rerun resumes from)
     template: str = "auto"
     limit: int | None = None
+    bad_records: str = "skip"  # skip: leave unusable records out and report them | error: stop at the first
 
     def validate(self) -> None:
+        if self.bad_records not in BAD_RECORD_POLICIES:
+            raise ConfigError(f"bad_records must be skip or error, not '{self.bad_records}'")
         if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size:
             raise ConfigError("batch_size must be >= micro_batch_size >= 1")
         if self.batch_size % self.micro_batch_size:
@@ -114,6 +118,48 @@ def _peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+def _report_saves() -> Any:
+    """A callback that marks each finished checkpoint for the kill-and-resume hook (:mod:`paser.faults`)."""
+    from transformers import TrainerCallback
+
+    class ReportSaves(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            faults.reached("recover.saved")
+
+    return ReportSaves()
+
+
+def _checkpoint_to_resume(config: RecoverConfig, checkpoints: Path, encoded: Sequence[Encoded],
+                          dtype: str) -> str | None:
+    """The last checkpoint in ``checkpoints`` if it was made by this very training run (same settings,
+    model and data), else None; stale checkpoints of other settings are removed first."""
+    import json
+    import shutil
+
+    from .models import model_fingerprint
+
+    settings = {k: v for k, v in asdict(config).items() if k not in {"out", "resume", "data", "limit", "save_steps"}}
+    key = stable_hash("recover-v1", settings, model_fingerprint(config.model), dtype,
+                      [e.input_ids for e in encoded], [len(e.prompt_ids) for e in encoded])
+    marker = checkpoints / "paser_run.json"
+    existing = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    try:
+        same = json.loads(marker.read_text())["key"] == key
+    except (FileNotFoundError, ValueError, KeyError):
+        same = False
+    if existing and not (config.resume and same):
+        why = "--no-resume" if not config.resume else "they were made with other settings or data"
+        log.warning("starting afresh: removing %d checkpoint(s) in %s (%s)", len(existing), checkpoints, why)
+        shutil.rmtree(checkpoints)
+        existing = []
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"key": key})
+    if existing:
+        log.info("resuming from %s", existing[-1])
+        return str(existing[-1])
+    return None
+
+
 def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
     """Train LoRA adapters on ``config.data``, merge them, and write the outputs; returns the train log."""
     from peft import LoraConfig, get_peft_model
@@ -121,12 +167,14 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
 
     config.validate()
     out = Path(config.out)
-    records = load_records(config.data, limit=config.limit)  # validated before any model loads
+    # validated before any model loads
+    records = load_records(config.data, limit=config.limit, bad_records=config.bad_records)
+    skipped = records.skipped
     dtype = resolve_dtype_name(config.dtype)
     set_seed(config.seed)
     model, tokenizer = load_model(config.model, dtype=dtype)
     formatter = PromptFormatter(tokenizer, template=config.template, max_length=config.cutoff_len)
-    encoded = formatter.encode_all(records)
+    records, encoded = encode_records(formatter, records, config.bad_records, skipped)
     masks = sparsity_masks(model)
     log.info("%d records; %d sparse linear layers will keep their zeros", len(encoded), len(masks))
 
@@ -146,12 +194,8 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
     )
     trainer = Trainer(model=model, args=args, train_dataset=_Examples(encoded),
                       data_collator=lambda f: collate_for_training(f, tokenizer.pad_token_id),
-                      callbacks=list(callbacks))
-    resume_from = None
-    if config.resume:
-        existing = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        resume_from = str(existing[-1]) if existing else None
-        log.info("resuming from %s", resume_from or "scratch (no checkpoint found)")
+                      callbacks=[*callbacks, _report_saves()])
+    resume_from = _checkpoint_to_resume(config, checkpoints, encoded, dtype)
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - t0
@@ -172,7 +216,7 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
         "seconds": round(seconds, 2), "tokens_per_s": round(trained_tokens / seconds, 1) if seconds else None,
         "peak_memory_gb": round(_peak_memory_gb(), 3), "sparse_layers": len(masks),
         "zeros_kept": int(sum(m.sum().item() for m in masks.values())),
-        "resumed_from": resume_from,
+        "resumed_from": resume_from, "skipped_records": skipped.summary(),
     }
     write_json(out / "train_log.json", train_log)
     return train_log

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +31,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .cache import stable_hash, write_parquet
+from . import faults
+from .cache import checkpoint_seconds, stable_hash, write_parquet
 from .data import Encoded, pad_right
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class ScoreConfig:
     batch_size: int = 16  # samples per batch at most
     max_batch_tokens: int = 4096  # padded tokens per batch at most
     chunk_rows: int = 128  # response positions per LM-head/JSD chunk (keeps logits cache-sized)
-    checkpoint_seconds: float = 60.0  # how often partial results are saved for resuming
+    # how often partial results are saved for resuming ($PASER_CHECKPOINT_SECONDS, default 60)
+    checkpoint_seconds: float = field(default_factory=checkpoint_seconds)
 
 
 # ----------------------------------------------------------------------------------------------- math
@@ -188,6 +190,7 @@ def score_records(original: Any, pruned: Any, encoded: Sequence[Encoded], pad_id
             if partial and time.monotonic() - last_save > config.checkpoint_seconds:
                 write_parquet(partial, table(np.flatnonzero(~np.isnan(jsd))))
                 last_save = time.monotonic()
+                faults.reached("score.saved")
     result = table(np.arange(n))
     if cache_file:
         write_parquet(cache_file, result)

@@ -26,13 +26,14 @@ import numpy as np
 import pandas as pd
 
 from .allocate import ALLOCATION_RULES, allocate, apportion, ies, rank_within
-from .cache import (atomic_path, cache_root, package_versions, stable_hash, write_json, write_jsonl,
+from .cache import (atomic_path, cache_root, entry_lock, package_versions, stable_hash, write_json, write_jsonl,
                     write_parquet)
 from .ccg import ConceptGraph, extract_concepts
 from .cluster import ClusterConfig, ClusterResult, cluster_embeddings
-from .data import ColumnMap, PromptFormatter, Record, load_records
+from .data import (BAD_RECORD_POLICIES, ColumnMap, PromptFormatter, Record, SkippedRecords, encode_records,
+                   load_records)
 from .embed import DEFAULT_EMBEDDER, embed_records, texts_fingerprint
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .models import check_compatible, load_model, load_tokenizer, model_fingerprint, resolve_dtype_name
 from .score import SCORERS, ScoreConfig, get_scorer, score_cache_key, score_records
 
@@ -65,6 +66,7 @@ class SelectConfig:
     template: str = "auto"
     columns: str | None = None
     duplicates: str = "keep"
+    bad_records: str = "skip"  # skip: leave unusable records out and report them | error: stop at the first
     limit: int | None = None  # use only the first N records
     cache_dir: str | Path | None = None  # default: $PASER_CACHE or ~/.cache/paser
 
@@ -85,6 +87,8 @@ class SelectConfig:
             raise ConfigError(f"clusters must be at least 1, not {self.clusters}")
         if self.dtype not in {"auto", "bf16", "fp32", "fp16"}:
             raise ConfigError(f"dtype must be auto, bf16 or fp32, not '{self.dtype}'")
+        if self.bad_records not in BAD_RECORD_POLICIES:
+            raise ConfigError(f"bad_records must be skip or error, not '{self.bad_records}'")
         if self.max_length < 8:
             raise ConfigError(f"max_length must be at least 8 tokens, not {self.max_length}")
 
@@ -95,11 +99,12 @@ class SelectConfig:
 
 @dataclass
 class SelectionResult:
-    indices: list[int]  # selected record indices, in selection order
+    indices: list[int]  # the selected records' positions in the input file (Record.index), in selection order
     records: list[Record]
     scores: pd.DataFrame  # per-sample table (scores, cluster, ies, selected)
     summary: dict[str, Any]  # what selection.json holds
     clusters: ClusterResult | None = None
+    positions: list[int] = field(default_factory=list)  # the same records' rows in ``scores``
 
 
 @dataclass
@@ -135,16 +140,17 @@ def _cluster(ctx: _Context) -> ClusterResult:
                       cluster_config.as_dict())
     path = ctx.cache / "clusters" / f"{key}.npz"
     t0 = time.perf_counter()
-    if path.exists():
-        saved = np.load(path)
-        result = ClusterResult(saved["labels"], int(saved["k"]), saved["eigenvalues"], saved["coordinates"])
-        ctx.info["clusters_from_cache"] = True
-    else:
-        result = cluster_embeddings(embeddings, cluster_config)
-        with atomic_path(path, suffix=".npz") as tmp:
-            np.savez(tmp, labels=result.labels, k=result.k, eigenvalues=result.eigenvalues,
-                     coordinates=result.coordinates)
-        ctx.info["clusters_from_cache"] = False
+    with entry_lock(path, "the clusters"):
+        if path.exists():
+            saved = np.load(path)
+            result = ClusterResult(saved["labels"], int(saved["k"]), saved["eigenvalues"], saved["coordinates"])
+            ctx.info["clusters_from_cache"] = True
+        else:
+            result = cluster_embeddings(embeddings, cluster_config)
+            with atomic_path(path, suffix=".npz") as tmp:
+                np.savez(tmp, labels=result.labels, k=result.k, eigenvalues=result.eigenvalues,
+                         coordinates=result.coordinates)
+            ctx.info["clusters_from_cache"] = False
     ctx.timings["cluster"] = time.perf_counter() - t0
     return result
 
@@ -223,7 +229,7 @@ def _select_paser(ctx: _Context) -> tuple[list[int], dict]:
             "cluster": c, "size": int(sizes[c]), "cds": float(cds[c]), "weight": float(allocation.weights[c]),
             "budget": int(allocation.budgets[c]), "selected": len(chosen[c]), "rejected": len(rejected[c]),
             "rejection_examples": [
-                {"index": i, "instruction": ctx.records[i].instruction[:160],
+                {"index": ctx.records[i].index, "instruction": ctx.records[i].instruction[:160],
                  "conflict": f"'{a}' and '{b}' are both in the graph but never co-occurred"}
                 for i, (a, b) in rejected[c][:3]],
         })
@@ -260,22 +266,33 @@ def _data_fingerprint(records: Sequence[Record]) -> str:
     return texts_fingerprint([f"{r.instruction}\x01{r.input}\x01{r.output}" for r in records])
 
 
-def _scores(config: SelectConfig, records: list[Record], cache: Path, timings: dict) -> tuple[pd.DataFrame, bool]:
+def _scores(config: SelectConfig, records: list[Record], skipped: SkippedRecords, cache: Path,
+            timings: dict) -> tuple[pd.DataFrame, bool, list[Record]]:
+    """The per-sample score table, whether it came from the cache, and the records it covers (those
+    with a response token to score)."""
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(config.original)
     pruned_tokenizer = load_tokenizer(config.pruned)
     check_compatible(tokenizer, pruned_tokenizer)
     formatter = PromptFormatter(tokenizer, template=config.template, max_length=config.max_length)
     dtype = resolve_dtype_name(config.dtype)
+    records, encoded = encode_records(formatter, records, config.bad_records, skipped)
+    timings["tokenize"] = time.perf_counter() - t0
     key = score_cache_key(model_fingerprint(config.original), model_fingerprint(config.pruned),
                           _data_fingerprint(records), formatter.fingerprint, dtype)
     path = cache / "scores" / f"{key}.parquet"
     timings["prepare"] = time.perf_counter() - t0
-    if path.exists():
-        return pd.read_parquet(path), True
-    t0 = time.perf_counter()
-    encoded = formatter.encode_all(records)
-    timings["tokenize"] = time.perf_counter() - t0
+    with entry_lock(path, "the model scores"):
+        if path.exists():
+            log.info("scores: %d records from the cache (%s)", len(records), path.name)
+            return pd.read_parquet(path), True, records
+        table = _compute_scores(config, tokenizer, pruned_tokenizer, encoded, dtype, path, timings)
+        log.info("scores: computed for %d records (%s)", len(records), path.name)
+        return table, False, records
+
+
+def _compute_scores(config: SelectConfig, tokenizer: Any, pruned_tokenizer: Any, encoded: list, dtype: str,
+                    path: Path, timings: dict) -> pd.DataFrame:
     t0 = time.perf_counter()
     original, _ = load_model(config.original, dtype=dtype, tokenizer=False)
     pruned, _ = load_model(config.pruned, dtype=dtype, tokenizer=False)
@@ -286,7 +303,7 @@ def _scores(config: SelectConfig, records: list[Record], cache: Path, timings: d
                           ScoreConfig(batch_size=config.batch_size),
                           cache_file=path)
     timings["score"] = time.perf_counter() - t0
-    return table, False
+    return table
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -299,28 +316,35 @@ def run_selection(config: SelectConfig) -> SelectionResult:
 
     t0 = time.perf_counter()
     columns = ColumnMap.parse(config.columns) if config.columns else None
-    records = load_records(config.data, columns, duplicates=config.duplicates, limit=config.limit)
+    records = load_records(config.data, columns, duplicates=config.duplicates, limit=config.limit,
+                           bad_records=config.bad_records)
+    skipped = records.skipped
+    timings["load_data"] = time.perf_counter() - t0
+
+    table, from_cache, records = _scores(config, records, skipped, cache, timings)
+    if not records:
+        raise DataError(config.data, None, None, f"no usable records ({skipped.describe()})")
     budget = config.budget_count(len(records))
     if config.budget >= 1 and config.budget > len(records):
         log.warning("budget %d exceeds the %d records: selecting all", int(config.budget), len(records))
-    timings["load_data"] = time.perf_counter() - t0
-
-    table, from_cache = _scores(config, records, cache, timings)
+    table["index"] = [r.index for r in records]  # positions in the input file, so outputs join back
+    table["line"] = [r.number for r in records]
     ctx = _Context(config, records, budget, table.copy(), get_scorer(config.score)(table), cache, timings)
-    indices, details = STRATEGIES[config.method](ctx)
+    positions, details = STRATEGIES[config.method](ctx)
     selected = np.zeros(len(records), dtype=bool)
-    selected[indices] = True
+    selected[positions] = True
     ctx.table["selected"] = selected
 
     summary = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        "method": config.method, "n_records": len(records), "budget": budget, "n_selected": len(indices),
+        "method": config.method, "n_records": len(records), "budget": budget, "n_selected": len(positions),
+        "skipped_records": skipped.summary(),
         "scores_from_cache": from_cache, "score": config.score,
-        "degradation": _describe(ctx.degradation), "degradation_selected": _describe(ctx.degradation[indices]),
+        "degradation": _describe(ctx.degradation), "degradation_selected": _describe(ctx.degradation[positions]),
         **details,
     }
-    result = SelectionResult(indices, [records[i] for i in indices], ctx.table, summary,
-                             ctx.info.get("cluster_result"))
+    result = SelectionResult([records[i].index for i in positions], [records[i] for i in positions], ctx.table,
+                             summary, ctx.info.get("cluster_result"), list(positions))
     if config.out:
         t0 = time.perf_counter()
         write_outputs(result, Path(config.out))
@@ -347,9 +371,10 @@ def write_outputs(result: SelectionResult, out: Path) -> None:
     has_clusters = "cluster" in table
 
     def rows():
-        for i, record in zip(result.indices, result.records):
+        for i, record in zip(result.positions, result.records):
             row = table.iloc[i]
             yield {**record.raw, "paser": {
+                "index": record.index, "line": record.number,
                 "cluster": int(row["cluster"]) if has_clusters else None,
                 "jsd": float(row["jsd"]),
                 "ies": float(row["ies"]) if has_clusters else None,
