@@ -26,7 +26,11 @@ def tiny_config(model_dir, task_dir, out, heldout="demo-heldout"):
     ({"recover": {"epochs": "many"}}, "recover.epochs"),
     ({"prune": {"sparsity": 1.5}}, "prune: sparsity must be in"),
     ({"select": {"methods": ["paser", "best"]}}, "select.methods"),
-    ({"select": {"allocation": "fair"}}, "select: allocation must be one of"),
+    ({"select": {"allocation": "fair"}}, "arm .paser.: allocation must be one of"),
+    ({"arms": [{"name": "a", "method": "best"}]}, r"arms\[0\] \(a\): method must be one of"),
+    ({"arms": [{"name": "a", "method": "paser", "select": {"budgett": 1}}]}, "unknown key .arms\[0\].select.budgett."),
+    ({"arms": [{"name": "a", "method": "paser"}], "baseline": "random"}, "baseline .random. is not an arm"),
+    ({"seeds": [0, 0]}, "seeds must be a list of distinct integers"),
     ({"pruned": "/some/model"}, "either 'prune'"),
     ({"evaluate": {"tasks": ["mmlu"]}}, "unknown task"),
     ({"data": {"limit": 0}}, "data.limit"),
@@ -71,7 +75,7 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
     assert list(stages) == ["prune", "select/paser", "recover/paser", "select/random", "recover/random", "evaluate"]
     assert not any(s["skipped"] for s in stages.values())
     assert all(s["peak_rss_gb"] > 0 for s in stages.values())
-    assert stages["select/random"]["cache"]["scores_from_cache"]  # paser scored; random reused the scores
+    assert stages["select/random"]["cache"]["scores_from_cache"] is None  # random computes no scores
 
     results = json.loads((out / "evaluate" / "results.json").read_text())
     assert list(results["models"]) == ["dense", "pruned (magnitude 0.5)", "pruned (magnitude 0.5) + paser",
@@ -83,7 +87,14 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
         assert len((out / "select" / method / "selected.jsonl").read_text().splitlines()) == 12
         assert (out / "recover" / method / "merged" / "config.json").exists()
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5 and "http://" not in page and "https://" not in page
+    assert page.count("data:image/png;base64,") == 6 and "http://" not in page and "https://" not in page
+    assert "Methods compared" in page
+    comparison = json.loads((out / "evaluate" / "comparison.json").read_text())
+    assert comparison["baseline"] == "random" and set(comparison["arms"]) == {"paser", "random"}
+    assert {"arc_easy (acc)", f"response ppl {heldout.name}"} <= set(comparison["metrics"])
+    assert "ppl gap recovered" not in " ".join(comparison["metrics"])  # no perplexity text in this run
+    diff = comparison["arms"]["paser"]["metrics"][f"response ppl {heldout.name}"]
+    assert diff["ci_low"] <= diff["diff"] <= diff["ci_high"] and diff["std"] is None  # one seed
     assert "pruned (magnitude 0.5) + paser" in page and "not available" not in page
     assert json.loads((out / "run.json").read_text())["stages"] == run["stages"]
 
@@ -114,3 +125,83 @@ def test_cli_run_config_error_and_demo_show_config(tmp_path):
     shown = subprocess.run([sys.executable, "-m", "paser.cli", "demo", "--show-config"], capture_output=True,
                            text=True, check=True)
     assert yaml.safe_load(shown.stdout) == yaml.safe_load(demo_config_text())
+
+
+def test_arms_seeds_sampled_data_and_comparison(tmp_path, tiny_model_dir):
+    from paser.demo_data import demo_records
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:220]))
+    raw = {
+        "model": str(tiny_model_dir), "out": str(tmp_path / "run"), "dtype": "fp32",
+        "prune": {"method": "magnitude", "sparsity": 0.5, "calib_data": "@calibration", "calib_samples": 4,
+                  "heldout_samples": 2, "seq_len": 48},
+        "data": {"source": str(pool), "sample": {"n": 66, "seed": 1, "stratify": "skill"}, "heldout": 11,
+                 "calibration": 8},
+        "select": {"budget": 0.2, "max_length": 64, "clusters": 3},
+        "recover": {"epochs": 1, "batch_size": 4, "micro_batch_size": 4, "cutoff_len": 64, "lr": 0.001},
+        "seeds": [0, 1],
+        "arms": [{"name": "random", "method": "random"}, {"name": "paser", "method": "paser"},
+                 {"name": "paser-size", "method": "paser", "select": {"allocation": "size"}, "recover": {"lr": 0.002},
+                  "seeds": [0]}],
+        "evaluate": {"tasks": [], "response_ppl": ["@heldout"], "batch_size": 8},
+    }
+    run = run_pipeline(parse_config(raw))
+    out = tmp_path / "run"
+    assert [s["stage"] for s in run["stages"]] == [
+        "data", "prune", "select/random/s0", "recover/random/s0", "select/random/s1", "recover/random/s1",
+        "select/paser/s0", "recover/paser/s0", "select/paser/s1", "recover/paser/s1", "select/paser-size",
+        "recover/paser-size", "evaluate"]
+    rows = {name: [json.loads(line) for line in (out / "data" / f"{name}.jsonl").read_text().splitlines()]
+            for name in ("slice", "heldout", "calibration")}
+    assert [len(v) for v in rows.values()] == [66, 11, 8]
+    keys = {name: {(r["instruction"], r["input"]) for r in v} for name, v in rows.items()}
+    assert not (keys["slice"] & keys["heldout"]) and not (keys["slice"] & keys["calibration"])
+    assert not (keys["heldout"] & keys["calibration"])
+    in_pool = [json.loads(line)["skill"] for line in pool.read_text().splitlines()]
+    for skill in set(in_pool):  # stratified: each source keeps its share of the pool, to within rounding
+        share = 66 * in_pool.count(skill) / len(in_pool)
+        assert abs(sum(r["skill"] == skill for r in rows["slice"]) - share) < 1
+    sel = {k: [json.loads(l)["paser"]["index"] for l in (out / "select" / k / "selected.jsonl").read_text().splitlines()]
+           for k in ("random/s0", "random/s1")}
+    assert sel["random/s0"] != sel["random/s1"]  # the seed drives random selection
+    logs = {k: json.loads((out / "recover" / k / "train_log.json").read_text()) for k in ("paser/s0", "paser/s1",
+                                                                                          "paser-size")}
+    assert [logs[k]["config"]["seed"] for k in ("paser/s0", "paser/s1")] == [0, 1]
+    assert logs["paser-size"]["config"]["lr"] == 0.002 and logs["paser/s0"]["config"]["lr"] == 0.001
+    size = json.loads((out / "select" / "paser-size" / "selection.json").read_text())
+    assert size["allocation"] == "size"
+
+    comparison = json.loads((out / "evaluate" / "comparison.json").read_text())
+    assert comparison["arms"]["random"]["seeds"] == [0, 1] and comparison["arms"]["paser-size"]["seeds"] == [0]
+    metric = "response ppl heldout.jsonl"
+    paser = comparison["arms"]["paser"]["metrics"][metric]
+    assert paser["paired_seeds"] and paser["std"] is not None and paser["ci_low"] <= paser["ci_high"]
+    assert comparison["arms"]["paser-size"]["metrics"][metric]["paired_seeds"] is False
+    assert comparison["costs"]["random"]["model_forward_tokens"] == 0 < comparison["costs"]["paser"]["model_forward_tokens"]
+    assert "paser-size" in (out / "evaluate" / "comparison.md").read_text()
+    # a new arm reuses everything that exists: only its own stages and the evaluation run
+    raw["arms"].append({"name": "perplexity", "method": "perplexity", "seeds": [0]})
+    again = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw))["stages"]}
+    assert [k for k, skipped in again.items() if not skipped] == ["select/perplexity", "recover/perplexity",
+                                                                  "evaluate"]
+
+
+def test_shipped_compare_config_is_valid(tmp_path):
+    from conftest import shared_path
+
+    from paser.pipeline import load_config, with_evaluation_data
+
+    shared_path("instruct", "pool.jsonl")
+    config = load_config("compare")
+    names = [a["name"] for a in config.arms]
+    assert names[:2] == ["random", "paser"] and config.baseline == "random" and config.seeds == [0, 1, 2]
+    assert {"ifd", "perplexity", "loss_gap", "dsir", "nuggets", "paser-no-ccg", "paser-no-cds",
+            "paser-random-clusters", "paser-kmeans-raw"} <= set(names)
+    assert config.data["sample"]["n"] == 2000 and config.select["budget"] == 0.2
+    write_fixtures(tmp_path)  # another evaluation set: every task file the config names
+    text = tmp_path / "other.txt"
+    text.write_text("x")
+    other = with_evaluation_data(config, str(tmp_path), [str(text)])
+    assert other.evaluate["task_dir"] == str(tmp_path) and other.evaluate["ppl"] == [str(text)]
+    assert other.arms == config.arms

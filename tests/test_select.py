@@ -32,7 +32,7 @@ def test_end_to_end_with_tiny_models(tmp_path, tiny_model_dir, tiny_pruned_dir, 
     scores = pd.read_parquet(out / "scores.parquet")
 
     assert len(selected) == 60 == len(set(result.indices))
-    assert all(set(row["paser"]) == {"index", "line", "cluster", "jsd", "ies", "rank"} for row in selected)
+    assert all(set(row["paser"]) == {"index", "line", "cluster", "jsd", "ies", "rank", "score"} for row in selected)
     assert all("skill" in row for row in selected)  # records as given, extra fields kept
     assert summary["n_selected"] == 60 and summary["scores_from_cache"] is False
     assert sum(c["selected"] for c in summary["clusters"]) == 60
@@ -48,7 +48,7 @@ def test_end_to_end_with_tiny_models(tmp_path, tiny_model_dir, tiny_pruned_dir, 
         assert members["selected"].iloc[: c["selected"]].sum() + c["rejected"] >= c["selected"]
 
     # A new budget, allocation and CCG setting reuse the model scores: no model is loaded.
-    monkeypatch.setattr("paser.select.load_model", lambda *a, **k: pytest.fail("model loaded despite cache"))
+    monkeypatch.setattr("paser.models.load_model", lambda *a, **k: pytest.fail("model loaded despite cache"))
     again = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, demo_subset, budget=0.1,
                                  allocation="mass", ccg=False, out=tmp_path / "out2"))
     summary2 = json.loads((tmp_path / "out2" / "selection.json").read_text())

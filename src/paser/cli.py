@@ -84,9 +84,9 @@ def select(
     data: str = typer.Option(..., help="Instruction data: .jsonl/.json/.csv/.parquet, a hub dataset name, or 'demo'."),
     budget: float = typer.Option(..., help="Records to select: a count, or a fraction of the data when below 1."),
     out: Path = typer.Option(..., help="Output directory: selected.jsonl, selection.json, scores.parquet."),
-    method: str = typer.Option("paser", help="paser | random (seeded) | full."),
+    method: str = typer.Option("paser", help="paser | random (seeded, loads no model) | full | perplexity | loss_gap | ifd | nuggets | dsir."),
     clusters: Optional[int] = typer.Option(None, help="Number of clusters K (default: eigengap rule within [2, 64])."),
-    cluster_method: str = typer.Option("nmf", help="nmf | kmeans, on the diffusion coordinates."),
+    cluster_method: str = typer.Option("nmf", help="nmf | kmeans on the diffusion coordinates; ablations: random (same K, random assignment) | kmeans-raw (k-means on the raw embeddings)."),
     embedder: str = typer.Option("all-MiniLM-L6-v2", help="sentence-transformers model (default: the bundled all-MiniLM-L6-v2)."),
     allocation: str = typer.Option("cds", help="Budget rule across clusters: cds (paper) | mass (size x CDS) | size."),
     score: str = typer.Option("jsd", help="Degradation score: jsd (paper) | loss_gap | pruned_loss."),
@@ -99,8 +99,13 @@ def select(
     duplicates: str = typer.Option("keep", help="keep | drop duplicate (instruction, input) pairs."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N records of the data."),
     bad_records: str = typer.Option("skip", help="skip: leave out unusable records (malformed, not UTF-8, empty or missing fields), count them by reason in selection.json | error: stop at the first."),
+    ifd_model: str = typer.Option("pruned", help="ifd: the model whose response losses define IFD (original | pruned)."),
+    anchors: int = typer.Option(32, help="nuggets: anchor records sampled from the data with the seed."),
+    anchor_data: Optional[str] = typer.Option(None, help="nuggets: take the anchors from this data instead."),
+    nuggets_candidates: Optional[int] = typer.Option(None, help="nuggets: score only a seeded sub-sample of N candidates (its cost is candidates x anchors passes)."),
+    target: Optional[str] = typer.Option(None, help="dsir: target texts (instruction data, or a .txt file with one text per line)."),
 ) -> None:
-    """Select recovery data with PASER (or a random/full baseline).
+    """Select recovery data with PASER, its ablations, or a baseline (random, full, perplexity, loss_gap, ifd, nuggets, dsir).
 
     Embeddings, clusters and model scores are cached (PASER_CACHE, default ~/.cache/paser), so a new
     budget, K, method or CCG setting recomputes no model scores.
@@ -111,7 +116,8 @@ def select(
         original=original, pruned=pruned, data=data, budget=budget, out=out, method=method, clusters=clusters,
         cluster_method=cluster_method, embedder=embedder, allocation=allocation, score=score,
         max_length=max_length, batch_size=batch_size, dtype=dtype, ccg=ccg, seed=seed, columns=columns,
-        duplicates=duplicates, limit=limit, bad_records=bad_records))
+        duplicates=duplicates, limit=limit, bad_records=bad_records, ifd_model=ifd_model, anchors=anchors,
+        anchor_data=anchor_data, nuggets_candidates=nuggets_candidates, target=target))
     _print_selection(result.summary, out)
 
 
@@ -128,6 +134,10 @@ def _print_selection(summary: dict, out: Path) -> None:
             table.add_row(str(c["cluster"]), str(c["size"]), f"{c['cds']:.4f}", str(c["budget"]), str(c["selected"]),
                           str(c["rejected"]))
         console.print(table)
+    skipped = summary.get("skipped_records") or {}
+    if skipped.get("total"):
+        reasons = ", ".join(f"{n} {reason}" for reason, n in skipped["by_reason"].items())
+        console.print(f"skipped {skipped['total']} bad record(s) ({reasons}); first at {skipped['examples'][0]['where']}")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
     console.print(f"{summary['method']}: selected {summary['n_selected']} of {summary['n_records']} records "
                   f"-> {out}/selected.jsonl (scores from cache: {summary['scores_from_cache']}); {timings}")
@@ -213,18 +223,26 @@ def evaluate(
 # -------------------------------------------------------------------------------------------------- run
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="Pipeline YAML config (sections model, prune or pruned, data, select, recover, evaluate)."),
+    config: Path = typer.Argument(..., help="Pipeline YAML config (sections model, prune or pruned, data, select, recover, evaluate, arms, seeds), or a shipped one by name: demo, compare."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: the config's 'out')."),
-    from_stage: Optional[str] = typer.Option(None, "--from", help="Redo this stage (prune, select, recover, evaluate) and everything after it."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Redo this stage (data, prune, select, recover, evaluate) and everything after it."),
+    task_dir: Optional[Path] = typer.Option(None, help="Replace the config's zero-shot task directory (evaluate.task_dir)."),
+    ppl: list[Path] = typer.Option([], help="Replace the config's perplexity texts (evaluate.ppl); repeatable."),
 ) -> None:
-    """Run prune -> select -> recover -> evaluate from one config, resumably.
+    """Run data -> prune -> select -> recover -> evaluate from one config, resumably.
 
     Stages whose inputs are unchanged since the last run are skipped; a changed setting redoes its
-    stage and everything downstream. Writes OUT/run.json and OUT/report.html and prints the table.
+    stage and everything downstream. With several arms and a baseline, the evaluation ends with a
+    comparison (mean +/- std over seeds, paired 95% intervals against the baseline). Writes
+    OUT/run.json and OUT/report.html and prints the tables.
     """
-    from .pipeline import load_config, run_pipeline
+    from .pipeline import load_config, run_pipeline, with_evaluation_data
 
-    _finish_run(run_pipeline(load_config(config), out=out, from_stage=from_stage))
+    pipeline_config = load_config(config)
+    if task_dir is not None or ppl:
+        pipeline_config = with_evaluation_data(pipeline_config, str(task_dir) if task_dir else None,
+                                               [str(p) for p in ppl])
+    _finish_run(run_pipeline(pipeline_config, out=out, from_stage=from_stage))
 
 
 def _finish_run(run: dict) -> None:
@@ -237,9 +255,10 @@ def _finish_run(run: dict) -> None:
         status = (f"skipped (up to date; it took {earlier.get('seconds') or 0:.0f}s when it ran)" if stage["skipped"]
                   else f"{stage['seconds']:.0f}s, peak {stage['peak_rss_gb']:.2f} GB")
         console.print(f"  {stage['stage']}: {status}")
-    table = out / "evaluate" / "results.md"
-    if table.exists():
-        typer.echo(table.read_text())
+    for name in ("results.md", "comparison.md"):
+        table = out / "evaluate" / name
+        if table.exists():
+            typer.echo(table.read_text())
     typer.echo(f"{run['seconds']:.0f}s; report: {out / 'report.html'}; run record: {out / 'run.json'}")
 
 
@@ -287,7 +306,8 @@ def validate(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Demo run directory."),
-    show_config: bool = typer.Option(False, "--show-config", help="Print the demo's pipeline config and stop."),
+    show_config: bool = typer.Option(False, "--show-config", help="Print the demo's pipeline config (or --config NAME's) and stop."),
+    config_name: str = typer.Option("demo", "--config", help="Which shipped config: demo, or compare (the methods comparison on a slice of the real pool; run it with 'paser run compare')."),
     export_data: Optional[Path] = typer.Option(None, help="Only write the built-in demo data (train.jsonl, heldout.jsonl) to this directory."),
     from_stage: Optional[str] = typer.Option(None, "--from", help="Redo this stage and everything after it."),
 ) -> None:
@@ -301,16 +321,16 @@ def demo(
     import yaml
 
     from .demo_data import export_demo_data
-    from .pipeline import demo_config_text, parse_config, run_pipeline
+    from .pipeline import parse_config, run_pipeline, shipped_config_text
 
     if show_config:
-        typer.echo(demo_config_text())
+        typer.echo(shipped_config_text(config_name))
         return
     if export_data is not None:
         for split, path in export_demo_data(export_data).items():
             typer.echo(f"{split}: {path}")
         return
-    config = parse_config(yaml.safe_load(demo_config_text()), where="demo config")
+    config = parse_config(yaml.safe_load(shipped_config_text(config_name)), where=f"{config_name} config")
     _finish_run(run_pipeline(config, out=out, from_stage=from_stage))
 
 

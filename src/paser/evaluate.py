@@ -61,6 +61,7 @@ class EvaluateConfig:
     limit: int | None = None  # examples per task
     ppl: list[str] = field(default_factory=list)  # plain text files
     ppl_seqlen: int = 1024
+    ppl_windows: int | None = None  # the first N windows of each perplexity text (None: all)
     response_ppl: list[str] = field(default_factory=list)  # instruction data sources
     response_ppl_limit: int | None = None  # the first N records of each source (None: all)
     response_max_length: int = 512
@@ -80,7 +81,7 @@ class EvaluateConfig:
         unknown = [t for t in self.tasks if t not in ZERO_SHOT_TASKS]
         if unknown:
             raise ConfigError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(ZERO_SHOT_TASKS)}")
-        for name in ("limit", "response_ppl_limit", "demo_questions"):
+        for name in ("limit", "response_ppl_limit", "demo_questions", "ppl_windows"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1, not {value}")
@@ -173,7 +174,7 @@ def run_task(lm: Any, task: Any, limit: int | None) -> dict:
 
     name = task.config.task
     t0 = time.perf_counter()
-    results = evaluate(lm=lm, task_dict={"tasks": {name: task}, "groups": {}}, limit=limit, log_samples=False,
+    results = evaluate(lm=lm, task_dict={"tasks": {name: task}, "groups": {}}, limit=limit, log_samples=True,
                        bootstrap_iters=1000, verbosity="WARNING")
     seconds = time.perf_counter() - t0
     metrics = results["results"][name]
@@ -186,14 +187,26 @@ def run_task(lm: Any, task: Any, limit: int | None) -> dict:
     samples = results.get("n-samples", {}).get(name, {})
     row["n"] = samples.get("effective", samples.get("original"))
     row["seconds"] = round(seconds, 2)
+    logged = sorted(results.get("samples", {}).get(name, []), key=lambda s: s["doc_id"])
+    # per-question scores, in document order: what paired comparisons between models resample
+    row["items"] = {metric: [float(s[metric]) for s in logged] for metric in ("acc", "acc_norm")
+                    if logged and metric in logged[0]}
     return row
 
 
 # ------------------------------------------------------------------------------------------ perplexity
-@torch.no_grad()
 def perplexity(model: Any, sequences: Sequence[Sequence[int]], batch_size: int = 8, progress: bool = False) -> float:
     """exp(mean NLL) over every predicted token of the sequences (right-padded batches)."""
-    total, count = 0.0, 0
+    nll, count = sequence_nll(model, sequences, batch_size, progress)
+    return math.exp(sum(nll) / max(sum(count), 1))
+
+
+@torch.no_grad()
+def sequence_nll(model: Any, sequences: Sequence[Sequence[int]], batch_size: int = 8,
+                 progress: bool = False) -> tuple[list[float], list[int]]:
+    """Per sequence: the summed NLL of its predicted tokens and their count (perplexity's per-item parts)."""
+    sums: list[float] = []
+    counts: list[int] = []
     device = next(model.parameters()).device
     starts = range(0, len(sequences), batch_size)
     for start in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
@@ -201,9 +214,9 @@ def perplexity(model: Any, sequences: Sequence[Sequence[int]], batch_size: int =
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(device), reduction="none")
         valid = mask[:, 1:].to(device).bool()
-        total += nll[valid].sum().item()
-        count += int(valid.sum())
-    return math.exp(total / max(count, 1))
+        sums.extend((nll * valid).sum(1).double().tolist())
+        counts.extend(valid.sum(1).tolist())
+    return sums, counts
 
 
 def text_windows(tokenizer: Any, text: str, seqlen: int) -> list[list[int]]:
@@ -215,11 +228,19 @@ def text_windows(tokenizer: Any, text: str, seqlen: int) -> list[list[int]]:
     return windows
 
 
-@torch.no_grad()
 def response_perplexity(model: Any, encoded: Sequence[Any], pad_id: int, batch_size: int = 8,
                         progress: bool = False) -> float:
     """exp(mean NLL of the response tokens given their prompts) over all records."""
-    total, count = 0.0, 0
+    nll, count = response_nll(model, encoded, pad_id, batch_size, progress)
+    return math.exp(sum(nll) / max(sum(count), 1))
+
+
+@torch.no_grad()
+def response_nll(model: Any, encoded: Sequence[Any], pad_id: int, batch_size: int = 8,
+                 progress: bool = False) -> tuple[list[float], list[int]]:
+    """Per record (input order): the summed NLL of its response tokens given the prompt, and their count."""
+    sums = [0.0] * len(encoded)
+    counts = [0] * len(encoded)
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     for start in tqdm(range(0, len(order), batch_size), desc="response perplexity", disable=not progress,
@@ -229,10 +250,12 @@ def response_perplexity(model: Any, encoded: Sequence[Any], pad_id: int, batch_s
         labels, _ = pad_right([labels_for(e) for e in batch], IGNORE_INDEX)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
         targets = labels[:, 1:].to(device)
-        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                                   reduction="sum").item()
-        count += int((targets != IGNORE_INDEX).sum())
-    return math.exp(total / max(count, 1))
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                                reduction="none")
+        for row, i in enumerate(order[start:start + batch_size]):
+            sums[i] = float(nll[row].double().sum())
+            counts[i] = int((targets[row] != IGNORE_INDEX).sum())
+    return sums, counts
 
 
 # ----------------------------------------------------------------------------------------- demo skills
@@ -354,7 +377,7 @@ def _evaluate_model(spec: str, label: str, config: EvaluateConfig, dtype: str, p
             "file": file_fingerprint(Path(config.task_dir) / f"{task}.jsonl") if config.task_dir else None})))
     for path in texts:
         plan.append(("perplexity", path, parts.path(model_key, "ppl", path, {
-            "file": file_fingerprint(path), "seqlen": config.ppl_seqlen})))
+            "file": file_fingerprint(path), "seqlen": config.ppl_seqlen, "windows": config.ppl_windows})))
     for source, records in response_records.items():
         plan.append(("response_perplexity", source, parts.path(model_key, "response", source, {
             "data": stable_hash([(r.instruction, r.input, r.output) for r in records]),
@@ -404,18 +427,19 @@ def _measure(kind: str, name: str, model: Any, tokenizer: Any, lm: Any, config: 
         key = (tok_key, name, seqlen)
         if key not in windows_cache:
             windows_cache[key] = text_windows(tokenizer, texts[name], seqlen)
-        ppl = perplexity(model, windows_cache[key], batch_size=max(1, config.batch_size // 4), progress=True)
-        return {"ppl": ppl, "windows": len(windows_cache[key]), "seqlen": seqlen,
-                "seconds": round(time.perf_counter() - t0, 2)}, lm
+        windows = windows_cache[key][:config.ppl_windows] if config.ppl_windows else windows_cache[key]
+        nll, count = sequence_nll(model, windows, batch_size=max(1, config.batch_size // 4), progress=True)
+        return {"ppl": math.exp(sum(nll) / max(sum(count), 1)), "windows": len(windows), "seqlen": seqlen,
+                "seconds": round(time.perf_counter() - t0, 2), "items": {"nll": nll, "tokens": count}}, lm
     if kind == "response_perplexity":
         records = response_records[name]
         key = (tok_key, name)
         if key not in encoded_cache:
             formatter = PromptFormatter(tokenizer, max_length=config.response_max_length)
             encoded_cache[key] = formatter.encode_all(records)
-        ppl = response_perplexity(model, encoded_cache[key], tokenizer.pad_token_id, config.batch_size,
-                                  progress=True)
-        return {"ppl": ppl, "records": len(records), "seconds": round(time.perf_counter() - t0, 2)}, lm
+        nll, count = response_nll(model, encoded_cache[key], tokenizer.pad_token_id, config.batch_size, progress=True)
+        return {"ppl": math.exp(sum(nll) / max(sum(count), 1)), "records": len(records),
+                "seconds": round(time.perf_counter() - t0, 2), "items": {"nll": nll, "tokens": count}}, lm
     answers = generate_answers(model, tokenizer, demo, max_new_tokens=24, batch_size=config.batch_size * 4)
     shown: dict[str, int] = defaultdict(int)
     examples = []  # what exact match saw, two per skill
@@ -452,7 +476,7 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         "versions": package_versions("paser", "torch", "transformers", "lm-eval", "peft"),
         "dtype": dtype, "limit": config.limit, "tasks": list(config.tasks),
         "task_source": str(config.task_dir) if config.task_dir else "lm-eval hub tasks",
-        "ppl_files": list(config.ppl), "ppl_seqlen": config.ppl_seqlen,
+        "ppl_files": list(config.ppl), "ppl_seqlen": config.ppl_seqlen, "ppl_windows": config.ppl_windows,
         "response_ppl_files": list(config.response_ppl), "demo_skills": config.demo_skills,
         "task_build_seconds": round(task_build_seconds, 2), "models": {},
     }

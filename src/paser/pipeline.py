@@ -33,8 +33,7 @@ from .errors import ConfigError, PaserError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prune", "select", "recover", "evaluate")
-DEMO_CONFIG = "demo.yaml"
+STAGES = ("data", "prune", "select", "recover", "evaluate")
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -58,8 +57,12 @@ def _section_spec() -> dict[str, tuple[type, set[str], dict[str, Any]]]:
     }
 
 
-DATA_KEYS = {"source": "demo", "columns": None, "duplicates": "keep", "limit": None, "bad_records": "skip"}
-TOP_KEYS = {"model", "dtype", "threads", "out", "prune", "pruned", "data", "select", "recover", "evaluate"}
+DATA_KEYS = {"source": "demo", "columns": None, "duplicates": "keep", "limit": None, "bad_records": "skip",
+             "sample": None, "heldout": None, "calibration": None}
+TOP_KEYS = {"model", "dtype", "threads", "out", "prune", "pruned", "data", "select", "recover", "evaluate", "arms",
+            "seeds", "baseline"}
+ARM_KEYS = {"name", "method", "select", "recover", "seeds"}
+HELDOUT, CALIBRATION = "@heldout", "@calibration"  # the data stage's files, usable as evaluate / prune inputs
 
 
 @dataclass
@@ -77,9 +80,13 @@ class PipelineConfig:
     evaluate: dict[str, Any]
     source: str = "<dict>"  # where the config came from, for messages
     threads: int | None = None  # torch CPU threads (None: the CPUs this process may use)
+    arms: list[dict[str, Any]] = field(default_factory=list)  # {name, method, select, recover, seeds}
+    seeds: list[int] = field(default_factory=lambda: [0])
+    baseline: str | None = None  # the arm every other is compared with
 
     def as_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "dtype": self.dtype, "threads": self.threads, "out": self.out, "pruned": self.pruned,
+        return {"model": self.model, "dtype": self.dtype, "threads": self.threads, "out": self.out,
+                "arms": self.arms, "seeds": self.seeds, "baseline": self.baseline, "pruned": self.pruned,
                 "prune": self.prune, "data": self.data, "select": self.select, "recover": self.recover,
                 "evaluate": self.evaluate}
 
@@ -157,10 +164,21 @@ def parse_config(raw: Any, where: str = "<config>") -> PipelineConfig:
     select["methods"] = list(methods)
     recover = _check_section("recover", raw.get("recover"), *spec["recover"], where,
                              {"model": "-", "data": "-", "out": "-"})
+    seeds = raw.get("seeds", [select["seed"]])
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise ConfigError(f"{where}: seeds must be a list of distinct integers, not {seeds!r}")
+    arms = _parse_arms(raw.get("arms"), select, recover, seeds, spec, where)
+    names = [a["name"] for a in arms]
+    baseline = raw.get("baseline", "random" if "random" in names and len(arms) > 1 else None)
+    if baseline is not None and baseline not in names:
+        raise ConfigError(f"{where}: baseline '{baseline}' is not an arm (arms: {', '.join(names)})")
+    _check_data_sampling(data, where)
     evaluate = _check_section("evaluate", raw.get("evaluate"), *spec["evaluate"], where, {"models": ["-"]})
     config = PipelineConfig(model=model, out=str(raw.get("out") or "runs/paser"), dtype=dtype,
                             pruned=str(raw["pruned"]) if raw.get("pruned") else None, prune=prune, data=data,
-                            select=select, recover=recover, evaluate=evaluate, source=where, threads=threads)
+                            select=select, recover=recover, evaluate=evaluate, source=where, threads=threads,
+                            arms=arms, seeds=list(seeds), baseline=baseline)
     _semantic_checks(config)
     return config
 
@@ -175,10 +193,11 @@ def _semantic_checks(config: PipelineConfig) -> None:
     checks = []
     if config.prune is not None:
         checks.append(("prune", lambda: PruneConfig(model=config.model, out="-", **config.prune).validate()))
-    for method in config.select["methods"]:
-        checks.append(("select", lambda m=method: _select_config(config, "-", m, "-").validate()))
-    checks.append(("recover", lambda: RecoverConfig(model="-", data="-", out="-", bad_records=config.data["bad_records"],
-                                                    **config.recover).validate()))
+    for arm in config.arms:
+        checks.append((f"arm '{arm['name']}'", lambda a=arm: _select_config(config, "-", a, a["seeds"][0], "-").validate()))
+        checks.append((f"arm '{arm['name']}'", lambda a=arm: RecoverConfig(
+            model="-", data="-", out="-", bad_records=config.data["bad_records"],
+            **_arm_recover(config, a, a["seeds"][0])).validate()))
     checks.append(("evaluate", lambda: EvaluateConfig(**_evaluate_kwargs(config, ["-"], "-")).validate()))
     for section, check in checks:
         try:
@@ -187,10 +206,23 @@ def _semantic_checks(config: PipelineConfig) -> None:
             raise ConfigError(f"{config.source}: {section}: {exc}") from None
 
 
+SHIPPED_CONFIGS = ("demo", "compare")
+
+
+def shipped_config_text(name: str) -> str:
+    """A config shipped with paser (``paser demo --show-config --config NAME``)."""
+    if name not in SHIPPED_CONFIGS:
+        raise ConfigError(f"no shipped config '{name}' (shipped: {', '.join(SHIPPED_CONFIGS)})")
+    return resources.files("paser").joinpath("configs", f"{name}.yaml").read_text(encoding="utf-8")
+
+
 def load_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a YAML config; a bare shipped name (``demo``, ``compare``) reads the shipped one."""
     import yaml
 
     path = Path(path)
+    if not path.is_file() and str(path) in SHIPPED_CONFIGS:
+        return parse_config(yaml.safe_load(shipped_config_text(str(path))), where=f"{path} (shipped config)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -204,23 +236,123 @@ def load_config(path: str | Path) -> PipelineConfig:
 
 def demo_config_text() -> str:
     """The shipped demo config (``paser demo --show-config``)."""
-    return resources.files("paser").joinpath("configs", DEMO_CONFIG).read_text(encoding="utf-8")
+    return shipped_config_text("demo")
+
+
+def with_evaluation_data(config: PipelineConfig, task_dir: str | None = None, ppl: list[str] | None = None
+                         ) -> PipelineConfig:
+    """The config with its zero-shot task directory and perplexity texts replaced (command-line overrides),
+    so one config can be rerun on other evaluation data unchanged."""
+    raw = config.as_dict()
+    if task_dir is not None:
+        raw["evaluate"] = {**raw["evaluate"], "task_dir": task_dir, "skip_missing_task_dir": False}
+    if ppl:
+        raw["evaluate"] = {**raw["evaluate"], "ppl": list(ppl)}
+    if config.pruned is None:
+        raw.pop("pruned")
+    else:
+        raw.pop("prune")
+    return parse_config(raw, where=config.source)
 
 
 # ------------------------------------------------------------------------------------- stage wiring
-def _select_config(config: PipelineConfig, pruned: str, method: str, out: str | Path) -> Any:
+def _parse_arms(raw_arms: Any, select: dict, recover: dict, seeds: list[int], spec: dict, where: str) -> list[dict]:
+    """Arms from ``arms:`` (or the ``select.methods`` shorthand), each with validated overrides and seeds."""
+    import re
+
+    from .select import METHODS as SELECT_METHODS
+
+    if raw_arms is None:
+        raw_arms = [{"name": m, "method": m} for m in select["methods"]]
+    if not isinstance(raw_arms, list) or not raw_arms:
+        raise ConfigError(f"{where}: arms must be a non-empty list of {{name, method, select, recover, seeds}}")
+    arms = []
+    for i, arm in enumerate(raw_arms):
+        if not isinstance(arm, dict):
+            raise ConfigError(f"{where}: arms[{i}] must be a mapping")
+        for key in arm:
+            if key not in ARM_KEYS:
+                raise ConfigError(f"{where}: arms[{i}]: unknown key '{key}' (known: {', '.join(sorted(ARM_KEYS))})")
+        name, method = str(arm.get("name") or arm.get("method") or ""), arm.get("method")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+            raise ConfigError(f"{where}: arms[{i}]: name must be letters, digits, '_', '.', '+' or '-', not {name!r}")
+        if method not in SELECT_METHODS:
+            raise ConfigError(f"{where}: arms[{i}] ({name}): method must be one of {', '.join(SELECT_METHODS)}, "
+                              f"not {method!r}")
+        overrides = {}
+        for section in ("select", "recover"):
+            values = arm.get(section) or {}
+            base = {k: v for k, v in (select if section == "select" else recover).items() if k != "methods"}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{where}: arms[{i}].{section} must be a mapping")
+            if "methods" in values or "seed" in values:
+                raise ConfigError(f"{where}: arms[{i}].{section}: set seeds with 'seeds', methods with 'method'")
+            probe = ({"original": "-", "pruned": "-", "data": "-", "budget": 0.2} if section == "select"
+                     else {"model": "-", "data": "-", "out": "-"})
+            cls, wired, _ = spec[section]
+            checked = _check_section(f"arms[{i}].{section}", {**base, **values}, cls, wired, {}, where, probe)
+            overrides[section] = {k: checked[k] for k in values}
+        arm_seeds = arm.get("seeds", seeds)
+        if (not isinstance(arm_seeds, list) or not arm_seeds
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in arm_seeds)):
+            raise ConfigError(f"{where}: arms[{i}].seeds must be a non-empty list of integers")
+        arms.append({"name": name, "method": method, "select": overrides["select"], "recover": overrides["recover"],
+                     "seeds": list(arm_seeds)})
+    names = [a["name"] for a in arms]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: arm names must be distinct, not {names}")
+    return arms
+
+
+def _check_data_sampling(data: dict, where: str) -> None:
+    sample = data["sample"]
+    if sample is not None:
+        if not isinstance(sample, dict) or set(sample) - {"n", "seed", "stratify"} or not isinstance(sample.get("n"), int):
+            raise ConfigError(f"{where}: data.sample must be {{n: INT, seed: INT, stratify: FIELD}}, not {sample!r}")
+    for key in ("heldout", "calibration"):
+        if data[key] is not None and (not isinstance(data[key], int) or data[key] < 1):
+            raise ConfigError(f"{where}: data.{key} must be a positive integer, not {data[key]!r}")
+        if data[key] is not None and sample is None:
+            raise ConfigError(f"{where}: data.{key} needs data.sample (they are drawn from what the sample leaves)")
+
+
+def _arm_key(arm: dict, seed: int) -> str:
+    """The arm's folder under select/ and recover/: its name, plus the seed when it runs several."""
+    return arm["name"] if len(arm["seeds"]) == 1 else f"{arm['name']}/s{seed}"
+
+
+def _arm_recover(config: PipelineConfig, arm: dict, seed: int) -> dict[str, Any]:
+    return {**config.recover, **arm["recover"], "seed": seed}
+
+
+def _select_config(config: PipelineConfig, pruned: str, arm: dict, seed: int, out: str | Path,
+                   data_source: str | None = None) -> Any:
     from .select import SelectConfig
 
     settings = {k: v for k, v in config.select.items() if k != "methods"}
-    return SelectConfig(original=config.model, pruned=pruned, data=config.data["source"], out=out, method=method,
-                        columns=config.data["columns"], duplicates=config.data["duplicates"],
+    settings.update(arm["select"], seed=seed)
+    return SelectConfig(original=config.model, pruned=pruned, data=data_source or config.data["source"], out=out,
+                        method=arm["method"], columns=config.data["columns"], duplicates=config.data["duplicates"],
                         limit=config.data["limit"], bad_records=config.data["bad_records"], dtype=config.dtype,
                         **settings)
 
 
+def _resolve(value: Any, files: dict[str, str]) -> Any:
+    """``@heldout`` / ``@calibration`` become the data stage's files."""
+    if isinstance(value, str) and value.startswith("@"):
+        if value not in files:
+            raise ConfigError(f"'{value}' needs data.sample and data.{value[1:]} in the config")
+        return files[value]
+    return value
+
+
 def _evaluate_kwargs(config: PipelineConfig, models: list[str], out: str | Path,
-                     labels: list[str] | None = None) -> dict[str, Any]:
+                     labels: list[str] | None = None, files: dict[str, str] | None = None) -> dict[str, Any]:
     settings = dict(config.evaluate)
+    if files is not None:
+        settings["response_ppl"] = [_resolve(src, files) for src in settings["response_ppl"]]
+    else:  # validation before the data stage has run: a placeholder that exists
+        settings["response_ppl"] = [src if not src.startswith("@") else "demo-heldout" for src in settings["response_ppl"]]
     skip_missing = settings.pop("skip_missing_task_dir")
     task_dir = settings.get("task_dir")
     if task_dir is not None and skip_missing and not Path(task_dir).is_dir():
@@ -238,6 +370,85 @@ def _model_identity(spec: str) -> str:
     from .models import model_fingerprint
 
     return model_fingerprint(spec)
+
+
+def sample_data(data: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """Write ``slice.jsonl`` (``data.sample``: n records, seeded, stratified by a field when present) and,
+    from the records the slice leaves, ``heldout.jsonl`` and ``calibration.jsonl``; returns counts."""
+    import json
+    import random
+
+    from .cache import write_jsonl
+    from .data import ColumnMap, load_records
+
+    columns = ColumnMap.parse(data["columns"]) if data["columns"] else None
+    records = load_records(data["source"], columns, duplicates="drop", bad_records=data["bad_records"])
+    sample = data["sample"]
+    rng = random.Random(sample.get("seed", 0))
+    field_name = sample.get("stratify")
+
+    def draw(pool: list, n: int) -> list:
+        groups: dict[Any, list] = {}
+        for r in pool:
+            groups.setdefault(r.raw.get(field_name) if field_name else None, []).append(r)
+        n = min(n, len(pool))
+        quotas = {g: n * len(m) / len(pool) for g, m in groups.items()}
+        counts = {g: int(q) for g, q in quotas.items()}
+        for g in sorted(groups, key=lambda g: (-(quotas[g] - counts[g]), str(g)))[: n - sum(counts.values())]:
+            counts[g] += 1  # largest remainder, so the slice has exactly n records
+        chosen = [r for g in sorted(groups, key=str) for r in rng.sample(groups[g], counts[g])]
+        return sorted(chosen, key=lambda r: r.index)
+
+    picked = draw(records, sample["n"])
+    rest = [r for r in records if r.index not in {p.index for p in picked}]
+    out: dict[str, Any] = {"slice": len(picked), "skipped_records": records.skipped.total}
+    write_jsonl(directory / "slice.jsonl", (r.raw for r in picked))
+    for key in ("heldout", "calibration"):
+        if data[key]:
+            part = draw(rest, data[key])
+            taken = {r.index for r in part}
+            rest = [r for r in rest if r.index not in taken]
+            write_jsonl(directory / f"{key}.jsonl", (r.raw for r in part))
+            out[key] = len(part)
+    if field_name:
+        counts: dict[str, int] = {}
+        for r in picked:
+            counts[str(r.raw.get(field_name))] = counts.get(str(r.raw.get(field_name)), 0) + 1
+        out["slice_by_" + field_name] = counts
+    (directory / "sample.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def _read_cost(directory: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((directory / "selection.json").read_text()).get("cost", {})
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _mean_cost(costs: list[dict]) -> dict:
+    keys = {k for c in costs for k in c}
+    return {k: sum(c.get(k) or 0 for c in costs) / max(len(costs), 1) for k in keys}
+
+
+def write_comparison(directory: Path, arm_labels: dict[str, dict[int, str]], baseline: str,
+                     references: dict[str, str], costs: dict[str, dict]) -> dict | None:
+    """``comparison.json`` and ``comparison.md`` beside the evaluation results (see :mod:`paser.compare`)."""
+    import json
+
+    from .compare import compare_arms, comparison_table
+    from .evaluate import TABLE_METRIC
+
+    results = json.loads((directory / "results.json").read_text())
+    comparison = compare_arms(results, arm_labels, baseline, TABLE_METRIC, references)
+    if not comparison["metrics"]:
+        return None
+    comparison["costs"] = costs
+    write_json(directory / "comparison.json", comparison)
+    write_text(directory / "comparison.md", comparison_table(comparison, costs))
+    return comparison
 
 
 class _PeakMemory:
@@ -340,59 +551,87 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
     runner = _Runner(config, out, from_stage)
     write_text(out / "config.yaml", _yaml(config.as_dict()))
 
-    # prune (or take the given pruned model)
     model_id = _model_identity(config.model)
+    data_id = _data_identity(config)
+    files: dict[str, str] = {}
+    data_hash = stable_hash("source", data_id, config.data)
+    if config.data["sample"] is not None:  # a fixed slice of the source, plus held-out and calibration records
+        directory = out / "data"
+        with runner.stage("data", directory, {"data": data_id, "settings": config.data}) as notes:
+            if notes is not None:
+                notes.update(sample_data(config.data, directory))
+        data_hash = runner.records[-1].hash
+        files = {"slice": str(directory / "slice.jsonl")}
+        for key, token in (("heldout", HELDOUT), ("calibration", CALIBRATION)):
+            if config.data[key]:
+                files[token] = str(directory / f"{key}.jsonl")
+
+    # prune (or take the given pruned model)
     if config.pruned is not None:
         pruned, prune_hash = config.pruned, stable_hash("given", _model_identity(config.pruned))
         prune_label = "pruned"
     else:
         directory = out / "prune"
-        inputs = {"model": model_id, "prune": config.prune}
+        prune_settings = {**config.prune, "calib_data": _resolve(config.prune["calib_data"], files)}
+        inputs = {"model": model_id, "prune": config.prune,
+                  "calibration": data_hash if config.prune["calib_data"] == CALIBRATION else None}
         with runner.stage("prune", directory, inputs) as notes:
             if notes is not None:
-                run_prune(PruneConfig(model=config.model, out=directory, **config.prune))
+                run_prune(PruneConfig(model=config.model, out=directory, **prune_settings))
         pruned, prune_hash = str(directory), runner.records[-1].hash
         prune_label = f"pruned ({config.prune['method']} {config.prune['sparsity']:g})"
 
-    # select and recover, per method
-    data_id = _data_identity(config)
+    # select and recover, per arm and seed
     recovered: dict[str, str] = {}
     recover_hashes = {}
-    for method in config.select["methods"]:
-        directory = out / "select" / method
-        inputs = {"model": model_id, "pruned": prune_hash, "data": data_id, "data_settings": config.data,
-                  "select": {k: v for k, v in config.select.items() if k != "methods"}, "method": method,
-                  "dtype": config.dtype}
-        with runner.stage("select", directory, inputs) as notes:
-            if notes is not None:
-                summary = run_selection(_select_config(config, pruned, method, directory)).summary
-                notes.update(scores_from_cache=summary["scores_from_cache"],
-                             embeddings_from_cache=summary.get("embeddings_from_cache"),
-                             clusters_from_cache=summary.get("clusters_from_cache"))
-        select_hash = runner.records[-1].hash
+    arm_labels: dict[str, dict[int, str]] = {}
+    costs: dict[str, list[dict]] = {}
+    for arm in config.arms:
+        for seed in arm["seeds"]:
+            key = _arm_key(arm, seed)
+            directory = out / "select" / key
+            select_config = _select_config(config, pruned, arm, seed, directory, files.get("slice"))
+            inputs = {"model": model_id, "pruned": prune_hash, "data": data_hash,
+                      "select": {k: v for k, v in dataclasses.asdict(select_config).items()
+                                 if k not in ("out", "original", "pruned", "data")}}
+            with runner.stage("select", directory, inputs) as notes:
+                if notes is not None:
+                    summary = run_selection(select_config).summary
+                    notes.update(scores_from_cache=summary["scores_from_cache"],
+                                 embeddings_from_cache=summary.get("embeddings_from_cache"),
+                                 clusters_from_cache=summary.get("clusters_from_cache"))
+            select_hash = runner.records[-1].hash
+            costs.setdefault(arm["name"], []).append(_read_cost(directory))
 
-        directory = out / "recover" / method
-        inputs = {"pruned": prune_hash, "selection": select_hash, "recover": config.recover, "dtype": config.dtype}
-        with runner.stage("recover", directory, inputs) as notes:
-            if notes is not None:
-                run_recovery(RecoverConfig(model=pruned, data=str(out / "select" / method / "selected.jsonl"),
-                                           out=directory, dtype=config.dtype,
-                                           bad_records=config.data["bad_records"], **config.recover))
-        recovered[method] = str(directory / "merged")
-        recover_hashes[method] = runner.records[-1].hash
+            directory = out / "recover" / key
+            settings = _arm_recover(config, arm, seed)
+            inputs = {"pruned": prune_hash, "selection": select_hash, "recover": settings, "dtype": config.dtype}
+            with runner.stage("recover", directory, inputs) as notes:
+                if notes is not None:
+                    run_recovery(RecoverConfig(model=pruned, data=str(out / "select" / key / "selected.jsonl"),
+                                               out=directory, dtype=config.dtype,
+                                               bad_records=config.data["bad_records"], **settings))
+            recovered[key] = str(directory / "merged")
+            recover_hashes[key] = runner.records[-1].hash
+            arm_labels.setdefault(arm["name"], {})[seed] = f"{prune_label} + {key}"
 
     # evaluate everything side by side
     directory = out / "evaluate"
     models = [config.model, pruned, *recovered.values()]
-    labels = ["dense", prune_label, *(f"{prune_label} + {m}" for m in recovered)]
-    evaluate_kwargs = _evaluate_kwargs(config, models, directory / "results.json", labels)
-    inputs = {"model": model_id, "pruned": prune_hash, "recovered": recover_hashes,
+    labels = ["dense", prune_label, *(f"{prune_label} + {k}" for k in recovered)]
+    evaluate_kwargs = _evaluate_kwargs(config, models, directory / "results.json", labels, files)
+    inputs = {"model": model_id, "pruned": prune_hash, "recovered": recover_hashes, "data": data_hash,
               "evaluate": {k: v for k, v in evaluate_kwargs.items() if k not in ("models", "out")}}
     with runner.stage("evaluate", directory, inputs) as notes:
         if notes is not None:
             run_evaluation(EvaluateConfig(**evaluate_kwargs))
+    if config.baseline and len(config.arms) > 1:
+        write_comparison(directory, arm_labels, config.baseline, {"dense": "dense", "pruned": prune_label},
+                         {arm: _mean_cost(c) for arm, c in costs.items()})
 
     run = {"config": config.as_dict(), "out": str(out), "from_stage": from_stage,
+           "arms": [{"name": arm["name"], "method": arm["method"], "seed": seed, "key": _arm_key(arm, seed),
+                     "label": arm_labels[arm["name"]][seed]} for arm in config.arms for seed in arm["seeds"]],
            "stages": [dataclasses.asdict(r) for r in runner.records],
            "seconds": round(time.perf_counter() - started, 2)}
     write_json(out / "run.json", run)

@@ -62,13 +62,13 @@ def _missing(what: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------- sections
-def _selection_section(run_dir: Path, methods: list[str]) -> str:
+def _selection_section(run_dir: Path, methods: list[str], paser_key: str = "paser") -> str:
     import matplotlib.pyplot as plt
     import numpy as np
     import pandas as pd
 
     parts = []
-    paser_dir = run_dir / "select" / "paser"
+    paser_dir = run_dir / "select" / paser_key
     summary = _read_json(paser_dir / "selection.json")
     scores_path = paser_dir / "scores.parquet"
     if summary and "clusters" in summary and scores_path.exists():
@@ -113,7 +113,7 @@ def _selection_section(run_dir: Path, methods: list[str]) -> str:
         parts.append("<h2>What the concept-consistency filter rejected</h2>" + text
                      + (_table(["cluster", "instruction", "why"], examples, text_columns=3) if examples else ""))
     else:
-        parts.append("<h2>Clusters</h2>" + _missing("PASER selection (select/paser)"))
+        parts.append("<h2>Clusters</h2>" + _missing(f"PASER selection (select/{paser_key})"))
 
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     drawn = False
@@ -122,6 +122,8 @@ def _selection_section(run_dir: Path, methods: list[str]) -> str:
         if not path.exists():
             continue
         table = pd.read_parquet(path)
+        if "jsd" not in table:
+            continue
         if not drawn:
             ax.hist(table["jsd"], bins=40, density=True, alpha=0.35, color="gray", label="all records")
             drawn = True
@@ -171,8 +173,9 @@ def _evaluation_section(run_dir: Path) -> str:
     if not results:
         return "<h2>Evaluation</h2>" + _missing("evaluation results")
     header, rows = table_rows(results)
-    notes = (f"<p class='note'>dtype {results['dtype']}; zero-shot limit {results['limit']}; "
-             f"tasks from {html.escape(str(results['task_source']))}; {results['seconds']:.0f} s.</p>")
+    tasks = (f"zero-shot tasks {', '.join(results['tasks'])} from {html.escape(str(results['task_source']))} "
+             f"(limit {results['limit']})" if results.get("tasks") else "no zero-shot tasks")
+    notes = f"<p class='note'>dtype {results['dtype']}; {tasks}; {results['seconds']:.0f} s.</p>"
     parts = ["<h2>Evaluation</h2>", _table(header, rows), notes]
     models = results["models"]
     if results.get("demo_skills"):
@@ -189,6 +192,37 @@ def _evaluation_section(run_dir: Path) -> str:
         ax.legend(fontsize=8)
         parts.append(_figure_html(fig, "per-skill accuracy"))
     return "".join(parts)
+
+
+def _comparison_section(run_dir: Path) -> str:
+    """Forest plot of every arm's difference against the baseline, with its 95% interval, per metric."""
+    import matplotlib.pyplot as plt
+
+    comparison = _read_json(run_dir / "evaluate" / "comparison.json")
+    if not comparison:
+        return ""
+    metrics = comparison["metrics"]
+    arms = [a for a in comparison["arms"] if a != comparison["baseline"]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.45 * len(arms) + 1.6), sharey=True,
+                             squeeze=False)
+    for ax, name in zip(axes[0], metrics):
+        for y, arm in enumerate(arms):
+            m = comparison["arms"][arm]["metrics"][name]
+            color = {"better": "#2a9d3a", "worse": "#c0392b"}.get(m["verdict"], "#555555")
+            ax.errorbar(m["diff"], y, xerr=[[m["diff"] - m["ci_low"]], [m["ci_high"] - m["diff"]]], fmt="o",
+                        color=color, capsize=3)
+        ax.axvline(0, color="black", linewidth=0.8)
+        better = "→ better" if comparison["higher_is_better"][name] else "← better"
+        ax.set_title(f"{name}\n({better})", fontsize=8)
+        ax.set_yticks(range(len(arms)), arms)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"Difference against {comparison['baseline']} (95% paired bootstrap)", fontsize=9)
+    fig.tight_layout()
+    from .compare import comparison_table
+
+    table = html.escape(comparison_table(comparison, comparison.get("costs")))
+    return ("<h2>Methods compared</h2>" + _figure_html(fig, "forest plot of differences against the baseline")
+            + f"<pre>{table}</pre>")
 
 
 def _stages_section(run: dict | None) -> str:
@@ -217,8 +251,9 @@ def build_report(run_dir: str | Path) -> Path:
     run = _read_json(run_dir / "run.json")
     if run is None and not (run_dir / "select").is_dir():
         raise ConfigError(f"{run_dir} holds no paser run (no run.json, no select/)")
-    methods = (run or {}).get("config", {}).get("select", {}).get("methods") or sorted(
-        p.name for p in (run_dir / "select").iterdir() if p.is_dir())
+    arms = (run or {}).get("arms") or []
+    methods = [a["key"] for a in arms] or sorted(p.name for p in (run_dir / "select").iterdir() if p.is_dir())
+    paser_key = next((a["key"] for a in arms if a["method"] == "paser"), "paser")
     config = (run or {}).get("config", {})
     title = f"paser run: {html.escape(str(config.get('model', run_dir.name)))}"
     prune = config.get("prune") or {}
@@ -227,9 +262,10 @@ def build_report(run_dir: str | Path) -> Path:
     select = config.get("select", {})
     body = [f"<h1>{title}</h1>",
             f"<p class='note'>{html.escape(subtitle)}; data {html.escape(str(config.get('data', {}).get('source')))}; "
-            f"methods {', '.join(methods)} at budget {select.get('budget')}; run directory "
+            f"arms {', '.join(methods)} at budget {select.get('budget')}; run directory "
             f"{html.escape(str(run_dir.resolve()))}.</p>",
-            _evaluation_section(run_dir), _selection_section(run_dir, methods), _training_section(run_dir, methods),
+            _evaluation_section(run_dir), _comparison_section(run_dir), _selection_section(run_dir, methods, paser_key),
+            _training_section(run_dir, methods),
             _stages_section(run)]
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>"
             f"</head><body>{''.join(body)}</body></html>")

@@ -38,6 +38,7 @@ from .data import Encoded, pad_right
 log = logging.getLogger(__name__)
 
 LN2 = math.log(2.0)
+PAIR_VALUES = ("jsd", "loss_original", "loss_pruned")  # what the two-model pass stores per sample
 SCORE_COLUMNS = ["index", "jsd", "prompt_tokens", "response_tokens", "loss_original", "loss_pruned", "truncated"]
 
 
@@ -148,7 +149,7 @@ def score_batch(original: Any, pruned: Any, encoded: Sequence[Encoded], pad_id: 
 
 # --------------------------------------------------------------------------------------------- driver
 def score_cache_key(original_fp: str, pruned_fp: str, data_fp: str, template_fp: dict, dtype: str) -> str:
-    return stable_hash("scores-v1", original_fp, pruned_fp, data_fp, template_fp, dtype)
+    return stable_hash("scores-v2", original_fp, pruned_fp, data_fp, template_fp, dtype)
 
 
 def score_records(original: Any, pruned: Any, encoded: Sequence[Encoded], pad_id: int,
@@ -158,45 +159,95 @@ def score_records(original: Any, pruned: Any, encoded: Sequence[Encoded], pad_id
 
     Returns the per-sample table (columns :data:`SCORE_COLUMNS`, in input order).
     """
+    def batch(items: Sequence[Encoded]) -> tuple[np.ndarray, ...]:
+        return score_batch(original, pruned, items, pad_id, config.chunk_rows)
+
+    return score_table(encoded, batched_values(encoded, batch, PAIR_VALUES, config, cache_file, "score (JSD)",
+                                               progress))
+
+
+def score_table(encoded: Sequence[Encoded], values: dict[str, np.ndarray]) -> pd.DataFrame:
+    """The per-sample table (:data:`SCORE_COLUMNS`) from the pair values and the encodings."""
+    return pd.DataFrame({
+        "index": np.arange(len(encoded)), "jsd": values["jsd"],
+        "prompt_tokens": [len(e.prompt_ids) for e in encoded],
+        "response_tokens": [len(e.response_ids) for e in encoded],
+        "loss_original": values["loss_original"], "loss_pruned": values["loss_pruned"],
+        "truncated": [e.truncated for e in encoded],
+    })[SCORE_COLUMNS]
+
+
+@torch.no_grad()
+def response_loss_batch(model: Any, encoded: Sequence[Encoded], pad_id: int, chunk_rows: int = 128) -> np.ndarray:
+    """Per-sample mean NLL of the response tokens given what precedes them: one decoder pass."""
+    ids, attention, predicts_response, targets = collate(encoded, pad_id)
+    device = next(model.parameters()).device
+    decoder, head, softcap = _decoder_and_head(model)
+    states = decoder(input_ids=ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+    hidden = states[predicts_response.to(device)]
+    targets = targets.to(device)
+    nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=device)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        sl = slice(start, start + chunk_rows)
+        logits = _head(head, hidden[sl], softcap).float()
+        nll[sl] = torch.nn.functional.cross_entropy(logits, targets[sl], reduction="none")
+    counts = predicts_response.sum(1)
+    segment = torch.repeat_interleave(torch.arange(len(encoded)), counts).to(device)
+    sums = torch.zeros(len(encoded), dtype=torch.float64, device=device).index_add_(0, segment, nll.double())
+    return (sums / counts.to(device).clamp_min(1)).cpu().numpy()
+
+
+def response_losses(model: Any, encoded: Sequence[Encoded], pad_id: int, config: ScoreConfig = ScoreConfig(),
+                    cache_file: Path | None = None, progress: bool = True, desc: str = "response loss") -> np.ndarray:
+    """Mean response NLL per sample under one model (batched, resumable like :func:`score_records`)."""
+    def batch(items: Sequence[Encoded]) -> tuple[np.ndarray, ...]:
+        return (response_loss_batch(model, items, pad_id, config.chunk_rows),)
+
+    return batched_values(encoded, batch, ("loss",), config, cache_file, desc, progress)["loss"]
+
+
+def batched_values(encoded: Sequence[Encoded], compute: Any, columns: Sequence[str], config: ScoreConfig,
+                   cache_file: Path | None, desc: str, progress: bool = True) -> dict[str, np.ndarray]:
+    """Run ``compute`` (a batch of encodings -> one array per column) over length-bucketed batches.
+
+    With ``cache_file``, finished rows are saved to ``<cache_file>.partial.parquet`` every
+    ``config.checkpoint_seconds`` and a rerun continues from them; the full table is written to
+    ``cache_file`` (atomically) at the end and the partial file removed.
+    """
     n = len(encoded)
-    jsd = np.full(n, np.nan)
-    loss_p = np.full(n, np.nan)
-    loss_q = np.full(n, np.nan)
+    if cache_file and cache_file.exists():
+        done = pd.read_parquet(cache_file)
+        return {c: done[c].to_numpy(np.float64) for c in columns}
+    values = {c: np.full(n, np.nan) for c in columns}
     partial = cache_file.with_suffix(".partial.parquet") if cache_file else None
     if partial and partial.exists():
         done = pd.read_parquet(partial)
-        jsd[done["index"]], loss_p[done["index"]], loss_q[done["index"]] = (
-            done["jsd"], done["loss_original"], done["loss_pruned"])
+        for c in columns:
+            values[c][done["index"]] = done[c]
         log.info("resuming scoring: %d of %d samples already scored", len(done), n)
-    todo = [i for i in range(n) if np.isnan(jsd[i])]
+    first = values[columns[0]]
+    todo = [i for i in range(n) if np.isnan(first[i])]
     lengths = [len(encoded[i].input_ids) for i in todo]
     batches = [[todo[j] for j in b] for b in length_buckets(lengths, config.batch_size, config.max_batch_tokens)]
 
     def table(rows: np.ndarray) -> pd.DataFrame:
-        return pd.DataFrame({
-            "index": rows, "jsd": jsd[rows],
-            "prompt_tokens": [len(encoded[i].prompt_ids) for i in rows],
-            "response_tokens": [len(encoded[i].response_ids) for i in rows],
-            "loss_original": loss_p[rows], "loss_pruned": loss_q[rows],
-            "truncated": [encoded[i].truncated for i in rows],
-        })
+        return pd.DataFrame({"index": rows, **{c: values[c][rows] for c in columns}})
 
     last_save = time.monotonic()
-    with tqdm(total=sum(lengths), unit="tok", desc="score (JSD)", disable=not progress or not batches) as bar:
+    with tqdm(total=sum(lengths), unit="tok", desc=desc, disable=not progress or not batches) as bar:
         for batch in batches:
-            j, p, q = score_batch(original, pruned, [encoded[i] for i in batch], pad_id, config.chunk_rows)
-            jsd[batch], loss_p[batch], loss_q[batch] = j, p, q
+            for c, v in zip(columns, compute([encoded[i] for i in batch])):
+                values[c][batch] = v
             bar.update(sum(len(encoded[i].input_ids) for i in batch))
             if partial and time.monotonic() - last_save > config.checkpoint_seconds:
-                write_parquet(partial, table(np.flatnonzero(~np.isnan(jsd))))
+                write_parquet(partial, table(np.flatnonzero(~np.isnan(first))))
                 last_save = time.monotonic()
                 faults.reached("score.saved")
-    result = table(np.arange(n))
     if cache_file:
-        write_parquet(cache_file, result)
+        write_parquet(cache_file, table(np.arange(n)))
         if partial and partial.exists():
             partial.unlink()
-    return result
+    return values
 
 
 # -------------------------------------------------------------------------------------------- scorers

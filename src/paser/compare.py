@@ -1,0 +1,176 @@
+"""Comparisons between selection arms: means over seeds and paired bootstrap intervals against a baseline.
+
+Input: ``results.json`` of ``paser evaluate`` (its per-item values: per-question scores, per-window and
+per-record NLL sums with token counts) and which evaluated model belongs to which arm and seed.
+
+A metric is computed from per-item parts: perplexities as ``exp(sum NLL / sum tokens)`` over windows or
+held-out records, accuracies as the mean score over questions, the mean accuracy as the mean over tasks,
+and the share of the perplexity gap recovered as ``(ppl_pruned - ppl_arm) / (ppl_pruned - ppl_dense)``.
+
+The interval of ``arm - baseline`` is a paired bootstrap over seeds and evaluation items: each replicate
+draws the seeds with replacement (one draw shared by both arms when they ran the same seeds, so seed s of
+one is paired with seed s of the other; independent draws otherwise) and, for every measurement, the
+items (windows, records, questions) with replacement, the *same* items for both arms (and for the dense
+and pruned references). The 95% interval is the 2.5th to 97.5th percentile of the replicated difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+BOOTSTRAP_REPLICATES = 2000
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One comparable figure. ``parts``: (kind, name, item key) of each component in a model's results."""
+
+    name: str
+    kind: str  # "ppl" | "acc" | "gap"
+    parts: tuple[tuple[str, str, str], ...]
+    higher_is_better: bool
+
+
+def _component(entry: dict, part: tuple[str, str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """(numerator, denominator) item arrays of one component of one model."""
+    kind, name, key = part
+    items = entry[kind][name]["items"]
+    if kind == "tasks":
+        values = np.asarray(items[key], dtype=np.float64)
+        return values, np.ones_like(values)
+    return np.asarray(items["nll"], dtype=np.float64), np.asarray(items["tokens"], dtype=np.float64)
+
+
+def metrics_of(results: dict, table_metric: dict[str, str]) -> list[Metric]:
+    """The metrics every model in ``results`` has per-item values for."""
+    first = next(iter(results["models"].values()))
+    out: list[Metric] = []
+    for path, value in first.get("perplexity", {}).items():
+        if "items" in value:
+            out.append(Metric(f"ppl {_short(path)}", "ppl", (("perplexity", path, "nll"),), False))
+            out.append(Metric(f"ppl gap recovered {_short(path)}", "gap", (("perplexity", path, "nll"),), True))
+    for source, value in first.get("response_perplexity", {}).items():
+        if "items" in value:
+            out.append(Metric(f"response ppl {_short(source)}", "ppl", (("response_perplexity", source, "nll"),),
+                              False))
+    tasks = [t for t, v in first.get("tasks", {}).items() if v.get("items")]
+    for task in tasks:
+        out.append(Metric(f"{task} ({table_metric.get(task, 'acc')})", "acc",
+                          (("tasks", task, table_metric.get(task, "acc")),), True))
+    if len(tasks) > 1:
+        out.append(Metric("mean acc", "acc", tuple(("tasks", t, table_metric.get(t, "acc")) for t in tasks), True))
+    return out
+
+
+def _short(path: str) -> str:
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _value(metric: Metric, num: list[np.ndarray], den: list[np.ndarray], ref: dict | None = None) -> np.ndarray:
+    """Metric value(s) from per-component sums (arrays broadcast over bootstrap replicates)."""
+    ratios = [n / d for n, d in zip(num, den)]
+    if metric.kind == "acc":
+        return np.mean(ratios, axis=0)
+    ppl = np.exp(ratios[0])
+    if metric.kind == "ppl":
+        return ppl
+    return (ref["pruned"] - ppl) / (ref["pruned"] - ref["dense"])  # gap recovered
+
+
+def compare_arms(results: dict, arms: dict[str, dict[int, str]], baseline: str, table_metric: dict[str, str],
+                 references: dict[str, str] | None = None, replicates: int = BOOTSTRAP_REPLICATES,
+                 seed: int = 0) -> dict[str, Any]:
+    """Per arm and metric: mean and std over seeds, and the paired-bootstrap difference against ``baseline``.
+
+    ``arms``: arm -> {seed: model label in results}; ``references``: {"dense": label, "pruned": label} for
+    the gap-recovered metric.
+    """
+    if baseline not in arms:
+        raise ValueError(f"baseline arm '{baseline}' is not among the arms ({', '.join(arms)})")
+    models = results["models"]
+    metrics = [m for m in metrics_of(results, table_metric) if m.kind != "gap" or references]
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"baseline": baseline, "replicates": replicates, "metrics": [m.name for m in metrics],
+                           "higher_is_better": {m.name: m.higher_is_better for m in metrics}, "arms": {}}
+    for arm in arms:
+        out["arms"][arm] = {"seeds": sorted(arms[arm]), "metrics": {}}
+    for metric in metrics:
+        parts = {label: [_component(models[label], p) for p in metric.parts]
+                 for seeds in arms.values() for label in seeds.values()}
+        ref_parts = {k: [_component(models[v], p) for p in metric.parts] for k, v in (references or {}).items()}
+        sizes = [len(c[0]) for c in next(iter(parts.values()))]
+
+        def full(components, ref=None):
+            return float(_value(metric, [n.sum() for n, _ in components], [d.sum() for _, d in components], ref))
+
+        ref_full = {k: float(_value(Metric("", "ppl", metric.parts, False), [n.sum() for n, _ in c],
+                                    [d.sum() for _, d in c])) for k, c in ref_parts.items()}
+        # one multinomial weight matrix per component: the same resampled items for every model
+        weights = [rng.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float64) for n in sizes]
+
+        def replicated(components):
+            return ([w @ n for w, (n, _) in zip(weights, components)], [w @ d for w, (_, d) in zip(weights, components)])
+
+        ref_boot = None
+        if metric.kind == "gap":
+            ref_boot = {k: np.exp(np.divide(*[x[0] for x in replicated(c)])) for k, c in ref_parts.items()}
+        boot = {label: _value(metric, *replicated(c), ref_boot) for label, c in parts.items()}
+        base_seeds = sorted(arms[baseline])
+        for arm, seeds in arms.items():
+            labels = [seeds[s] for s in sorted(seeds)]
+            values = [full(parts[label], ref_full) for label in labels]
+            entry = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                     "per_seed": dict(zip(sorted(seeds), values))}
+            if arm != baseline:
+                base_values = [full(parts[arms[baseline][s]], ref_full) for s in base_seeds]
+                paired = sorted(seeds) == base_seeds
+                arm_draw = rng.integers(0, len(labels), size=(replicates, len(labels)))
+                base_draw = arm_draw if paired else rng.integers(0, len(base_seeds), size=(replicates, len(base_seeds)))
+                arm_boot = np.stack([boot[label] for label in labels], 1)  # (replicates, seeds)
+                base_boot = np.stack([boot[arms[baseline][s]] for s in base_seeds], 1)
+                rows = np.arange(replicates)[:, None]
+                diff = arm_boot[rows, arm_draw].mean(1) - base_boot[rows, base_draw].mean(1)
+                low, high = (float(v) for v in np.percentile(diff, [2.5, 97.5]))
+                delta = float(np.mean(values) - np.mean(base_values))
+                good = delta if metric.higher_is_better else -delta
+                verdict = ("better" if (low > 0 if metric.higher_is_better else high < 0)
+                           else "worse" if (high < 0 if metric.higher_is_better else low > 0) else "within noise")
+                entry.update(diff=delta, ci_low=low, ci_high=high, paired_seeds=paired, verdict=verdict,
+                             improvement=good)
+            out["arms"][arm]["metrics"][metric.name] = entry
+    return out
+
+
+def comparison_table(comparison: dict, costs: dict[str, Any] | None = None) -> str:
+    """Markdown: per arm and metric, mean +/- std over seeds, and the difference vs the baseline [95% CI]."""
+    metrics = comparison["metrics"]
+    header = ["arm", "seeds", *metrics] + (["selection cost"] if costs else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm, data in comparison["arms"].items():
+        cells = [arm, ",".join(map(str, data["seeds"]))]
+        for name in metrics:
+            m = data["metrics"][name]
+            text = f"{m['mean']:.4g}" + (f" ± {m['std']:.2g}" if m.get("std") is not None else "")
+            if "diff" in m:
+                mark = {"better": " ✓", "worse": " ✗"}.get(m["verdict"], "")
+                text += f"<br>Δ {m['diff']:+.3g} [{m['ci_low']:+.3g}, {m['ci_high']:+.3g}]{mark}"
+            cells.append(text)
+        if costs:
+            cells.append(_cost_text(costs.get(arm)))
+        lines.append("| " + " | ".join(cells) + " |")
+    arrows = ", ".join(f"{m} {'↑' if comparison['higher_is_better'][m] else '↓'}" for m in metrics)
+    lines.append("")
+    lines.append(f"Mean ± std over seeds; Δ = arm − {comparison['baseline']} with its 95% paired-bootstrap interval "
+                 f"({comparison['replicates']} replicates over seeds and items); ✓ better, ✗ worse beyond noise. "
+                 f"Better is {arrows}.")
+    return "\n".join(lines) + "\n"
+
+
+def _cost_text(cost: dict | None) -> str:
+    if not cost:
+        return ""
+    tokens = cost.get("model_forward_tokens") or 0
+    return f"{tokens / 1e6:.2f}M model tokens, {cost.get('seconds') or 0:.0f} s"

@@ -1,0 +1,203 @@
+"""What every selection strategy sees, and the registry they join.
+
+A strategy (in the spirit of Torch-Pruning's ``Importance`` objects) is a small object with a ``name`` and
+``select(ctx) -> (positions, details)``: positions index ``ctx.records`` in selection order, details go
+into ``selection.json``. It asks the context for the signals it needs, and only those are computed: the
+context loads a model, embeds or scores the first time something asks, and every signal is cached on
+disk keyed by its inputs (so ``random`` loads no model, and ten arms over one pool score it once).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..cache import atomic_path, entry_lock, stable_hash
+from ..data import Encoded, Record
+from ..embed import texts_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+class Strategy:
+    """A selection method. Subclasses set ``name`` and implement :meth:`select`."""
+
+    name = "base"
+    description = ""
+
+    def select(self, ctx: "SelectionContext") -> tuple[list[int], dict[str, Any]]:
+        raise NotImplementedError
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy available to ``paser select --method NAME`` and ``paser run`` arms."""
+    STRATEGIES[cls.name] = cls()
+    return cls
+
+
+def get_strategy(name: str) -> Strategy:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown selection method '{name}'; choose one of {', '.join(STRATEGIES)}") from None
+
+
+def data_fingerprint(records: Sequence[Record]) -> str:
+    return texts_fingerprint([f"{r.instruction}\x01{r.input}\x01{r.output}" for r in records])
+
+
+@dataclass
+class SelectionContext:
+    """The pool, the budget, and lazily computed, disk-cached signals about the pool."""
+
+    config: Any  # paser.select.SelectConfig
+    records: list[Record]
+    encoded: list[Encoded]
+    tokenizer: Any
+    template_fingerprint: dict[str, Any]
+    dtype: str
+    budget: int
+    cache: Path
+    table: pd.DataFrame  # per-record output table; strategies add their columns
+    timings: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # cache hits and the like, for selection.json
+    cost: dict[str, int] = field(default_factory=lambda: {"model_forward_tokens": 0, "embedded_records": 0})
+    _models: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def model(self, which: str) -> Any:
+        """The ``original`` or ``pruned`` model, loaded once."""
+        if which not in self._models:
+            from ..models import check_compatible, load_model, load_tokenizer
+
+            spec = self.config.original if which == "original" else self.config.pruned
+            model, _ = self._timed("load_models", lambda: load_model(spec, dtype=self.dtype, tokenizer=False))
+            if which == "pruned":
+                check_compatible(self.tokenizer, load_tokenizer(spec), self.model("original"), model)
+            self._models[which] = model
+        return self._models[which]
+
+    def model_key(self, which: str) -> str:
+        from ..models import model_fingerprint
+
+        return model_fingerprint(self.config.original if which == "original" else self.config.pruned)
+
+    def _forward_tokens(self, encoded: Sequence[Encoded], passes: int = 1) -> int:
+        return passes * sum(len(e.input_ids) for e in encoded)
+
+    # ------------------------------------------------------------------------------------ signals
+    def pair_scores(self) -> pd.DataFrame:
+        """Per-record JSD and both models' response losses (one pass of each model; the PASER score)."""
+        if "pair_scores" in self.info:
+            return self.info["pair_scores"]
+        from ..score import PAIR_VALUES, ScoreConfig, batched_values, score_cache_key, score_records, score_table
+
+        key = score_cache_key(self.model_key("original"), self.model_key("pruned"), data_fingerprint(self.records),
+                              self.template_fingerprint, self.dtype)
+        path = self.cache / "scores" / f"{key}.parquet"
+        self.cost["model_forward_tokens"] += self._forward_tokens(self.encoded, 2)
+        with entry_lock(path, "the model scores"):
+            if path.exists():
+                log.info("scores: %d records from the cache (%s)", len(self.records), path.name)
+                table = score_table(self.encoded, batched_values(self.encoded, None, PAIR_VALUES, ScoreConfig(),
+                                                                 path, ""))
+                self.info["scores_from_cache"] = True
+            else:
+                original, pruned = self.model("original"), self.model("pruned")
+                table = self._timed("score", lambda: score_records(
+                    original, pruned, self.encoded, self.tokenizer.pad_token_id,
+                    ScoreConfig(batch_size=self.config.batch_size), cache_file=path))
+                log.info("scores: computed for %d records (%s)", len(self.records), path.name)
+                self.info["scores_from_cache"] = False
+        self.info["pair_scores"] = table
+        for column in PAIR_VALUES:
+            self.table[column] = table[column].to_numpy()
+        return table
+
+    def response_losses(self, which: str, encoded: Sequence[Encoded] | None = None, tag: str = "conditioned",
+                        ) -> np.ndarray:
+        """Mean response NLL per record under one model; ``encoded`` defaults to the pool's own encodings
+        (``tag`` names a variant, e.g. the responses without their instructions)."""
+        from ..score import ScoreConfig, response_losses
+
+        encoded = self.encoded if encoded is None else encoded
+        key = stable_hash("response-loss-v1", self.model_key(which), tag,
+                          [e.input_ids for e in encoded], [len(e.prompt_ids) for e in encoded], self.dtype)
+        path = self.cache / "losses" / f"{key}.parquet"
+        self.cost["model_forward_tokens"] += self._forward_tokens(encoded)
+        with entry_lock(path, f"the {which} model's response losses"):
+            if path.exists():
+                return pd.read_parquet(path)["loss"].to_numpy(np.float64)
+            model = self.model(which)
+            return self._timed("score", lambda: response_losses(
+                model, encoded, self.tokenizer.pad_token_id, ScoreConfig(batch_size=self.config.batch_size),
+                cache_file=path, desc=f"response loss ({which}, {tag})"))
+
+    def embeddings(self) -> np.ndarray:
+        if "embeddings" not in self.info:
+            from ..embed import embed_records
+
+            vectors, hit = self._timed("embed", lambda: embed_records(self.records, self.config.embedder,
+                                                                       self.cache / "embeddings"))
+            self.info["embeddings"] = vectors
+            self.info["embeddings_from_cache"] = hit
+            self.cost["embedded_records"] += len(self.records)
+        return self.info["embeddings"]
+
+    def clusters(self, method: str | None = None) -> Any:
+        """The diffusion-map clustering (:func:`paser.cluster.cluster_embeddings`), cached on disk."""
+        from ..cluster import ClusterConfig, ClusterResult, cluster_embeddings
+
+        config = self.config
+        cluster_config = ClusterConfig(n_clusters=config.clusters, method=method or "nmf", seed=config.seed)
+        cache_key = ("clusters", cluster_config.method)
+        if cache_key in self.info:
+            return self.info[cache_key]
+        embeddings = self.embeddings()
+        key = stable_hash("cluster-v1", texts_fingerprint([r.user_text for r in self.records]), config.embedder,
+                          cluster_config.as_dict())
+        path = self.cache / "clusters" / f"{key}.npz"
+        t0 = time.perf_counter()
+        with entry_lock(path, "the clusters"):
+            if path.exists():
+                saved = np.load(path)
+                result = ClusterResult(saved["labels"], int(saved["k"]), saved["eigenvalues"], saved["coordinates"])
+                self.info["clusters_from_cache"] = True
+            else:
+                result = cluster_embeddings(embeddings, cluster_config)
+                with atomic_path(path, suffix=".npz") as tmp:
+                    np.savez(tmp, labels=result.labels, k=result.k, eigenvalues=result.eigenvalues,
+                             coordinates=result.coordinates)
+                self.info["clusters_from_cache"] = False
+        self.timings["cluster"] = self.timings.get("cluster", 0.0) + time.perf_counter() - t0
+        self.info[cache_key] = result
+        return result
+
+
+def top_k(values: np.ndarray, k: int, eligible: np.ndarray | None = None) -> list[int]:
+    """Positions of the ``k`` highest values (ties by position), eligible ones first; if fewer than ``k``
+    are eligible, the best of the rest fill the budget."""
+    order = np.lexsort((np.arange(len(values)), -np.nan_to_num(values, nan=-np.inf)))
+    if eligible is None:
+        return [int(i) for i in order[:k]]
+    first = [int(i) for i in order if eligible[i]]
+    rest = [int(i) for i in order if not eligible[i]]
+    return (first + rest)[:k]

@@ -1,0 +1,26 @@
+"""Baselines that look at no model: ``random`` (seeded) and ``full`` (every record)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import SelectionContext, Strategy, register
+
+
+@register
+class Random(Strategy):
+    name = "random"
+    description = "a seeded uniform sample of the budget; loads no model"
+
+    def select(self, ctx: SelectionContext) -> tuple[list[int], dict]:
+        rng = np.random.default_rng(ctx.config.seed)
+        return [int(i) for i in rng.choice(len(ctx.records), size=ctx.budget, replace=False)], {}
+
+
+@register
+class Full(Strategy):
+    name = "full"
+    description = "every record (the reference the paper trains on)"
+
+    def select(self, ctx: SelectionContext) -> tuple[list[int], dict]:
+        return list(range(len(ctx.records))), {}

@@ -1,0 +1,160 @@
+"""PASER and the ablations the paper names (see docs/method.md).
+
+- ``paser``: capability clusters (diffusion map + NMF on MiniLM embeddings), per-cluster budgets from the
+  clusters' degradation (``allocation``: ``cds`` is the paper's rule; ``size`` is "without CDS"), IES
+  ranking inside a cluster (score / log cost), and the concept-consistency graph (``ccg``).
+- Without the semantic-structural clustering: ``cluster_method="random"`` (the same K, random
+  assignment) and ``"kmeans-raw"`` (k-means on the raw embeddings, the same K); ``"kmeans"`` runs k-means
+  on the diffusion coordinates instead of NMF.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from ..allocate import allocate, apportion, ies, rank_within
+from ..ccg import ConceptGraph, extract_concepts
+from ..cluster import ClusterResult
+from ..score import get_scorer
+from .base import SelectionContext, Strategy, register
+
+log = logging.getLogger(__name__)
+
+CLUSTER_METHODS = ("nmf", "kmeans", "random", "kmeans-raw")
+
+
+def capability_clusters(ctx: SelectionContext, method: str) -> ClusterResult:
+    """The clustering PASER allocates over; ``random`` and ``kmeans-raw`` keep the diffusion map's K."""
+    if method in ("nmf", "kmeans"):
+        return ctx.clusters(method)
+    reference = ctx.clusters("nmf")
+    k = reference.k
+    if method == "random":
+        labels = np.random.default_rng(ctx.config.seed).integers(0, k, size=len(ctx.records))
+    elif method == "kmeans-raw":
+        from sklearn.cluster import KMeans
+
+        labels = KMeans(n_clusters=k, n_init=4, random_state=ctx.config.seed).fit_predict(ctx.embeddings())
+    else:
+        raise ValueError(f"unknown cluster method '{method}' ({', '.join(CLUSTER_METHODS)})")
+    sizes = np.bincount(labels, minlength=k)
+    relabel = np.empty(k, dtype=np.int64)
+    relabel[np.argsort(-sizes, kind="stable")] = np.arange(k)  # numbered by decreasing size, like the others
+    return ClusterResult(relabel[labels], k, reference.eigenvalues, reference.coordinates)
+
+
+def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
+    """PASER: clusters, per-cluster budgets by degradation, IES ranking, concept-consistency filter."""
+    config = ctx.config
+    degradation = get_scorer(config.score)(ctx.pair_scores())
+    clusters = capability_clusters(ctx, config.cluster_method)
+    ctx.info["cluster_result"] = clusters
+    t0 = time.perf_counter()
+    labels = clusters.labels
+    k = clusters.k
+    sizes = np.bincount(labels, minlength=k)
+    cds = np.array([degradation[labels == c].mean() if sizes[c] else 0.0 for c in range(k)])
+    allocation = allocate(sizes, cds, ctx.budget, config.allocation)
+    if allocation.fallback:
+        log.warning(allocation.fallback)
+    cost = ctx.table["prompt_tokens"].to_numpy() + ctx.table["response_tokens"].to_numpy()
+    ctx.table["score"] = degradation
+    efficiency = ies(degradation, cost)
+    members = [np.flatnonzero(labels == c) for c in range(k)]
+    ranked = [m[rank_within(efficiency[m])] for m in members]  # per cluster, best IES first
+
+    graph = ConceptGraph()
+    concepts: dict[int, frozenset[str]] = {}
+    chosen: list[list[int]] = [[] for _ in range(k)]
+    rejected: list[list[tuple[int, tuple[str, str]]]] = [[] for _ in range(k)]
+    cursor = np.zeros(k, dtype=np.int64)
+
+    def fill(c: int, quota: int) -> None:
+        while len(chosen[c]) < quota and cursor[c] < sizes[c]:
+            i = int(ranked[c][cursor[c]])
+            cursor[c] += 1
+            if config.ccg:
+                if i not in concepts:
+                    r = ctx.records[i]
+                    concepts[i] = extract_concepts(f"{r.user_text}\n{r.output}", config.concepts_per_sample)
+                pair = graph.conflict(concepts[i])
+                if pair is not None:
+                    rejected[c].append((i, pair))
+                    continue
+                graph.add(concepts[i])
+            chosen[c].append(i)
+
+    cluster_order = list(rank_within(cds))  # most damaged capability first
+    for c in cluster_order:
+        fill(c, int(allocation.budgets[c]))
+    # Budget a cluster could not spend (CCG rejections) moves to clusters with unexamined candidates.
+    while (short := ctx.budget - sum(map(len, chosen))) > 0:
+        unexamined = sizes - cursor
+        if unexamined.sum() == 0:
+            break
+        weights = allocation.weights if np.any(allocation.weights[unexamined > 0] > 0) else sizes.astype(float)
+        extra = apportion(weights, short, unexamined)
+        for c in cluster_order:
+            if extra[c]:
+                fill(c, len(chosen[c]) + int(extra[c]))
+    overridden = 0
+    if (short := ctx.budget - sum(map(len, chosen))) > 0:
+        # Every candidate was examined: admit the best-IES rejected ones so exactly B come out.
+        pool = sorted((i for rej in rejected for i, _ in rej), key=lambda i: (-efficiency[i], i))[:short]
+        for i in pool:
+            chosen[int(labels[i])].append(i)
+        overridden = len(pool)
+        log.warning("CCG rejected too many candidates: %d conflicting records admitted to reach the budget", overridden)
+    ctx.timings["select"] = time.perf_counter() - t0
+
+    ctx.table["cluster"] = labels
+    ctx.table["ies"] = efficiency
+    ctx.table["map_x"], ctx.table["map_y"] = _map_2d(clusters.coordinates)
+    within_rank = np.empty(len(labels), dtype=np.int64)
+    for c in range(k):
+        within_rank[ranked[c]] = np.arange(1, sizes[c] + 1)
+    ctx.table["rank"] = within_rank
+    per_cluster = []
+    for c in range(k):
+        per_cluster.append({
+            "cluster": c, "size": int(sizes[c]), "cds": float(cds[c]), "weight": float(allocation.weights[c]),
+            "budget": int(allocation.budgets[c]), "selected": len(chosen[c]), "rejected": len(rejected[c]),
+            "rejection_examples": [
+                {"index": ctx.records[i].index, "instruction": ctx.records[i].instruction[:160],
+                 "conflict": f"'{a}' and '{b}' are both in the graph but never co-occurred"}
+                for i, (a, b) in rejected[c][:3]],
+        })
+    order = [i for c in cluster_order for i in chosen[c]]
+    details = {
+        "k": k, "cluster_method": config.cluster_method, "allocation": config.allocation, "allocation_fallback": allocation.fallback,
+        "clusters": per_cluster, "eigenvalues": [float(v) for v in clusters.eigenvalues[: min(k + 8, 66)]],
+        "ccg": {"enabled": config.ccg, "rejected": sum(map(len, rejected)), "admitted_despite_conflict": overridden,
+                "concepts_extracted": len(concepts), "graph_nodes": len(graph.nodes), "graph_edges": len(graph.edges)},
+        "embeddings_from_cache": ctx.info.get("embeddings_from_cache"),
+        "clusters_from_cache": ctx.info.get("clusters_from_cache"),
+    }
+    return order, details
+
+
+def _map_2d(coordinates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A 2-D picture of the diffusion coordinates (their first two principal components), for reports."""
+    from sklearn.decomposition import PCA
+
+    if coordinates.shape[1] < 2 or len(coordinates) < 3:
+        padded = np.zeros((len(coordinates), 2), dtype=np.float32)
+        padded[:, :coordinates.shape[1]] = coordinates[:, :2]
+        return padded[:, 0], padded[:, 1]
+    xy = PCA(n_components=2, random_state=0).fit_transform(coordinates).astype(np.float32)
+    return xy[:, 0], xy[:, 1]
+
+
+@register
+class Paser(Strategy):
+    name = "paser"
+    description = "PASER: capability clusters, degradation-weighted budgets, IES ranking, concept consistency"
+
+    def select(self, ctx: SelectionContext) -> tuple[list[int], dict]:
+        return select_paser(ctx)

@@ -1,0 +1,194 @@
+"""Selection strategies: each baseline against a direct computation, the ablation switches, the bootstrap."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from paser.data import Encoded, PromptFormatter, load_records
+from paser.select import SelectConfig, run_selection
+
+
+@pytest.fixture()
+def pool(tmp_path):
+    from paser.demo_data import demo_records
+
+    path = tmp_path / "pool.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:160]))
+    return path
+
+
+def config(tmp_path, original, pruned, data, **overrides):
+    base = dict(original=str(original), pruned=str(pruned), data=str(data), budget=30, out=tmp_path / "out",
+                dtype="fp32", cache_dir=tmp_path / "cache", batch_size=16, max_length=64)
+    return SelectConfig(**(base | overrides))
+
+
+def test_random_loads_no_model(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("random selection loaded a model")
+
+    monkeypatch.setattr("paser.models.load_model", refuse)
+    monkeypatch.setattr("paser.embed.embed_texts", refuse)
+    result = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, method="random", seed=3))
+    again = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, method="random", seed=3,
+                                 out=tmp_path / "o2"))
+    other = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, method="random", seed=4,
+                                 out=tmp_path / "o3"))
+    assert result.indices == again.indices != other.indices and len(set(result.indices)) == 30
+    assert result.summary["cost"]["model_forward_tokens"] == 0
+
+
+def _direct_response_loss(model, ids, n_prompt):
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return float(np.mean([-logp[t - 1, ids[t]].item() for t in range(n_prompt, len(ids))]))
+
+
+def test_ifd_equals_a_direct_two_pass_computation(tmp_path, tiny_model_dir, tiny_pruned_dir, pool):
+    from paser.models import load_model
+
+    result = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, method="ifd"))
+    model, tokenizer = load_model(str(tiny_pruned_dir), dtype="fp32")
+    formatter = PromptFormatter(tokenizer, max_length=64)
+    records = load_records(pool)
+    start = tokenizer.bos_token_id
+    for i in (0, 7, 42):
+        e = formatter.encode(records[i])
+        conditioned = _direct_response_loss(model, e.input_ids, len(e.prompt_ids))
+        alone = _direct_response_loss(model, [start] + e.response_ids, 1)
+        assert result.scores["ifd"][i] == pytest.approx(conditioned / alone, rel=1e-4)
+    ifd = result.scores["ifd"].to_numpy()
+    chosen = ifd[result.positions]
+    eligible = ifd < 1
+    if eligible.sum() >= 30:  # highest IFD below 1 first
+        assert (chosen < 1).all() and chosen.min() >= ifd[eligible & ~result.scores["selected"].to_numpy()].max()
+    # perplexity reuses the conditioned pass of the same model: no new forward pass
+    perp = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, method="perplexity",
+                                out=tmp_path / "p"))
+    loss = perp.scores["loss_pruned"].to_numpy()
+    assert set(perp.positions) == set(np.argsort(-loss, kind="stable")[:30])
+
+
+def test_nuggets_equals_hand_computation(tiny_model_dir, tiny_tokenizer):
+    from paser.models import load_model
+    from paser.strategies.nuggets import nuggets_scores
+
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="fp32")
+    formatter = PromptFormatter(tokenizer, max_length=48)
+    records = load_records("demo", limit=5)
+    encoded = [formatter.encode(r) for r in records]
+    candidates, anchors = encoded[:3], encoded[3:]
+    scores = nuggets_scores(model, candidates, anchors, tokenizer.pad_token_id, progress=False)
+    for c, score in zip(candidates, scores):
+        drops = 0
+        for a in anchors:
+            zero = _direct_response_loss(model, a.input_ids, len(a.prompt_ids))
+            one = _direct_response_loss(model, c.input_ids + a.input_ids, len(c.input_ids) + len(a.prompt_ids))
+            assert one != pytest.approx(zero, abs=1e-9)  # the demonstration changes the loss
+            drops += one < zero
+        assert score == drops / len(anchors)
+
+
+def test_dsir_weights_equal_hand_computation():
+    import zlib
+
+    from paser.strategies.dsir import gumbel_top_k, log_importance_weights, ngram_features
+
+    pool = ["the cat sat", "a dog ran far", "the cat ran"]
+    target = ["the cat", "cat sat on the mat"]
+    buckets = 64
+
+    def counts(text):
+        words = text.split()
+        grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+        c = np.zeros(buckets)
+        for g in grams:
+            c[zlib.crc32(g.encode()) % buckets] += 1
+        return c
+
+    P = np.stack([counts(t) for t in pool])
+    T = np.stack([counts(t) for t in target])
+    log_t = np.log((T.sum(0) + 1) / (T.sum() + buckets))
+    log_p = np.log((P.sum(0) + 1) / (P.sum() + buckets))
+    expected = P @ (log_t - log_p)
+    got = log_importance_weights(ngram_features(pool, buckets), ngram_features(target, buckets))
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert got[0] > got[1]  # "the cat sat" is far more target-like than "a dog ran far"
+    keys = expected + np.random.default_rng(5).gumbel(size=3)
+    assert gumbel_top_k(expected, 2, seed=5) == list(np.argsort(-keys, kind="stable")[:2])
+
+
+def test_dsir_selects_toward_the_target(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, monkeypatch):
+    monkeypatch.setattr("paser.models.load_model", lambda *a, **k: pytest.fail("dsir loaded a model"))
+    from paser.demo_data import demo_records
+
+    target = tmp_path / "target.txt"  # held-out capital questions: not in the pool
+    target.write_text("\n".join(f"{r['instruction']} {r['input']} {r['output']}" for r in demo_records()["heldout"]
+                                if r["skill"] == "capitals"))
+    result = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, method="dsir", target=str(target)))
+    skills = [r.raw["skill"] for r in result.records]
+    assert skills.count("capitals") > 30 / 11 * 2  # far above its share of a uniform sample
+
+
+def test_ablation_switches_change_only_their_part(tmp_path, tiny_model_dir, tiny_pruned_dir, pool):
+    def run(**kw):
+        out = tmp_path / "_".join(f"{k}-{v}" for k, v in kw.items()) if kw else tmp_path / "base"
+        return run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, budget=40, out=out, **kw))
+
+    base = run()
+    labels = base.scores["cluster"].to_numpy()
+    no_ccg = run(ccg=False)
+    assert no_ccg.summary["ccg"]["rejected"] == 0 and base.summary["ccg"]["enabled"]
+    np.testing.assert_array_equal(no_ccg.scores["cluster"], labels)
+    assert [c["budget"] for c in no_ccg.summary["clusters"]] == [c["budget"] for c in base.summary["clusters"]]
+    np.testing.assert_allclose(no_ccg.scores["ies"], base.scores["ies"])
+
+    size = run(allocation="size")
+    np.testing.assert_array_equal(size.scores["cluster"], labels)
+    sizes = np.array([c["size"] for c in size.summary["clusters"]])
+    budgets = np.array([c["budget"] for c in size.summary["clusters"]])
+    assert np.abs(budgets - 40 * sizes / sizes.sum()).max() < 1  # proportional to size, not to CDS
+    assert budgets.tolist() != [c["budget"] for c in base.summary["clusters"]] or np.allclose(
+        [c["cds"] for c in base.summary["clusters"]], base.summary["clusters"][0]["cds"])
+
+    shuffled = run(cluster_method="random")
+    assert shuffled.summary["k"] == base.summary["k"] and not np.array_equal(shuffled.scores["cluster"], labels)
+    np.testing.assert_allclose(shuffled.scores["jsd"], base.scores["jsd"])
+    raw = run(cluster_method="kmeans-raw")
+    assert raw.summary["k"] == base.summary["k"] and raw.summary["cluster_method"] == "kmeans-raw"
+    for result in (no_ccg, size, shuffled, raw):
+        assert len(result.indices) == 40 and result.summary["scores_from_cache"] is True
+
+
+def test_paired_bootstrap_matches_hand_computation():
+    from paser.compare import compare_arms
+
+    rng = np.random.default_rng(1)
+    items = {label: (rng.random(12) < p).astype(float).tolist()
+             for label, p in {"r0": 0.4, "r1": 0.5, "p0": 0.6, "p1": 0.7}.items()}
+    results = {"models": {label: {"tasks": {"arc_easy": {"items": {"acc": v}}}, "perplexity": {},
+                                  "response_perplexity": {}} for label, v in items.items()}}
+    arms = {"random": {0: "r0", 1: "r1"}, "paser": {0: "p0", 1: "p1"}}
+    out = compare_arms(results, arms, "random", {"arc_easy": "acc"}, replicates=500, seed=7)
+    got = out["arms"]["paser"]["metrics"]["arc_easy (acc)"]
+
+    # by hand, drawing in the documented order: item weights, then one seed draw shared by both arms
+    hand = np.random.default_rng(7)
+    weights = hand.multinomial(12, np.full(12, 1 / 12), size=500)
+    draw = hand.integers(0, 2, size=(500, 2))
+    diffs = []
+    for b in range(500):
+        value = {label: float(np.dot(weights[b], v)) / 12 for label, v in items.items()}
+        arm = np.mean([value[["p0", "p1"][s]] for s in draw[b]])
+        base = np.mean([value[["r0", "r1"][s]] for s in draw[b]])
+        diffs.append(arm - base)
+    assert got["ci_low"] == pytest.approx(np.percentile(diffs, 2.5))
+    assert got["ci_high"] == pytest.approx(np.percentile(diffs, 97.5))
+    means = {k: np.mean(v) for k, v in items.items()}
+    assert got["diff"] == pytest.approx((means["p0"] + means["p1"]) / 2 - (means["r0"] + means["r1"]) / 2)
+    assert got["std"] == pytest.approx(np.std([means["p0"], means["p1"]], ddof=1))
+    assert got["paired_seeds"] and got["verdict"] in {"better", "worse", "within noise"}
+    assert math.isfinite(got["mean"])
