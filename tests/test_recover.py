@@ -111,3 +111,76 @@ class _CountSteps(TrainerCallback):
 def test_bad_recovery_config(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
         run_recovery(small_config(tmp_path, tiny_model_dir, batch_size=6, micro_batch_size=4))
+
+
+def test_masked_lora_gradients_match_autograd():
+    from paser.adapters import _MaskedLowRank
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 6, dtype=torch.float64)
+    weight[weight.abs() < 0.6] = 0
+    a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: _MaskedLowRank.apply(x, weight, a, b, 0.7), (x, a, b))
+    # and it is the masked update, no more: y = x (W + s * mask * BA)^T
+    y = _MaskedLowRank.apply(x, weight, a, b, 0.7)
+    expected = x @ (weight + 0.7 * (weight != 0) * (b @ a)).t()
+    assert torch.allclose(y, expected)
+
+
+@pytest.mark.parametrize("mode", ["masked", "off"])
+def test_masked_lora_merges_into_exactly_the_trained_model(tmp_path, sparse_tiny, mode):
+    from paser.models import load_model
+
+    log = run_recovery(small_config(tmp_path, sparse_tiny, epochs=2, sparse_lora=mode))
+    assert log["sparse_lora"] == mode and log["zeros_after_merge"] == log["zeros_kept"] > 0
+    if mode == "masked":
+        assert log["merge_max_logit_diff"] < 1e-5  # the shipped model is the trained model
+    else:
+        assert log["merge_max_logit_diff"] > 1e-3  # re-masking after the merge throws training away
+    merged, _ = load_model(str(tmp_path / "rec" / "merged"), dtype="fp32")
+    before, _ = load_model(str(sparse_tiny), dtype="fp32")
+    for (name, m), (_, b) in zip(merged.named_modules(), before.named_modules()):
+        if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}":
+            assert torch.equal(m.weight == 0, b.weight == 0), name
+
+
+def test_kd_loss_is_the_forward_kl():
+    from paser.distill import kd_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    positions = torch.tensor([[True, False, True], [False, True, True]])
+    p = (teacher / 2).softmax(-1)
+    q = (student / 2).softmax(-1)
+    kl = (p * (p.log() - q.log())).sum(-1)[positions].mean() * 4
+    assert kd_loss(student, teacher, positions, temperature=2.0).item() == pytest.approx(kl.item(), rel=1e-6)
+    assert kd_loss(teacher, teacher, positions).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_and_mix_log_each_term(tmp_path, sparse_tiny, tiny_model_dir):
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        small_config(tmp_path, sparse_tiny, loss="kd").validate()
+    log = run_recovery(small_config(tmp_path, sparse_tiny, epochs=1, loss="mix", kd_alpha=0.5,
+                                    teacher=str(tiny_model_dir)))
+    curve = log["loss_curve"]
+    assert all({"nll", "kd"} <= set(p) for p in curve)
+    for p in curve:  # the logged loss is the mix of the logged terms (per-step means)
+        assert p["loss"] == pytest.approx(0.5 * p["kd"] + 0.5 * p["nll"], rel=2e-3)
+    kd = run_recovery(small_config(tmp_path, sparse_tiny, epochs=1, loss="kd", teacher=str(tiny_model_dir),
+                                   out=tmp_path / "kd"))
+    assert [p["loss"] for p in kd["loss_curve"]] == pytest.approx([p["kd"] for p in kd["loss_curve"]], rel=2e-3)
+    assert kd["zeros_after_merge"] == kd["zeros_kept"]
+
+
+def test_full_parameter_recovery_keeps_zeros(tmp_path, sparse_tiny):
+    from paser.models import load_model
+
+    log = run_recovery(small_config(tmp_path, sparse_tiny, epochs=1, adapter="full", lr=1e-3))
+    assert log["zeros_after_merge"] == log["zeros_kept"] > 0 and log["merge_max_logit_diff"] == 0.0
+    merged, _ = load_model(str(tmp_path / "rec" / "merged"), dtype="fp32")
+    before, _ = load_model(str(sparse_tiny), dtype="fp32")
+    changed = [n for (n, m), (_, b) in zip(merged.named_parameters(), before.named_parameters()) if not torch.equal(m, b)]
+    assert len(changed) > 10  # every kind of weight trains, not just adapters
+    assert not (tmp_path / "rec" / "adapter").exists()

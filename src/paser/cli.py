@@ -165,11 +165,19 @@ def recover(
     seed: int = typer.Option(0, help="Seed for LoRA init, data order and dropout."),
     limit: Optional[int] = typer.Option(None, help="Train on the first N records only."),
     bad_records: str = typer.Option("skip", help="skip: leave out unusable records, count them in train_log.json | error: stop at the first."),
+    adapter: str = typer.Option("lora", help="lora | full (every weight trains; pruned positions stay zero)."),
+    sparse_lora: str = typer.Option("masked", help="masked: the LoRA update is masked to the pruned layer's non-zeros while training, so the merged model is the trained one | off: plain LoRA, zeros re-applied after the merge."),
+    loss: str = typer.Option("nll", help="nll (reference answers) | kd (distil the teacher's next-token distributions) | mix."),
+    teacher: Optional[str] = typer.Option(None, help="kd/mix: the teacher model spec (the original, dense model)."),
+    kd_temperature: float = typer.Option(1.0, help="kd/mix: softmax temperature of both distributions."),
+    kd_alpha: float = typer.Option(0.5, help="mix: alpha * kd + (1 - alpha) * nll."),
+    kd_positions: str = typer.Option("response", help="kd/mix: response | all (prompt positions too)."),
 ) -> None:
-    """Recover a pruned model with LoRA on selected data (response-only loss).
+    """Recover a pruned model on selected data: LoRA (or all weights), NLL or distillation from the original.
 
-    Writes OUT/adapter (peft), OUT/merged (a plain model directory; pruned zeros re-applied after the
-    merge) and OUT/train_log.json (loss curve, tokens/s, seconds, peak memory).
+    Writes OUT/adapter (peft), OUT/merged (a plain model directory that keeps every pruned zero) and
+    OUT/train_log.json (loss curve per term, tokens/s, seconds per step, peak memory, and
+    merge_max_logit_diff: how far the merged model's logits are from the trained model's).
     """
     from .recover import RecoverConfig, run_recovery
 
@@ -177,7 +185,9 @@ def recover(
         model=model, data=data, out=out, epochs=epochs, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, targets=targets, cutoff_len=cutoff_len, batch_size=batch_size,
         micro_batch_size=micro_batch_size, dtype=dtype, resume=resume, warmup_ratio=warmup_ratio,
-        save_steps=save_steps, seed=seed, limit=limit, bad_records=bad_records))
+        save_steps=save_steps, seed=seed, limit=limit, bad_records=bad_records, adapter=adapter,
+        sparse_lora=sparse_lora, loss=loss, teacher=teacher, kd_temperature=kd_temperature, kd_alpha=kd_alpha,
+        kd_positions=kd_positions))
     curve = train_log["loss_curve"]
     first, last = (curve[0]["loss"], curve[-1]["loss"]) if curve else (float("nan"), float("nan"))
     typer.echo(f"{train_log['steps']} steps in {train_log['seconds']:.0f}s ({train_log['tokens_per_s']} tok/s); "
@@ -228,6 +238,7 @@ def run(
     from_stage: Optional[str] = typer.Option(None, "--from", help="Redo this stage (data, prune, select, recover, evaluate) and everything after it."),
     task_dir: Optional[Path] = typer.Option(None, help="Replace the config's zero-shot task directory (evaluate.task_dir)."),
     ppl: list[Path] = typer.Option([], help="Replace the config's perplexity texts (evaluate.ppl); repeatable."),
+    arms: Optional[str] = typer.Option(None, help="Run only these arms (comma-separated names); a later full run reuses what they finished."),
 ) -> None:
     """Run data -> prune -> select -> recover -> evaluate from one config, resumably.
 
@@ -236,9 +247,11 @@ def run(
     comparison (mean +/- std over seeds, paired 95% intervals against the baseline). Writes
     OUT/run.json and OUT/report.html and prints the tables.
     """
-    from .pipeline import load_config, run_pipeline, with_evaluation_data
+    from .pipeline import load_config, run_pipeline, with_arms, with_evaluation_data
 
     pipeline_config = load_config(config)
+    if arms:
+        pipeline_config = with_arms(pipeline_config, [a.strip() for a in arms.split(",") if a.strip()])
     if task_dir is not None or ppl:
         pipeline_config = with_evaluation_data(pipeline_config, str(task_dir) if task_dir else None,
                                                [str(p) for p in ppl])

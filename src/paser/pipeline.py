@@ -239,6 +239,18 @@ def demo_config_text() -> str:
     return shipped_config_text("demo")
 
 
+def with_arms(config: PipelineConfig, names: list[str]) -> PipelineConfig:
+    """The config restricted to the named arms (``paser run --arms``): run the decisive arms first; a later
+    run of the full config reuses every stage they finished."""
+    known = [a["name"] for a in config.arms]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"{config.source}: no arm named {', '.join(unknown)} (arms: {', '.join(known)})")
+    arms = [a for a in config.arms if a["name"] in names]
+    baseline = config.baseline if config.baseline in names else None
+    return dataclasses.replace(config, arms=arms, baseline=baseline)
+
+
 def with_evaluation_data(config: PipelineConfig, task_dir: str | None = None, ppl: list[str] | None = None
                          ) -> PipelineConfig:
     """The config with its zero-shot task directory and perplexity texts replaced (command-line overrides),
@@ -322,7 +334,10 @@ def _arm_key(arm: dict, seed: int) -> str:
 
 
 def _arm_recover(config: PipelineConfig, arm: dict, seed: int) -> dict[str, Any]:
-    return {**config.recover, **arm["recover"], "seed": seed}
+    settings = {**config.recover, **arm["recover"], "seed": seed}
+    if settings["loss"] != "nll" and not settings.get("teacher"):
+        settings["teacher"] = config.model  # distillation's teacher: the original model
+    return settings
 
 
 def _select_config(config: PipelineConfig, pruned: str, arm: dict, seed: int, out: str | Path,

@@ -24,12 +24,12 @@ from . import faults
 from .cache import atomic_dir, stable_hash, write_json
 from .data import BAD_RECORD_POLICIES, Encoded, PromptFormatter, encode_records, load_records, pad_right
 from .errors import ConfigError
-from .models import load_model, resolve_dtype_name
+from .models import check_compatible, load_model, resolve_dtype_name
+from .sparsity import apply_masks, sparsity_masks
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-SPARSE_LAYER_MIN_ZEROS = 0.01  # a linear layer with at least this fraction of zeros is treated as pruned
 
 
 @dataclass
@@ -56,8 +56,24 @@ class RecoverConfig:
     template: str = "auto"
     limit: int | None = None
     bad_records: str = "skip"  # skip: leave unusable records out and report them | error: stop at the first
+    group_by_length: bool = True  # micro-batches of similar lengths (less padding: faster steps)
+    adapter: str = "lora"  # lora | full (every weight, pruned positions kept at zero)
+    sparse_lora: str = "masked"  # masked: the LoRA update keeps the pruned zeros while training | off: re-mask after merge
+    loss: str = "nll"  # nll (reference answers) | kd (the teacher's distributions) | mix
+    teacher: str | None = None  # kd/mix: the teacher, the original model (``paser run`` passes its ``model``)
+    kd_temperature: float = 1.0
+    kd_alpha: float = 0.5  # mix: alpha * kd + (1 - alpha) * nll
+    kd_positions: str = "response"  # response | all (prompt positions too)
 
     def validate(self) -> None:
+        for name, allowed in (("adapter", ("lora", "full")), ("sparse_lora", ("masked", "off")),
+                              ("loss", ("nll", "kd", "mix")), ("kd_positions", ("response", "all"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
+        if self.loss != "nll" and not self.teacher:
+            raise ConfigError(f"loss '{self.loss}' needs a teacher model (--teacher, the original model)")
+        if not 0 <= self.kd_alpha <= 1 or not self.kd_temperature > 0:
+            raise ConfigError("kd_alpha must be in [0, 1] and kd_temperature positive")
         if self.bad_records not in BAD_RECORD_POLICIES:
             raise ConfigError(f"bad_records must be skip or error, not '{self.bad_records}'")
         if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size:
@@ -92,24 +108,6 @@ def collate_for_training(features: Sequence[dict], pad_id: int) -> dict[str, tor
     ids, attention = pad_right([f["input_ids"] for f in features], pad_id)
     labels, _ = pad_right([f["labels"] for f in features], IGNORE_INDEX)
     return {"input_ids": ids, "labels": labels, "attention_mask": attention}
-
-
-def sparsity_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Zero masks of the linear layers that look pruned (>= 1% exact zeros)."""
-    masks = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            zeros = module.weight == 0
-            if zeros.float().mean().item() >= SPARSE_LAYER_MIN_ZEROS:
-                masks[name] = zeros.cpu()
-    return masks
-
-
-@torch.no_grad()
-def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    modules = dict(model.named_modules())
-    for name, mask in masks.items():
-        modules[name].weight.masked_fill_(mask.to(modules[name].weight.device), 0.0)
 
 
 def _peak_memory_gb() -> float:
@@ -161,9 +159,12 @@ def _checkpoint_to_resume(config: RecoverConfig, checkpoints: Path, encoded: Seq
 
 
 def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
-    """Train LoRA adapters on ``config.data``, merge them, and write the outputs; returns the train log."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments, set_seed
+    """Train (LoRA, or all weights) on ``config.data``, merge, and write the outputs; returns the train log."""
+    from peft import get_peft_model
+    from transformers import TrainingArguments, set_seed
+
+    from .adapters import lora_config
+    from .distill import trainer_class
 
     config.validate()
     out = Path(config.out)
@@ -176,48 +177,111 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
     formatter = PromptFormatter(tokenizer, template=config.template, max_length=config.cutoff_len)
     records, encoded = encode_records(formatter, records, config.bad_records, skipped)
     masks = sparsity_masks(model)
-    log.info("%d records; %d sparse linear layers will keep their zeros", len(encoded), len(masks))
+    masked = config.adapter == "lora" and config.sparse_lora == "masked" and bool(masks)
+    log.info("%d records; %d sparse linear layers keep their zeros (%s)", len(encoded), len(masks),
+             "full-parameter, gradients masked" if config.adapter == "full"
+             else "masked LoRA: exact" if masked else "LoRA, re-masked after the merge")
+    teacher = None
+    if config.loss != "nll":
+        teacher, teacher_tokenizer = load_model(config.teacher or config.model, dtype=dtype)
+        check_compatible(tokenizer, teacher_tokenizer, model, teacher)
+        teacher.eval().requires_grad_(False)
 
-    targets: Any = config.targets if config.targets == "all-linear" else [t.strip() for t in config.targets.split(",")]
-    model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                                             lora_dropout=config.lora_dropout, target_modules=targets,
-                                             task_type="CAUSAL_LM"))
+    if config.adapter == "lora":
+        targets: Any = (config.targets if config.targets == "all-linear"
+                        else [t.strip() for t in config.targets.split(",")])
+        model = get_peft_model(model, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, targets,
+                                                  masked))
+    else:
+        model.requires_grad_(True)
+        _mask_gradients(model, masks)
     accumulation = config.batch_size // config.micro_batch_size
     checkpoints = out / "checkpoints"
     args = TrainingArguments(
         output_dir=str(checkpoints), per_device_train_batch_size=config.micro_batch_size,
         gradient_accumulation_steps=accumulation, num_train_epochs=config.epochs, learning_rate=config.lr,
-        lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio, logging_steps=1,
+        lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio, logging_steps=1, weight_decay=0.0,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=2, seed=config.seed,
         data_seed=config.seed, report_to=[], bf16=dtype == "bf16", use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
     )
-    trainer = Trainer(model=model, args=args, train_dataset=_Examples(encoded),
-                      data_collator=lambda f: collate_for_training(f, tokenizer.pad_token_id),
-                      callbacks=[*callbacks, _report_saves()])
+    extra = [_keep_zeros(masks)] if config.adapter == "full" and masks else []
+    trainer = trainer_class(config.loss)(
+        model=model, args=args, train_dataset=_Examples(encoded),
+        data_collator=lambda f: collate_for_training(f, tokenizer.pad_token_id),
+        callbacks=[*callbacks, *extra, _report_saves()],
+        **({} if config.loss == "nll" else {"teacher": teacher, "loss": config.loss,
+                                             "temperature": config.kd_temperature, "alpha": config.kd_alpha,
+                                             "positions": config.kd_positions}))
     resume_from = _checkpoint_to_resume(config, checkpoints, encoded, dtype)
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - t0
 
     trained_tokens = sum(len(e.input_ids) for e in encoded) * config.epochs
-    losses = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
+    losses = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate"),
+               **{k: h[k] for k in ("nll", "kd") if k in h}}
               for h in trainer.state.log_history if "loss" in h]
-    model.save_pretrained(out / "adapter")
-    merged = model.merge_and_unload()
-    apply_masks(merged, masks)
+    probe = [collate_for_training(trainer.train_dataset[i:i + config.micro_batch_size], tokenizer.pad_token_id)
+             for i in range(0, min(len(encoded), 2 * config.micro_batch_size), config.micro_batch_size)]
+    trained_logits = _logits(model, probe)
+    if config.adapter == "lora":
+        model.save_pretrained(out / "adapter")
+        merged = model.merge_and_unload()
+    else:
+        merged = model
+    apply_masks(merged, masks)  # exact already for masked LoRA and full; today's re-masking for sparse_lora=off
+    merge_diff = max((a - b).abs().max().item() for a, b in zip(trained_logits, _logits(merged, probe)))
     with atomic_dir(out / "merged") as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    zeros_after = sum(int((dict(merged.named_modules())[n].weight == 0).sum()) for n in masks)
     train_log = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "dtype": dtype, "records": len(encoded), "steps": trainer.state.global_step,
         "epochs": config.epochs, "loss_curve": losses, "final_train_loss": result.training_loss,
         "seconds": round(seconds, 2), "tokens_per_s": round(trained_tokens / seconds, 1) if seconds else None,
+        "seconds_per_step": round(seconds / max(trainer.state.global_step, 1), 3),
         "peak_memory_gb": round(_peak_memory_gb(), 3), "sparse_layers": len(masks),
-        "zeros_kept": int(sum(m.sum().item() for m in masks.values())),
+        "zeros_kept": int(sum(m.sum().item() for m in masks.values())), "zeros_after_merge": zeros_after,
+        "sparse_lora": "masked" if masked else "off", "merge_max_logit_diff": merge_diff,
         "resumed_from": resume_from, "skipped_records": skipped.summary(),
     }
     write_json(out / "train_log.json", train_log)
     return train_log
 
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, batches: Sequence[dict]) -> list[torch.Tensor]:
+    """fp32 logits at the real positions of a few batches (the merge check)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        out.append(logits.float()[batch["attention_mask"].to(device).bool()].cpu())
+    model.train(was_training)
+    return out
+
+
+def _mask_gradients(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Full-parameter recovery: pruned positions get zero gradient (so Adam, without weight decay, never
+    moves them)."""
+    modules = dict(model.named_modules())
+    for name, zeros in masks.items():
+        keep = (~zeros).to(modules[name].weight.device)
+        modules[name].weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype))
+
+
+def _keep_zeros(masks: dict[str, torch.Tensor]) -> Any:
+    """Re-applies the pruned zeros after every optimizer step (a guard beside the masked gradients)."""
+    from transformers import TrainerCallback
+
+    class KeepZeros(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if model is not None:
+                apply_masks(model, masks)
+
+    return KeepZeros()

@@ -11,7 +11,7 @@ import os
 
 log = logging.getLogger(__name__)
 
-BUSY_LOAD_FRACTION = 0.75  # a 1-minute load average above this share of our CPUs means another heavy job
+BUSY_FRACTION = 0.75  # other processes using this share of our CPUs means another heavy job
 
 
 def available_cpus() -> int:
@@ -24,7 +24,7 @@ def available_cpus() -> int:
 def configure_threads(threads: int | None = None, warn_if_busy: bool = True) -> int:
     """Set torch's intra-op threads to ``threads`` (default: :func:`available_cpus`); returns the number.
 
-    Warns when the load average says another heavy job already runs on these CPUs.
+    Warns when other processes already keep these CPUs busy.
     """
     import torch
 
@@ -35,10 +35,25 @@ def configure_threads(threads: int | None = None, warn_if_busy: bool = True) -> 
         raise ConfigError(f"threads must be at least 1, not {threads}")
     threads = threads or cpus
     torch.set_num_threads(threads)
-    if warn_if_busy and hasattr(os, "getloadavg"):
-        load = os.getloadavg()[0]
-        if load >= max(1.0, BUSY_LOAD_FRACTION * cpus):
-            log.warning("the 1-minute load average is %.1f on %d CPU(s): another heavy job seems to be running; "
+    if warn_if_busy:
+        busy = busy_cpus()
+        if busy >= max(1.0, BUSY_FRACTION * cpus):
+            log.warning("other processes are using %.1f of %d CPU(s): another heavy job seems to be running; "
                         "two torch jobs on the same cores slow each other far more than 2x (run one at a time, "
-                        "or split the cores with --threads)", load, cpus)
+                        "or split the cores with --threads)", busy, cpus)
     return threads
+
+
+def busy_cpus(interval: float = 0.25) -> float:
+    """CPUs' worth of work that *other* processes do right now (sampled over ``interval`` seconds).
+
+    A direct sample, not the load average: the 1-minute load average still counts a job that has just
+    finished, and would warn about it.
+    """
+    import psutil
+
+    me = psutil.Process()
+    mine = me.cpu_times()
+    total = psutil.cpu_percent(interval=interval) / 100 * psutil.cpu_count()
+    spent = sum(me.cpu_times()[:2]) - sum(mine[:2])
+    return max(0.0, total - spent / interval)

@@ -1,0 +1,70 @@
+"""Recovery objectives: the reference answers' NLL, distillation from the original model, or a mix.
+
+``kd`` is the forward KL from the teacher's next-token distribution to the student's, at response
+positions (``positions="all"``: every real position), with temperature T (scaled by T^2, as usual):
+
+    KD = T^2 * mean_t sum_v p_T(v | t) (log p_T(v | t) - log p_S(v | t)),   p = softmax(logits / T)
+
+``mix`` = alpha * KD + (1 - alpha) * NLL. The teacher runs without gradients on the same batch. Each term's
+per-step mean is logged beside the loss (``nll``, ``kd`` in ``train_log.json``'s loss curve).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, positions: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """Mean over the selected positions of KL(teacher || student), times T^2."""
+    s = student_logits[positions].float() / temperature
+    t = teacher_logits[positions].float() / temperature
+    log_t = t.log_softmax(-1)
+    kl = (log_t.exp() * (log_t - s.log_softmax(-1))).sum(-1)
+    return kl.mean() * temperature ** 2
+
+
+def trainer_class(loss: str) -> type:
+    """The Trainer for an objective: the stock one for ``nll``, :class:`DistillTrainer` otherwise."""
+    from transformers import Trainer
+
+    if loss == "nll":
+        return Trainer
+
+    class DistillTrainer(Trainer):
+        def __init__(self, *args: Any, teacher: Any, loss: str, temperature: float, alpha: float, positions: str,
+                     **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.teacher, self.objective = teacher, loss
+            self.temperature, self.alpha, self.kd_positions = temperature, alpha, positions
+            self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean: let the Trainer average
+            self._terms: dict[str, list[float]] = {"nll": [], "kd": []}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+            outputs = model(input_ids=ids, attention_mask=mask)
+            logits = outputs.logits[:, :-1]
+            targets = labels[:, 1:]
+            response = targets != IGNORE_INDEX
+            nll = torch.nn.functional.cross_entropy(logits[response].float(), targets[response])
+            positions = response if self.kd_positions == "response" else mask[:, 1:].bool()
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            kd = kd_loss(logits, teacher_logits, positions, self.temperature)
+            loss = kd if self.objective == "kd" else self.alpha * kd + (1 - self.alpha) * nll
+            self._terms["nll"].append(nll.item())
+            self._terms["kd"].append(kd.item())
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
+            if "loss" in logs and self._terms["kd"]:
+                for name, values in self._terms.items():
+                    logs[name] = round(sum(values) / len(values), 4)
+                    values.clear()
+            super().log(logs, *args, **kwargs)
+
+    return DistillTrainer
