@@ -184,3 +184,20 @@ def test_full_parameter_recovery_keeps_zeros(tmp_path, sparse_tiny):
     changed = [n for (n, m), (_, b) in zip(merged.named_parameters(), before.named_parameters()) if not torch.equal(m, b)]
     assert len(changed) > 10  # every kind of weight trains, not just adapters
     assert not (tmp_path / "rec" / "adapter").exists()
+
+
+def test_teacher_cache_with_the_whole_vocabulary_equals_the_live_teacher(tmp_path, sparse_tiny, tiny_model_dir,
+                                                                        monkeypatch):
+    monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
+    common = dict(epochs=1, loss="kd", teacher=str(tiny_model_dir))
+    live = run_recovery(small_config(tmp_path, sparse_tiny, out=tmp_path / "live", **common))
+    cached = run_recovery(small_config(tmp_path, sparse_tiny, out=tmp_path / "cached", teacher_cache="topk",
+                                       teacher_topk=100_000, **common))
+    assert [p["kd"] for p in cached["loss_curve"]] == pytest.approx([p["kd"] for p in live["loss_curve"]], rel=1e-4)
+    assert list((tmp_path / "cache" / "teacher").glob("*.npz"))
+    small = run_recovery(small_config(tmp_path, sparse_tiny, out=tmp_path / "k8", teacher_cache="topk",
+                                      teacher_topk=8, **common))
+    first_live, first_small = live["loss_curve"][0]["kd"], small["loss_curve"][0]["kd"]
+    assert first_small <= first_live + 1e-4  # the bucketed KL never exceeds the full one
+    with pytest.raises(ConfigError, match="temperature 1"):
+        small_config(tmp_path, sparse_tiny, teacher_cache="topk", kd_temperature=2.0, **common).validate()

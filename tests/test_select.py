@@ -3,25 +3,19 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from paser.errors import ConfigError, ModelError
 from paser.select import SelectConfig, run_selection
+from tests_helpers import select_config, write_demo_data
 
 
 @pytest.fixture()
 def demo_subset(tmp_path):
-    from paser.demo_data import demo_records
-
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:400]))
-    return path
+    return write_demo_data(tmp_path / "data.jsonl", 400)
 
 
 def config(tmp_path, original, pruned, data, **overrides):
-    base = dict(original=str(original), pruned=str(pruned), data=str(data), budget=60, out=tmp_path / "out",
-                dtype="fp32", cache_dir=tmp_path / "cache", batch_size=32)
-    return SelectConfig(**(base | overrides))
+    return select_config(tmp_path, original, pruned, data, **({"budget": 60, "batch_size": 32} | overrides))
 
 
 def test_end_to_end_with_tiny_models(tmp_path, tiny_model_dir, tiny_pruned_dir, demo_subset, monkeypatch):

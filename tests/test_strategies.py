@@ -1,29 +1,23 @@
 """Selection strategies: each baseline against a direct computation, the ablation switches, the bootstrap."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from paser.data import Encoded, PromptFormatter, load_records
-from paser.select import SelectConfig, run_selection
+from paser.data import PromptFormatter, load_records
+from paser.select import run_selection
+from tests_helpers import select_config, write_demo_data
 
 
 @pytest.fixture()
 def pool(tmp_path):
-    from paser.demo_data import demo_records
-
-    path = tmp_path / "pool.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:160]))
-    return path
+    return write_demo_data(tmp_path / "pool.jsonl", 160)
 
 
 def config(tmp_path, original, pruned, data, **overrides):
-    base = dict(original=str(original), pruned=str(pruned), data=str(data), budget=30, out=tmp_path / "out",
-                dtype="fp32", cache_dir=tmp_path / "cache", batch_size=16, max_length=64)
-    return SelectConfig(**(base | overrides))
+    return select_config(tmp_path, original, pruned, data, **({"budget": 30, "batch_size": 16, "max_length": 64} | overrides))
 
 
 def test_random_loads_no_model(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, monkeypatch):

@@ -45,3 +45,20 @@ def write_fixtures(directory, rows=10):
                     doc["choices"] = [c + " " + doc["continuation"] for c in doc["context_options"]]
                 f.write(json.dumps(doc) + "\n")
     return directory
+
+
+def write_demo_data(path: Path, n: int) -> Path:
+    """The first ``n`` built-in demo training records as a JSONL file (extra fields such as ``skill`` kept)."""
+    from paser.demo_data import demo_records
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:n]))
+    return path
+
+
+def select_config(tmp_path, original, pruned, data, **overrides):
+    """A SelectConfig on tiny models with its own cache; ``overrides`` win."""
+    from paser.select import SelectConfig
+
+    base = dict(original=str(original), pruned=str(pruned), data=str(data), out=tmp_path / "out", dtype="fp32",
+                cache_dir=tmp_path / "cache")
+    return SelectConfig(**(base | overrides))

@@ -172,6 +172,8 @@ def recover(
     kd_temperature: float = typer.Option(1.0, help="kd/mix: softmax temperature of both distributions."),
     kd_alpha: float = typer.Option(0.5, help="mix: alpha * kd + (1 - alpha) * nll."),
     kd_positions: str = typer.Option("response", help="kd/mix: response | all (prompt positions too)."),
+    teacher_cache: str = typer.Option("none", help="kd/mix: none (the teacher runs beside the student) | topk (its top-k log-probs computed once and stored; only the student stays in memory)."),
+    teacher_topk: int = typer.Option(64, help="kd/mix with --teacher-cache topk: k."),
 ) -> None:
     """Recover a pruned model on selected data: LoRA (or all weights), NLL or distillation from the original.
 
@@ -187,7 +189,7 @@ def recover(
         micro_batch_size=micro_batch_size, dtype=dtype, resume=resume, warmup_ratio=warmup_ratio,
         save_steps=save_steps, seed=seed, limit=limit, bad_records=bad_records, adapter=adapter,
         sparse_lora=sparse_lora, loss=loss, teacher=teacher, kd_temperature=kd_temperature, kd_alpha=kd_alpha,
-        kd_positions=kd_positions))
+        kd_positions=kd_positions, teacher_cache=teacher_cache, teacher_topk=teacher_topk))
     curve = train_log["loss_curve"]
     first, last = (curve[0]["loss"], curve[-1]["loss"]) if curve else (float("nan"), float("nan"))
     typer.echo(f"{train_log['steps']} steps in {train_log['seconds']:.0f}s ({train_log['tokens_per_s']} tok/s); "

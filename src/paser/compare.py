@@ -17,7 +17,7 @@ and pruned references). The 95% interval is the 2.5th to 97.5th percentile of th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -5,7 +5,9 @@ positions (``positions="all"``: every real position), with temperature T (scaled
 
     KD = T^2 * mean_t sum_v p_T(v | t) (log p_T(v | t) - log p_S(v | t)),   p = softmax(logits / T)
 
-``mix`` = alpha * KD + (1 - alpha) * NLL. The teacher runs without gradients on the same batch. Each term's
+``mix`` = alpha * KD + (1 - alpha) * NLL. The teacher runs without gradients on the same batch, or is read
+from its stored top-k log-probabilities (:mod:`paser.teacher`; the KL over the top-k buckets and the tail,
+at response positions and temperature 1). Each term's
 per-step mean is logged beside the loss (``nll``, ``kd`` in ``train_log.json``'s loss curve).
 """
 
@@ -13,7 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
+
+from .teacher import TopK, bucketed_kl
 
 IGNORE_INDEX = -100
 
@@ -51,10 +56,18 @@ def trainer_class(loss: str) -> type:
             targets = labels[:, 1:]
             response = targets != IGNORE_INDEX
             nll = torch.nn.functional.cross_entropy(logits[response].float(), targets[response])
-            positions = response if self.kd_positions == "response" else mask[:, 1:].bool()
-            with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            kd = kd_loss(logits, teacher_logits, positions, self.temperature)
+            if isinstance(self.teacher, TopK):  # the stored teacher: its rows are each record's response positions
+                offsets = self.teacher.offsets
+                rows = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in inputs["record"].tolist()])
+                device = logits.device
+                kd = bucketed_kl(torch.from_numpy(self.teacher.logprobs[rows]).to(device),
+                                 torch.from_numpy(self.teacher.ids[rows]).to(device),
+                                 torch.from_numpy(self.teacher.log_tail[rows]).to(device), logits[response]).mean()
+            else:
+                positions = response if self.kd_positions == "response" else mask[:, 1:].bool()
+                with torch.no_grad():
+                    teacher_logits = self.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+                kd = kd_loss(logits, teacher_logits, positions, self.temperature)
             loss = kd if self.objective == "kd" else self.alpha * kd + (1 - self.alpha) * nll
             self._terms["nll"].append(nll.item())
             self._terms["kd"].append(kd.item())

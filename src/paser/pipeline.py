@@ -37,6 +37,42 @@ STAGES = ("data", "prune", "select", "recover", "evaluate")
 
 
 # ------------------------------------------------------------------------------------------- config
+# The fields each stage hashed in full when these hashes were introduced. A field added since enters a stage's
+# hash only when it is set away from its default, so a new option does not redo finished runs. (Changing the
+# default of such a field changes results: list the field here then.)
+HASHED_FIELDS = {
+    "prune": frozenset({"calib_data", "calib_samples", "heldout_samples", "method", "pattern", "seed", "seq_len",
+                        "sparsity"}),
+    "select": frozenset({"allocation", "anchor_data", "anchors", "bad_records", "batch_size", "budget", "cache_dir",
+                         "ccg", "cluster_method", "clusters", "columns", "concepts_per_sample", "dsir_buckets",
+                         "dtype", "duplicates", "embedder", "ifd_model", "limit", "max_length", "method",
+                         "nuggets_candidates", "score", "seed", "target", "target_limit", "target_sources",
+                         "template"}),
+    "recover": frozenset({"adapter", "bad_records", "batch_size", "cutoff_len", "epochs", "group_by_length",
+                          "kd_alpha", "kd_positions", "kd_temperature", "lora_alpha", "lora_dropout", "lora_r",
+                          "loss", "lr", "micro_batch_size", "save_steps", "seed", "sparse_lora", "targets",
+                          "teacher", "template", "warmup_ratio"}),
+    "evaluate": frozenset({"bad_records", "batch_size", "demo_questions", "demo_skills", "dtype", "labels", "limit",
+                           "ppl", "ppl_seqlen", "ppl_windows", "response_max_length", "response_ppl",
+                           "response_ppl_limit", "task_dir", "tasks"}),
+}
+
+
+def _hashed(section: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as they enter a stage hash (see :data:`HASHED_FIELDS`)."""
+    from .evaluate import EvaluateConfig
+    from .prune import PruneConfig
+    from .recover import RecoverConfig
+    from .select import SelectConfig
+
+    cls = {"prune": PruneConfig, "select": SelectConfig, "recover": RecoverConfig, "evaluate": EvaluateConfig}[section]
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else
+                (f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+                for f in dataclasses.fields(cls)}
+    return {k: v for k, v in settings.items()
+            if k in HASHED_FIELDS[section] or k not in defaults or v != defaults[k]}
+
+
 def _section_fields(cls: type, wired: set[str]) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.name not in wired}
 
@@ -188,7 +224,6 @@ def _semantic_checks(config: PipelineConfig) -> None:
     from .evaluate import EvaluateConfig
     from .prune import PruneConfig
     from .recover import RecoverConfig
-    from .select import SelectConfig
 
     checks = []
     if config.prune is not None:
@@ -588,7 +623,7 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
     else:
         directory = out / "prune"
         prune_settings = {**config.prune, "calib_data": _resolve(config.prune["calib_data"], files)}
-        inputs = {"model": model_id, "prune": config.prune,
+        inputs = {"model": model_id, "prune": _hashed("prune", config.prune),
                   "calibration": data_hash if config.prune["calib_data"] == CALIBRATION else None}
         with runner.stage("prune", directory, inputs) as notes:
             if notes is not None:
@@ -607,8 +642,8 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
             directory = out / "select" / key
             select_config = _select_config(config, pruned, arm, seed, directory, files.get("slice"))
             inputs = {"model": model_id, "pruned": prune_hash, "data": data_hash,
-                      "select": {k: v for k, v in dataclasses.asdict(select_config).items()
-                                 if k not in ("out", "original", "pruned", "data")}}
+                      "select": _hashed("select", {k: v for k, v in dataclasses.asdict(select_config).items()
+                                                   if k not in ("out", "original", "pruned", "data")})}
             with runner.stage("select", directory, inputs) as notes:
                 if notes is not None:
                     summary = run_selection(select_config).summary
@@ -620,7 +655,8 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
 
             directory = out / "recover" / key
             settings = _arm_recover(config, arm, seed)
-            inputs = {"pruned": prune_hash, "selection": select_hash, "recover": settings, "dtype": config.dtype}
+            inputs = {"pruned": prune_hash, "selection": select_hash, "recover": _hashed("recover", settings),
+                      "dtype": config.dtype}
             with runner.stage("recover", directory, inputs) as notes:
                 if notes is not None:
                     run_recovery(RecoverConfig(model=pruned, data=str(out / "select" / key / "selected.jsonl"),
@@ -636,7 +672,7 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
     labels = ["dense", prune_label, *(f"{prune_label} + {k}" for k in recovered)]
     evaluate_kwargs = _evaluate_kwargs(config, models, directory / "results.json", labels, files)
     inputs = {"model": model_id, "pruned": prune_hash, "recovered": recover_hashes, "data": data_hash,
-              "evaluate": {k: v for k, v in evaluate_kwargs.items() if k not in ("models", "out")}}
+              "evaluate": _hashed("evaluate", {k: v for k, v in evaluate_kwargs.items() if k not in ("models", "out")})}
     with runner.stage("evaluate", directory, inputs) as notes:
         if notes is not None:
             run_evaluation(EvaluateConfig(**evaluate_kwargs))

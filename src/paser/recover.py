@@ -64,6 +64,8 @@ class RecoverConfig:
     kd_temperature: float = 1.0
     kd_alpha: float = 0.5  # mix: alpha * kd + (1 - alpha) * nll
     kd_positions: str = "response"  # response | all (prompt positions too)
+    teacher_cache: str = "none"  # none: the teacher runs live | topk: its top-k log-probs computed once, stored
+    teacher_topk: int = 64  # k of the teacher cache
 
     def validate(self) -> None:
         for name, allowed in (("adapter", ("lora", "full")), ("sparse_lora", ("masked", "off")),
@@ -72,6 +74,13 @@ class RecoverConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
         if self.loss != "nll" and not self.teacher:
             raise ConfigError(f"loss '{self.loss}' needs a teacher model (--teacher, the original model)")
+        if self.teacher_cache not in ("none", "topk"):
+            raise ConfigError(f"teacher_cache must be none or topk, not '{self.teacher_cache}'")
+        if self.teacher_cache == "topk" and (self.kd_positions != "response" or self.kd_temperature != 1.0):
+            raise ConfigError("the top-k teacher cache holds response positions at temperature 1: use "
+                              "kd_positions response and kd_temperature 1")
+        if self.teacher_topk < 1:
+            raise ConfigError(f"teacher_topk must be at least 1, not {self.teacher_topk}")
         if not 0 <= self.kd_alpha <= 1 or not self.kd_temperature > 0:
             raise ConfigError("kd_alpha must be in [0, 1] and kd_temperature positive")
         if self.bad_records not in BAD_RECORD_POLICIES:
@@ -93,8 +102,9 @@ def labels_for(encoded: Encoded) -> list[int]:
 
 
 class _Examples(torch.utils.data.Dataset):
-    def __init__(self, encoded: Sequence[Encoded]):
-        self.items = [{"input_ids": e.input_ids, "labels": labels_for(e)} for e in encoded]
+    def __init__(self, encoded: Sequence[Encoded], with_record: bool = False):
+        self.items = [{"input_ids": e.input_ids, "labels": labels_for(e), **({"record": i} if with_record else {})}
+                      for i, e in enumerate(encoded)]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -107,7 +117,10 @@ def collate_for_training(features: Sequence[dict], pad_id: int) -> dict[str, tor
     """Right-pad a micro-batch; padding gets attention 0 and label -100."""
     ids, attention = pad_right([f["input_ids"] for f in features], pad_id)
     labels, _ = pad_right([f["labels"] for f in features], IGNORE_INDEX)
-    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": attention}
+    if "record" in features[0]:  # which records: the teacher cache's rows
+        batch["record"] = torch.tensor([f["record"] for f in features])
+    return batch
 
 
 def _peak_memory_gb() -> float:
@@ -186,6 +199,8 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
         teacher, teacher_tokenizer = load_model(config.teacher or config.model, dtype=dtype)
         check_compatible(tokenizer, teacher_tokenizer, model, teacher)
         teacher.eval().requires_grad_(False)
+        if config.teacher_cache == "topk":
+            teacher = _teacher_store(teacher, config, encoded, tokenizer.pad_token_id, dtype)  # frees the teacher
 
     if config.adapter == "lora":
         targets: Any = (config.targets if config.targets == "all-linear"
@@ -208,7 +223,7 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
     )
     extra = [_keep_zeros(masks)] if config.adapter == "full" and masks else []
     trainer = trainer_class(config.loss)(
-        model=model, args=args, train_dataset=_Examples(encoded),
+        model=model, args=args, train_dataset=_Examples(encoded, with_record=config.teacher_cache == "topk"),
         data_collator=lambda f: collate_for_training(f, tokenizer.pad_token_id),
         callbacks=[*callbacks, *extra, _report_saves()],
         **({} if config.loss == "nll" else {"teacher": teacher, "loss": config.loss,
@@ -250,6 +265,25 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
     }
     write_json(out / "train_log.json", train_log)
     return train_log
+
+
+def _teacher_store(teacher: Any, config: RecoverConfig, encoded: Sequence[Encoded], pad_id: int, dtype: str) -> Any:
+    """The teacher's top-k log-probabilities over the training set, computed once and cached by teacher,
+    data, k and dtype (:mod:`paser.teacher`); only the student stays resident while training."""
+    from .cache import cache_root, entry_lock
+    from .models import model_fingerprint
+    from .teacher import TopK, teacher_topk
+
+    key = stable_hash("teacher-topk-v1", model_fingerprint(config.teacher), [e.input_ids for e in encoded],
+                      [len(e.prompt_ids) for e in encoded], config.teacher_topk, dtype)
+    path = cache_root() / "teacher" / f"{key}.npz"
+    with entry_lock(path, "the teacher's top-k cache"):
+        if path.exists():
+            log.info("teacher top-%d cache: from %s", config.teacher_topk, path)
+            return TopK.load(path)
+        store = teacher_topk(teacher, encoded, pad_id, k=config.teacher_topk)
+        store.save(path)
+    return store
 
 
 @torch.no_grad()

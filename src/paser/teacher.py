@@ -1,0 +1,135 @@
+"""The stored teacher signal: the original model's top-k log-probabilities at response positions.
+
+One format, two uses: the distillation teacher cache (recovery trains with only the student resident) and
+JSD scoring with one model resident (pass 1 runs only the original model; pass 2 only the pruned one).
+
+Per response position we keep the k largest log-probabilities of the teacher, their token ids, and the log
+of the remaining (tail) mass ``p_T = 1 - sum_{v in S} p(v)``. Divergences against a student distribution q
+are then computed over the k + 1 buckets ``S + {tail}``, with ``q_T = 1 - sum_{v in S} q(v)`` from the
+student's full distribution:
+
+    KL_b(p || q) = sum_{v in S} p(v) log(p(v) / q(v)) + p_T log(p_T / q_T)
+
+Error bound. Merging the tail into one bucket is a coarsening, so by the chain rule of f-divergences
+``KL = KL_b + p_T KL(p~ || q~)`` (``p~``, ``q~``: the tails renormalised) and ``0 <= KL - KL_b``; for the
+KL the gap is not bounded in general (q's tail can be tiny where p's is not), which is why the cache keeps
+the tail mass and why k should cover most of the teacher's mass. For the Jensen-Shannon divergence the
+same chain rule gives, with ``m = (p + q) / 2``,
+
+    JSD - JSD_b = (p_T + q_T) / 2 * JS_pi(p~, q~),   pi = (p_T, q_T) / (p_T + q_T),
+
+a weighted JS divergence, itself at most the entropy of ``pi`` (at most ln 2). Hence
+
+    0 <= JSD - JSD_b <= (p_T + q_T) / 2 * H(pi) <= (p_T + q_T) / 2 * ln 2,
+
+computable per position from the two tail masses. With k = the vocabulary size both tails are 0 and
+the bucketed values are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .data import Encoded
+from .score import _decoder_and_head, _head, collate, length_buckets
+
+LN2 = math.log(2.0)
+TAIL_FLOOR = math.log(1e-30)  # the student's tail mass is at least this (log): finite divergences
+
+
+@dataclass
+class TopK:
+    """Top-k teacher log-probabilities at every response position of N records (rows concatenated)."""
+
+    logprobs: np.ndarray  # (rows, k) float32, descending
+    ids: np.ndarray  # (rows, k) int32
+    log_tail: np.ndarray  # (rows,) float32: log of the mass outside the top k (-inf when none)
+    offsets: np.ndarray  # (N + 1,) int64: record i's rows are offsets[i]:offsets[i + 1]
+
+    def rows(self, i: int) -> slice:
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+    def save(self, path: Any) -> None:
+        from .cache import atomic_path
+
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, logprobs=self.logprobs, ids=self.ids, log_tail=self.log_tail, offsets=self.offsets)
+
+    @classmethod
+    def load(cls, path: Any) -> "TopK":
+        data = np.load(path)
+        return cls(data["logprobs"], data["ids"], data["log_tail"], data["offsets"])
+
+
+def _log_tail(top_logprobs: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum exp(top)) computed stably; -inf when the top k hold all the mass."""
+    covered = torch.logsumexp(top_logprobs.double(), dim=-1)
+    return torch.log((-torch.expm1(covered)).clamp_min(0.0)).float()  # log(1 - e^covered)
+
+
+@torch.no_grad()
+def teacher_topk(model: Any, encoded: Sequence[Encoded], pad_id: int, k: int = 64, batch_size: int = 16,
+                 max_batch_tokens: int = 4096, chunk_rows: int = 128) -> TopK:
+    """One pass of the teacher over every record; keeps the top-k log-probabilities per response position."""
+    device = next(model.parameters()).device
+    decoder, head, softcap = _decoder_and_head(model)
+    counts = [len(e.response_ids) for e in encoded]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    k = min(k, model.get_output_embeddings().weight.shape[0])
+    logprobs = np.zeros((offsets[-1], k), dtype=np.float32)
+    ids = np.zeros((offsets[-1], k), dtype=np.int32)
+    log_tail = np.zeros(offsets[-1], dtype=np.float32)
+    lengths = [len(e.input_ids) for e in encoded]
+    for batch in length_buckets(lengths, batch_size, max_batch_tokens):
+        ids_t, attention, predicts_response, _ = collate([encoded[i] for i in batch], pad_id)
+        states = decoder(input_ids=ids_t.to(device), attention_mask=attention.to(device)).last_hidden_state
+        hidden = states[predicts_response.to(device)]  # rows in batch order, each record's positions in order
+        rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in batch])
+        for start in range(0, hidden.shape[0], chunk_rows):
+            sl = slice(start, start + chunk_rows)
+            logp = _head(head, hidden[sl], softcap).float().log_softmax(-1)
+            top = logp.topk(k, dim=-1)
+            logprobs[rows[sl]] = top.values.cpu().numpy()
+            ids[rows[sl]] = top.indices.cpu().numpy()
+            log_tail[rows[sl]] = _log_tail(top.values).cpu().numpy()
+    return TopK(logprobs, ids, log_tail, offsets)
+
+
+def _buckets(top_logprobs: torch.Tensor, top_ids: torch.Tensor, log_tail: torch.Tensor,
+             student_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher, student) log-probabilities over the k + 1 buckets (the top-k tokens, then the tail)."""
+    log_q = student_logits.float().log_softmax(-1)
+    q_top = log_q.gather(-1, top_ids.long())
+    log_q_tail = _log_tail(q_top).clamp_min(TAIL_FLOOR)  # rounding can leave p a tail where q's rounds to 0
+    return (torch.cat([top_logprobs.float(), log_tail.float().unsqueeze(-1)], -1),
+            torch.cat([q_top, log_q_tail.unsqueeze(-1)], -1))
+
+
+def bucketed_kl(top_logprobs: torch.Tensor, top_ids: torch.Tensor, log_tail: torch.Tensor,
+                student_logits: torch.Tensor) -> torch.Tensor:
+    """Per row: KL_b(teacher || student) over the top-k buckets and the tail (see the module doc)."""
+    log_p, log_q = _buckets(top_logprobs, top_ids, log_tail, student_logits)
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+def bucketed_jsd(top_logprobs: torch.Tensor, top_ids: torch.Tensor, log_tail: torch.Tensor,
+                 student_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: JSD_b over the buckets, and the bound on JSD - JSD_b: (p_T + q_T) / 2 * H(pi)."""
+    log_p, log_q = _buckets(top_logprobs, top_ids, log_tail, student_logits)
+    p, q = log_p.exp(), log_q.exp()
+    log_m = ((p + q) / 2).clamp_min(torch.finfo(torch.float32).tiny).log()
+    kl_p = torch.where(p > 0, p * (log_p - log_m), torch.zeros_like(p)).sum(-1)
+    kl_q = torch.where(q > 0, q * (log_q - log_m), torch.zeros_like(q)).sum(-1)
+    jsd = (0.5 * (kl_p + kl_q)).clamp(0.0, LN2)
+    p_t, q_t = p[..., -1], q[..., -1]
+    total = p_t + q_t
+    pi = torch.stack([p_t, q_t], -1) / total.clamp_min(1e-30).unsqueeze(-1)
+    entropy = -(torch.where(pi > 0, pi * pi.clamp_min(1e-30).log(), torch.zeros_like(pi))).sum(-1)
+    return jsd, total / 2 * entropy
