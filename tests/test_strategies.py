@@ -186,3 +186,46 @@ def test_paired_bootstrap_matches_hand_computation():
     assert got["std"] == pytest.approx(np.std([means["p0"], means["p1"]], ddof=1))
     assert got["paired_seeds"] and got["verdict"] in {"better", "worse", "within noise"}
     assert math.isfinite(got["mean"])
+
+
+def test_specific_concept_rule_never_erases_a_cluster(tmp_path, tiny_model_dir, tiny_pruned_dir, pool):
+    paper = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, budget=60, clusters=6))
+    specific = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, budget=60, clusters=6,
+                                    ccg_rule="specific", ccg_max_df=0.05, out=tmp_path / "s"))
+    assert specific.summary["ccg"]["rule"] == "specific" and specific.summary["ccg"]["specific_concepts"] > 0
+    assert specific.summary["ccg"]["rejected"] < paper.summary["ccg"]["rejected"]
+    for c in specific.summary["clusters"]:
+        assert c["rejected"] <= c["budget"]  # the cap
+        if c["budget"] and c["size"] > c["budget"]:
+            assert c["selected"] > 0
+    np.testing.assert_array_equal(specific.scores["cluster"], paper.scores["cluster"])  # only the filter changed
+    # boilerplate concepts (in more than 5% of the records) are out of the graph
+    from collections import Counter
+
+    from paser.ccg import extract_concepts
+
+    records = load_records(pool)
+    df = Counter(c for r in records for c in extract_concepts(f"{r.user_text}\n{r.output}", 5))
+    assert sum(n > 0.05 * len(records) for n in df.values()) >= 1
+    assert specific.summary["ccg"]["specific_concepts"] == sum(n <= 0.05 * len(records) for n in df.values())
+
+
+def test_sampling_inside_clusters_and_original_loss_filter(tmp_path, tiny_model_dir, tiny_pruned_dir, pool):
+    top = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, budget=40, clusters=4, ccg=False))
+    kw = dict(budget=40, clusters=4, ccg=False, within="sample")
+    sampled = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, out=tmp_path / "a", **kw))
+    again = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, out=tmp_path / "b", **kw))
+    assert sampled.indices == again.indices and set(sampled.indices) != set(top.indices)
+    assert [c["budget"] for c in sampled.summary["clusters"]] == [c["budget"] for c in top.summary["clusters"]]
+    filtered = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, budget=40, clusters=4, ccg=False,
+                                    drop_original_loss_above=0.8, out=tmp_path / "f"))
+    loss = filtered.scores["loss_original"].to_numpy()
+    noisy = loss > np.quantile(loss, 0.8)
+    assert filtered.summary["original_loss_filtered"] == noisy.sum()
+    chosen = np.zeros(len(loss), dtype=bool)
+    chosen[filtered.positions] = True
+    labels = filtered.scores["cluster"].to_numpy()
+    for c in filtered.summary["clusters"]:  # a noisy record is taken only once its cluster's clean ones ran out
+        members = labels == c["cluster"]
+        if (chosen & members & noisy).any():
+            assert (chosen[members & ~noisy]).all()

@@ -25,8 +25,12 @@ _state = {"debug": False}
 log = logging.getLogger("paser")
 
 
+HEAVY_COMMANDS = {"prune", "select", "recover", "evaluate", "run", "demo"}  # the ones a busy CPU slows
+
+
 @app.callback()
 def _global_options(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
@@ -44,7 +48,7 @@ def _global_options(
     if not {"-h", "--help"} & set(sys.argv[1:]):  # help needs no torch
         from .runtime import configure_threads
 
-        configure_threads(threads)
+        configure_threads(threads, warn_if_busy=ctx.invoked_subcommand in HEAVY_COMMANDS)
 
 
 # ------------------------------------------------------------------------------------------------ prune

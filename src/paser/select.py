@@ -80,6 +80,10 @@ class SelectConfig:
     target_sources: list[str] | None = None  # dsir: only target records whose 'source' field is listed
     target_limit: int | None = None  # dsir: at most this many target texts
     dsir_buckets: int = 10_000  # dsir: hash buckets for unigram + bigram features
+    ccg_rule: str = "paper"  # paper: any two known concepts never seen together conflict | specific (see strategies.paser)
+    ccg_max_df: float = 0.02  # specific rule: concepts in at most this share of the pool's records
+    within: str = "top"  # top: best IES first inside a cluster | sample: drawn in proportion to IES
+    drop_original_loss_above: float | None = None  # examine last the records above this quantile of original loss
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -94,6 +98,12 @@ class SelectConfig:
             raise ConfigError(f"score must be one of {', '.join(SCORERS)}, not '{self.score}'")
         if self.cluster_method not in CLUSTER_METHODS:
             raise ConfigError(f"cluster_method must be one of {', '.join(CLUSTER_METHODS)}, not '{self.cluster_method}'")
+        if self.ccg_rule not in ("paper", "specific") or self.within not in ("top", "sample"):
+            raise ConfigError(f"ccg_rule must be paper or specific and within top or sample, not "
+                              f"'{self.ccg_rule}' / '{self.within}'")
+        if not 0 < self.ccg_max_df <= 1 or (self.drop_original_loss_above is not None
+                                             and not 0 < self.drop_original_loss_above < 1):
+            raise ConfigError("ccg_max_df must be in (0, 1] and drop_original_loss_above a quantile in (0, 1)")
         if self.ifd_model not in ("original", "pruned"):
             raise ConfigError(f"ifd_model must be original or pruned, not '{self.ifd_model}'")
         if self.anchors < 1 or (self.nuggets_candidates is not None and self.nuggets_candidates < 1):

@@ -151,6 +151,26 @@ class SelectionContext:
                 model, encoded, self.tokenizer.pad_token_id, ScoreConfig(batch_size=self.config.batch_size),
                 cache_file=path, desc=f"response loss ({which}, {tag})"))
 
+    def concepts(self) -> list[frozenset[str]]:
+        """Every record's keyphrases (:func:`paser.ccg.extract_concepts`), cached on disk."""
+        if "concepts" not in self.info:
+            import json
+
+            from ..ccg import extract_concepts
+            from ..cache import write_json
+
+            top = self.config.concepts_per_sample
+            texts = [f"{r.user_text}\n{r.output}" for r in self.records]
+            path = self.cache / "concepts" / f"{stable_hash('concepts-v1', texts_fingerprint(texts), top)}.json"
+            with entry_lock(path, "the concepts"):
+                if path.exists():
+                    found = [frozenset(c) for c in json.loads(path.read_text())]
+                else:
+                    found = self._timed("concepts", lambda: [extract_concepts(t, top) for t in texts])
+                    write_json(path, [sorted(c) for c in found])
+            self.info["concepts"] = found
+        return self.info["concepts"]
+
     def embeddings(self) -> np.ndarray:
         if "embeddings" not in self.info:
             from ..embed import embed_records

@@ -3,6 +3,11 @@
 - ``paser``: capability clusters (diffusion map + NMF on MiniLM embeddings), per-cluster budgets from the
   clusters' degradation (``allocation``: ``cds`` is the paper's rule; ``size`` is "without CDS"), IES
   ranking inside a cluster (score / log cost), and the concept-consistency graph (``ccg``).
+- ``ccg_rule="specific"``: the concept-consistency graph over *specific* concepts only (document frequency
+  at most ``ccg_max_df`` of the pool), and no cluster rejects more candidates than its quota, so the filter
+  cannot erase a capability; ``within="sample"`` draws inside a cluster in proportion to IES instead of
+  taking the top; ``drop_original_loss_above=q`` examines last the records whose reference the original
+  model predicts worst (loss above the pool's q-quantile: noisy or unlearnable).
 - Without the semantic-structural clustering: ``cluster_method="random"`` (the same K, random
   assignment) and ``"kmeans-raw"`` (k-means on the raw embeddings, the same K); ``"kmeans"`` runs k-means
   on the diffusion coordinates instead of NMF.
@@ -46,6 +51,27 @@ def capability_clusters(ctx: SelectionContext, method: str) -> ClusterResult:
     return ClusterResult(relabel[labels], k, reference.eigenvalues, reference.coordinates)
 
 
+def within_cluster_key(efficiency: np.ndarray, within: str, seed: int) -> np.ndarray:
+    """The order inside a cluster: ``top`` ranks by IES; ``sample`` draws without replacement in proportion
+    to IES (Gumbel top-k on log IES), so the budget is not spent only on a cluster's extreme scores."""
+    if within == "top":
+        return efficiency
+    with np.errstate(divide="ignore"):
+        return np.log(np.maximum(efficiency, 0.0)) + np.random.default_rng(seed).gumbel(size=len(efficiency))
+
+
+def specific_concepts(ctx: SelectionContext) -> frozenset[str]:
+    """Concepts rare enough to carry meaning: in at most ``ccg_max_df`` of the pool's records (document
+    frequency over every record's keyphrases). Boilerplate such as 'answer', 'write' or 'python' is left
+    out of the graph, so it can never make two records conflict."""
+    from collections import Counter
+
+    config = ctx.config
+    frequency = Counter(c for found in ctx.concepts() for c in found)
+    limit = max(1.0, config.ccg_max_df * len(ctx.records))
+    return frozenset(c for c, n in frequency.items() if n <= limit)
+
+
 def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
     """PASER: clusters, per-cluster budgets by degradation, IES ranking, concept-consistency filter."""
     config = ctx.config
@@ -63,11 +89,18 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
     cost = ctx.table["prompt_tokens"].to_numpy() + ctx.table["response_tokens"].to_numpy()
     ctx.table["score"] = degradation
     efficiency = ies(degradation, cost)
+    order_key = within_cluster_key(efficiency, config.within, config.seed)
+    noisy = np.zeros(len(labels), dtype=bool)
+    if config.drop_original_loss_above is not None:  # references the original model itself cannot predict
+        loss_original = ctx.pair_scores()["loss_original"].to_numpy(np.float64)
+        noisy = loss_original > np.quantile(loss_original, config.drop_original_loss_above)
+        order_key = np.where(noisy, -np.inf, order_key)  # examined only after every other member
     members = [np.flatnonzero(labels == c) for c in range(k)]
-    ranked = [m[rank_within(efficiency[m])] for m in members]  # per cluster, best IES first
+    ranked = [m[rank_within(order_key[m])] for m in members]  # per cluster, best first
 
     graph = ConceptGraph()
     concepts: dict[int, frozenset[str]] = {}
+    specific = specific_concepts(ctx) if config.ccg and config.ccg_rule == "specific" else None
     chosen: list[list[int]] = [[] for _ in range(k)]
     rejected: list[list[tuple[int, tuple[str, str]]]] = [[] for _ in range(k)]
     cursor = np.zeros(k, dtype=np.int64)
@@ -79,9 +112,12 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
             if config.ccg:
                 if i not in concepts:
                     r = ctx.records[i]
-                    concepts[i] = extract_concepts(f"{r.user_text}\n{r.output}", config.concepts_per_sample)
+                    found = extract_concepts(f"{r.user_text}\n{r.output}", config.concepts_per_sample)
+                    concepts[i] = found if specific is None else frozenset(c for c in found if c in specific)
                 pair = graph.conflict(concepts[i])
-                if pair is not None:
+                # the specific rule never lets a cluster reject more candidates than its quota
+                capped = specific is not None and len(rejected[c]) >= quota
+                if pair is not None and not capped:
                     rejected[c].append((i, pair))
                     continue
                 graph.add(concepts[i])
@@ -129,9 +165,11 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
         })
     order = [i for c in cluster_order for i in chosen[c]]
     details = {
-        "k": k, "cluster_method": config.cluster_method, "allocation": config.allocation, "allocation_fallback": allocation.fallback,
+        "k": k, "cluster_method": config.cluster_method, "allocation": config.allocation, "within": config.within,
+        "original_loss_filtered": int(noisy.sum()), "allocation_fallback": allocation.fallback,
         "clusters": per_cluster, "eigenvalues": [float(v) for v in clusters.eigenvalues[: min(k + 8, 66)]],
-        "ccg": {"enabled": config.ccg, "rejected": sum(map(len, rejected)), "admitted_despite_conflict": overridden,
+        "ccg": {"enabled": config.ccg, "rule": config.ccg_rule,
+                "specific_concepts": None if specific is None else len(specific), "rejected": sum(map(len, rejected)), "admitted_despite_conflict": overridden,
                 "concepts_extracted": len(concepts), "graph_nodes": len(graph.nodes), "graph_edges": len(graph.edges)},
         "embeddings_from_cache": ctx.info.get("embeddings_from_cache"),
         "clusters_from_cache": ctx.info.get("clusters_from_cache"),
