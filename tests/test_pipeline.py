@@ -205,3 +205,22 @@ def test_shipped_compare_config_is_valid(tmp_path):
     other = with_evaluation_data(config, str(tmp_path), [str(text)])
     assert other.evaluate["task_dir"] == str(tmp_path) and other.evaluate["ppl"] == [str(text)]
     assert other.arms == config.arms
+
+
+def test_study_config_recipes_and_set_overrides(tmp_path):
+    from conftest import shared_path
+
+    from paser.pipeline import load_config
+
+    shared_path("instruct", "pool.jsonl")
+    study = load_config("study")
+    arms = {a["name"]: a for a in study.arms}
+    assert arms["paper"]["method"] == "paser" and arms["paper"]["recipe"] == "paper"
+    assert arms["paper"]["select"]["allocation"] == "cds" and arms["paper"]["recover"]["sparse_lora"] == "off"
+    assert arms["paser-mix"]["recover"] == {"loss": "mix"} and arms["full"]["method"] == "full"
+    five = load_config("study", ["select.budget=0.05", "prune.pattern=2:4", "seeds=[0, 1]"])
+    assert five.select["budget"] == 0.05 and five.prune["pattern"] == "2:4" and five.seeds == [0, 1]
+    with pytest.raises(ConfigError, match="unknown key 'select.budgett'"):
+        load_config("study", ["select.budgett=0.05"])
+    with pytest.raises(ConfigError, match="--set expects"):
+        load_config("study", ["select.budget"])

@@ -108,6 +108,7 @@ def select(
     anchor_data: Optional[str] = typer.Option(None, help="nuggets: take the anchors from this data instead."),
     nuggets_candidates: Optional[int] = typer.Option(None, help="nuggets: score only a seeded sub-sample of N candidates (its cost is candidates x anchors passes)."),
     target: Optional[str] = typer.Option(None, help="dsir: target texts (instruction data, or a .txt file with one text per line)."),
+    recipe: Optional[str] = typer.Option(None, help="A named recipe whose settings override the options: paper (the PASER paper exactly)."),
 ) -> None:
     """Select recovery data with PASER, its ablations, or a baseline (random, full, perplexity, loss_gap, ifd, nuggets, dsir).
 
@@ -116,12 +117,15 @@ def select(
     """
     from .select import SelectConfig, run_selection
 
-    result = run_selection(SelectConfig(
+    from .recipes import recipe_settings
+
+    settings = dict(
         original=original, pruned=pruned, data=data, budget=budget, out=out, method=method, clusters=clusters,
         cluster_method=cluster_method, embedder=embedder, allocation=allocation, score=score,
         max_length=max_length, batch_size=batch_size, dtype=dtype, ccg=ccg, seed=seed, columns=columns,
         duplicates=duplicates, limit=limit, bad_records=bad_records, ifd_model=ifd_model, anchors=anchors,
-        anchor_data=anchor_data, nuggets_candidates=nuggets_candidates, target=target))
+        anchor_data=anchor_data, nuggets_candidates=nuggets_candidates, target=target)
+    result = run_selection(SelectConfig(**{**settings, **(recipe_settings(recipe, "select") if recipe else {})}))
     _print_selection(result.summary, out)
 
 
@@ -178,6 +182,7 @@ def recover(
     kd_positions: str = typer.Option("response", help="kd/mix: response | all (prompt positions too)."),
     teacher_cache: str = typer.Option("none", help="kd/mix: none (the teacher runs beside the student) | topk (its top-k log-probs computed once and stored; only the student stays in memory)."),
     teacher_topk: int = typer.Option(64, help="kd/mix with --teacher-cache topk: k."),
+    recipe: Optional[str] = typer.Option(None, help="A named recipe whose settings override the options: paper (NLL LoRA, zeros re-applied after the merge)."),
 ) -> None:
     """Recover a pruned model on selected data: LoRA (or all weights), NLL or distillation from the original.
 
@@ -187,13 +192,16 @@ def recover(
     """
     from .recover import RecoverConfig, run_recovery
 
-    train_log = run_recovery(RecoverConfig(
+    from .recipes import recipe_settings
+
+    settings = dict(
         model=model, data=data, out=out, epochs=epochs, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, targets=targets, cutoff_len=cutoff_len, batch_size=batch_size,
         micro_batch_size=micro_batch_size, dtype=dtype, resume=resume, warmup_ratio=warmup_ratio,
         save_steps=save_steps, seed=seed, limit=limit, bad_records=bad_records, adapter=adapter,
         sparse_lora=sparse_lora, loss=loss, teacher=teacher, kd_temperature=kd_temperature, kd_alpha=kd_alpha,
-        kd_positions=kd_positions, teacher_cache=teacher_cache, teacher_topk=teacher_topk))
+        kd_positions=kd_positions, teacher_cache=teacher_cache, teacher_topk=teacher_topk)
+    train_log = run_recovery(RecoverConfig(**{**settings, **(recipe_settings(recipe, "recover") if recipe else {})}))
     curve = train_log["loss_curve"]
     first, last = (curve[0]["loss"], curve[-1]["loss"]) if curve else (float("nan"), float("nan"))
     typer.echo(f"{train_log['steps']} steps in {train_log['seconds']:.0f}s ({train_log['tokens_per_s']} tok/s); "
@@ -245,6 +253,7 @@ def run(
     task_dir: Optional[Path] = typer.Option(None, help="Replace the config's zero-shot task directory (evaluate.task_dir)."),
     ppl: list[Path] = typer.Option([], help="Replace the config's perplexity texts (evaluate.ppl); repeatable."),
     arms: Optional[str] = typer.Option(None, help="Run only these arms (comma-separated names); a later full run reuses what they finished."),
+    set_values: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE or KEY=VALUE (VALUE as YAML), e.g. select.budget=0.05; repeatable."),
 ) -> None:
     """Run data -> prune -> select -> recover -> evaluate from one config, resumably.
 
@@ -255,7 +264,7 @@ def run(
     """
     from .pipeline import load_config, run_pipeline, with_arms, with_evaluation_data
 
-    pipeline_config = load_config(config)
+    pipeline_config = load_config(config, set_values)
     if arms:
         pipeline_config = with_arms(pipeline_config, [a.strip() for a in arms.split(",") if a.strip()])
     if task_dir is not None or ppl:

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from . import faults
 from .cache import file_fingerprint, stable_hash, write_json, write_text
@@ -97,7 +97,7 @@ DATA_KEYS = {"source": "demo", "columns": None, "duplicates": "keep", "limit": N
              "sample": None, "heldout": None, "calibration": None}
 TOP_KEYS = {"model", "dtype", "threads", "out", "prune", "pruned", "data", "select", "recover", "evaluate", "arms",
             "seeds", "baseline"}
-ARM_KEYS = {"name", "method", "select", "recover", "seeds"}
+ARM_KEYS = {"name", "method", "recipe", "select", "recover", "seeds"}
 HELDOUT, CALIBRATION = "@heldout", "@calibration"  # the data stage's files, usable as evaluate / prune inputs
 
 
@@ -241,7 +241,7 @@ def _semantic_checks(config: PipelineConfig) -> None:
             raise ConfigError(f"{config.source}: {section}: {exc}") from None
 
 
-SHIPPED_CONFIGS = ("demo", "compare")
+SHIPPED_CONFIGS = ("demo", "compare", "study")
 
 
 def shipped_config_text(name: str) -> str:
@@ -251,22 +251,35 @@ def shipped_config_text(name: str) -> str:
     return resources.files("paser").joinpath("configs", f"{name}.yaml").read_text(encoding="utf-8")
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Read and validate a YAML config; a bare shipped name (``demo``, ``compare``) reads the shipped one."""
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Read and validate a YAML config; a bare shipped name (``demo``, ``compare``, ``study``) reads the
+    shipped one. ``overrides``: ``SECTION.KEY=VALUE`` or ``KEY=VALUE`` (VALUE read as YAML), applied first."""
     import yaml
 
     path = Path(path)
     if not path.is_file() and str(path) in SHIPPED_CONFIGS:
-        return parse_config(yaml.safe_load(shipped_config_text(str(path))), where=f"{path} (shipped config)")
-    if not path.is_file():
+        raw, where = yaml.safe_load(shipped_config_text(str(path))), f"{path} (shipped config)"
+    elif not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f": line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    return parse_config(raw, where=str(path))
+    else:
+        try:
+            raw, where = yaml.safe_load(path.read_text(encoding="utf-8")), str(path)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f": line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE or SECTION.KEY=VALUE, not '{item}'")
+        section, _, field_name = key.rpartition(".")
+        target = raw.setdefault(section, {}) if section else raw
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {item}: '{section}' is not a section")
+        parsed = yaml.safe_load(value)
+        # YAML 1.1 reads 2:4 as a base-60 number; an N:M pattern is meant
+        target[field_name] = value if isinstance(parsed, int) and ":" in value else parsed
+    return parse_config(raw, where=where + (f" with --set {' '.join(overrides)}" if overrides else ""))
 
 
 def demo_config_text() -> str:
@@ -320,6 +333,14 @@ def _parse_arms(raw_arms: Any, select: dict, recover: dict, seeds: list[int], sp
         for key in arm:
             if key not in ARM_KEYS:
                 raise ConfigError(f"{where}: arms[{i}]: unknown key '{key}' (known: {', '.join(sorted(ARM_KEYS))})")
+        recipe = arm.get("recipe")
+        if recipe is not None:  # a named recipe's settings, under the arm's own overrides
+            from .recipes import recipe_settings
+
+            rs, rr = recipe_settings(recipe, "select"), recipe_settings(recipe, "recover")
+            arm = {**arm, "method": arm.get("method") or rs.pop("method"),
+                   "select": {**{k: v for k, v in rs.items() if k != "method"}, **(arm.get("select") or {})},
+                   "recover": {**rr, **(arm.get("recover") or {})}}
         name, method = str(arm.get("name") or arm.get("method") or ""), arm.get("method")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
             raise ConfigError(f"{where}: arms[{i}]: name must be letters, digits, '_', '.', '+' or '-', not {name!r}")
@@ -344,7 +365,7 @@ def _parse_arms(raw_arms: Any, select: dict, recover: dict, seeds: list[int], sp
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in arm_seeds)):
             raise ConfigError(f"{where}: arms[{i}].seeds must be a non-empty list of integers")
         arms.append({"name": name, "method": method, "select": overrides["select"], "recover": overrides["recover"],
-                     "seeds": list(arm_seeds)})
+                     "seeds": list(arm_seeds), **({"recipe": recipe} if recipe else {})})
     names = [a["name"] for a in arms]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: arm names must be distinct, not {names}")
