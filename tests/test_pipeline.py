@@ -224,3 +224,7 @@ def test_study_config_recipes_and_set_overrides(tmp_path):
         load_config("study", ["select.budgett=0.05"])
     with pytest.raises(ConfigError, match="--set expects"):
         load_config("study", ["select.budget"])
+    recovery = load_config("recovery")
+    arms = {a["name"]: a for a in recovery.arms}
+    assert recovery.baseline == "lora-remask" and arms["lora-remask"]["recover"] == {"sparse_lora": "off"}
+    assert arms["kd"]["recover"] == {"loss": "kd"} and all(a["method"] == "full" for a in recovery.arms)

@@ -241,7 +241,7 @@ def _semantic_checks(config: PipelineConfig) -> None:
             raise ConfigError(f"{config.source}: {section}: {exc}") from None
 
 
-SHIPPED_CONFIGS = ("demo", "compare", "study")
+SHIPPED_CONFIGS = ("demo", "compare", "study", "recovery")
 
 
 def shipped_config_text(name: str) -> str:
