@@ -147,8 +147,10 @@ def _print_selection(summary: dict, out: Path) -> None:
         reasons = ", ".join(f"{n} {reason}" for reason, n in skipped["by_reason"].items())
         console.print(f"skipped {skipped['total']} bad record(s) ({reasons}); first at {skipped['examples'][0]['where']}")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
+    cached = summary["scores_from_cache"]
+    scores = "" if cached is None else f" (scores from cache: {cached})"
     console.print(f"{summary['method']}: selected {summary['n_selected']} of {summary['n_records']} records "
-                  f"-> {out}/selected.jsonl (scores from cache: {summary['scores_from_cache']}); {timings}")
+                  f"-> {out}/selected.jsonl{scores}; {timings}")
 
 
 # ---------------------------------------------------------------------------------------------- recover

@@ -85,7 +85,8 @@ class Nuggets(Strategy):
         else:
             anchor_positions = sorted(int(i) for i in rng.choice(n, size=min(config.anchors, n), replace=False))
             anchors = [ctx.encoded[i] for i in anchor_positions]
-        others = [i for i in range(n) if i not in set(anchor_positions)]
+        taken = set(anchor_positions)
+        others = [i for i in range(n) if i not in taken]
         if config.nuggets_candidates and config.nuggets_candidates < len(others):
             candidates = sorted(int(i) for i in rng.choice(others, size=config.nuggets_candidates, replace=False))
         else:
