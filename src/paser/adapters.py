@@ -41,9 +41,11 @@ class _MaskedLowRank(torch.autograd.Function):
         effective = _effective_weight(weight, lora_a, lora_b, s).to(grad_out.dtype)
         grad_x = grad_out @ effective
         del effective
-        flat_grad = grad_out.reshape(-1, grad_out.shape[-1]).to(lora_a.dtype)
-        flat_x = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
-        grad_w = (flat_grad.t() @ flat_x).mul_(weight != 0)  # dense gradient of the masked update
+        # the dense gradient of the masked update, in the activations' precision (bf16 matmuls are the fast
+        # ones where the model runs in bf16), then in the adapter's for the low-rank products
+        flat_grad = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)
+        flat_x = x.reshape(-1, x.shape[-1])
+        grad_w = (flat_grad.t() @ flat_x).to(lora_a.dtype).mul_(weight != 0)
         grad_b = (grad_w @ lora_a.t()).mul_(s)
         grad_a = (lora_b.t() @ grad_w).mul_(s)
         return grad_x, None, grad_a, grad_b, None
