@@ -194,6 +194,9 @@ def test_specific_concept_rule_never_erases_a_cluster(tmp_path, tiny_model_dir, 
                                     ccg_rule="specific", ccg_max_df=0.05, out=tmp_path / "s"))
     assert specific.summary["ccg"]["rule"] == "specific" and specific.summary["ccg"]["specific_concepts"] > 0
     assert specific.summary["ccg"]["rejected"] < paper.summary["ccg"]["rejected"]
+    assert specific.summary["ccg"]["clusters_emptied"] == 0
+    emptied = sum(1 for c in paper.summary["clusters"] if c["budget"] and not c["selected"])
+    assert paper.summary["ccg"]["clusters_emptied"] == emptied
     for c in specific.summary["clusters"]:
         assert c["rejected"] <= c["budget"]  # the cap
         if c["budget"] and c["size"] > c["budget"]:

@@ -169,7 +169,10 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
         "original_loss_filtered": int(noisy.sum()), "allocation_fallback": allocation.fallback,
         "clusters": per_cluster, "eigenvalues": [float(v) for v in clusters.eigenvalues[: min(k + 8, 66)]],
         "ccg": {"enabled": config.ccg, "rule": config.ccg_rule,
-                "specific_concepts": None if specific is None else len(specific), "rejected": sum(map(len, rejected)), "admitted_despite_conflict": overridden,
+                "specific_concepts": None if specific is None else len(specific),
+                "rejected": sum(map(len, rejected)), "admitted_despite_conflict": overridden,
+                # capabilities the filter erased: clusters with a budget that ended with nothing selected
+                "clusters_emptied": sum(1 for c in range(k) if allocation.budgets[c] > 0 and not chosen[c]),
                 "concepts_extracted": len(concepts), "graph_nodes": len(graph.nodes), "graph_edges": len(graph.edges)},
         "embeddings_from_cache": ctx.info.get("embeddings_from_cache"),
         "clusters_from_cache": ctx.info.get("clusters_from_cache"),
