@@ -69,6 +69,24 @@ class MaskedLoraLinear(LoraLinear):
             delta = delta * (self.get_base_layer().weight != 0).to(delta.dtype)
         return delta
 
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Write exactly the effective weight the forward pass trained with, rounded once to the weight's
+        dtype (adding a separately rounded delta would round twice: visible in bf16)."""
+        from peft.tuners.tuners_utils import check_adapters_to_merge
+
+        names = check_adapters_to_merge(self, adapter_names)
+        if not self.sparse or len(names) != 1 or self.lora_bias.get(names[0]):
+            return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        adapter = names[0]
+        weight = self.get_base_layer().weight
+        with torch.no_grad():
+            effective = _effective_weight(weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                                          float(self.scaling[adapter]))
+            if safe_merge and not torch.isfinite(effective).all():
+                raise ValueError(f"NaNs detected in the merged weights; the adapter {adapter} seems broken")
+            weight.data = effective.to(weight.dtype)
+        self.merged_adapters.append(adapter)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = [a for a in self.active_adapters if a in self.lora_A]
         if not self.sparse or self.disable_adapters or self.merged or len(active) != 1 or kwargs.get("adapter_names"):
