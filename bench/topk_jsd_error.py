@@ -79,6 +79,7 @@ def main():
         "abs_error_mean": float(np.abs(error).mean()), "abs_error_p99": float(np.quantile(np.abs(error), 0.99)),
         "abs_error_max": float(np.abs(error).max()), "bound_mean": float(bound_pos.mean()),
         "within_bound": float(np.mean((error >= -1e-6) & (error <= bound_pos + 1e-6))),
+        "largest_violation": float(max((error - bound_pos).max(), (-error).max(), 0.0)),
         "sample_abs_error_mean": float(np.abs(exact_sample - approx_sample).mean()),
         "sample_jsd_mean": float(exact_sample.mean()),
         "sample_spearman": float(spearmanr(exact_sample, approx_sample).statistic),
