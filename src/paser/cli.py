@@ -249,7 +249,7 @@ def evaluate(
 # -------------------------------------------------------------------------------------------------- run
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="Pipeline YAML config (sections model, prune or pruned, data, select, recover, evaluate, arms, seeds), or a shipped one by name: demo, compare."),
+    config: Path = typer.Argument(..., help="Pipeline YAML config (sections model, prune or pruned, data, select, recover, evaluate, arms, seeds), or a shipped one by name: demo, compare, study, recovery."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: the config's 'out')."),
     from_stage: Optional[str] = typer.Option(None, "--from", help="Redo this stage (data, prune, select, recover, evaluate) and everything after it."),
     task_dir: Optional[Path] = typer.Option(None, help="Replace the config's zero-shot task directory (evaluate.task_dir)."),
@@ -337,7 +337,7 @@ def validate(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Demo run directory."),
     show_config: bool = typer.Option(False, "--show-config", help="Print the demo's pipeline config (or --config NAME's) and stop."),
-    config_name: str = typer.Option("demo", "--config", help="Which shipped config: demo, or compare (the methods comparison on a slice of the real pool; run it with 'paser run compare')."),
+    config_name: str = typer.Option("demo", "--config", help="Which shipped config: demo, compare (selection methods on a slice of the real pool), study (candidate default recipes) or recovery (recovery objectives); run them with paser run NAME."),
     export_data: Optional[Path] = typer.Option(None, help="Only write the built-in demo data (train.jsonl, heldout.jsonl) to this directory."),
     from_stage: Optional[str] = typer.Option(None, "--from", help="Redo this stage and everything after it."),
 ) -> None:
