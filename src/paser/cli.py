@@ -38,11 +38,13 @@ def _global_options(
 ) -> None:
     _state["debug"] = debug
     _state["threads"] = threads
+    from rich.console import Console
     from rich.logging import RichHandler
 
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=debug)], force=True)
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=debug)],
+                        force=True)  # logs on stderr: stdout carries results (e.g. --show-config > run.yaml)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "sentence_transformers", "transformers"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     if not {"-h", "--help"} & set(sys.argv[1:]):  # help needs no torch
