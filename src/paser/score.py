@@ -206,6 +206,12 @@ def response_losses(model: Any, encoded: Sequence[Encoded], pad_id: int, config:
     return batched_values(encoded, batch, ("loss",), config, cache_file, desc, progress)["loss"]
 
 
+def read_values(cache_file: Path, columns: Sequence[str]) -> dict[str, np.ndarray]:
+    """The finished per-sample values :func:`batched_values` stored in ``cache_file``."""
+    done = pd.read_parquet(cache_file)
+    return {c: done[c].to_numpy(np.float64) for c in columns}
+
+
 def batched_values(encoded: Sequence[Encoded], compute: Any, columns: Sequence[str], config: ScoreConfig,
                    cache_file: Path | None, desc: str, progress: bool = True) -> dict[str, np.ndarray]:
     """Run ``compute`` (a batch of encodings -> one array per column) over length-bucketed batches.
@@ -216,8 +222,7 @@ def batched_values(encoded: Sequence[Encoded], compute: Any, columns: Sequence[s
     """
     n = len(encoded)
     if cache_file and cache_file.exists():
-        done = pd.read_parquet(cache_file)
-        return {c: done[c].to_numpy(np.float64) for c in columns}
+        return read_values(cache_file, columns)
     values = {c: np.full(n, np.nan) for c in columns}
     partial = cache_file.with_suffix(".partial.parquet") if cache_file else None
     if partial and partial.exists():

@@ -108,7 +108,7 @@ class SelectionContext:
         """Per-record JSD and both models' response losses (one pass of each model; the PASER score)."""
         if "pair_scores" in self.info:
             return self.info["pair_scores"]
-        from ..score import PAIR_VALUES, ScoreConfig, batched_values, score_cache_key, score_records, score_table
+        from ..score import PAIR_VALUES, ScoreConfig, read_values, score_cache_key, score_records, score_table
 
         key = score_cache_key(self.model_key("original"), self.model_key("pruned"), data_fingerprint(self.records),
                               self.template_fingerprint, self.dtype)
@@ -117,8 +117,7 @@ class SelectionContext:
         with entry_lock(path, "the model scores"):
             if path.exists():
                 log.info("scores: %d records from the cache (%s)", len(self.records), path.name)
-                table = score_table(self.encoded, batched_values(self.encoded, None, PAIR_VALUES, ScoreConfig(),
-                                                                 path, ""))
+                table = score_table(self.encoded, read_values(path, PAIR_VALUES))
                 self.info["scores_from_cache"] = True
             else:
                 original, pruned = self.model("original"), self.model("pruned")
