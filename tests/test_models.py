@@ -81,3 +81,30 @@ def test_embedded_model_converts_once_and_answers(embedded):
     answer = generate_answers(model, tok, [Record("What is the capital of France?", "", "Paris", {})],
                               max_new_tokens=16, progress=False)[0]
     assert "Paris" in answer
+
+
+def test_fingerprint_follows_content_not_path_or_mtime(tmp_path, monkeypatch):
+    """A model copied elsewhere, or a data file provisioned afresh, keeps its key; an edit changes it."""
+    import os
+    import shutil
+
+    from paser.cache import file_fingerprint
+    from paser.models import model_fingerprint
+
+    monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
+    first = tmp_path / "a"
+    first.mkdir()
+    (first / "config.json").write_text('{"layers": 2}')
+    (first / "model.safetensors").write_bytes(b"\x00" * 1000)
+    key = model_fingerprint(first)
+    copy = tmp_path / "b"
+    shutil.copytree(first, copy)
+    os.utime(copy / "model.safetensors", ns=(1, 1))
+    assert model_fingerprint(copy) == key
+    (copy / "model.safetensors").write_bytes(b"\x00" * 999 + b"\x01")
+    assert model_fingerprint(copy) != key
+    # the memo is keyed by path, size and mtime: a rewrite with the same size is seen
+    before = file_fingerprint(first / "config.json")
+    (first / "config.json").write_text('{"layers": 3}')
+    os.utime(first / "config.json", ns=(2, 2))
+    assert file_fingerprint(first / "config.json")["sha256"] != before["sha256"]

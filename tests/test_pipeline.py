@@ -111,6 +111,13 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
     forced = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw), from_stage="evaluate")["stages"]}
     assert [k for k, skipped in forced.items() if not skipped] == ["evaluate"]
 
+    # tasks whose folder is absent are skipped when the config allows it, and the report says so
+    raw["evaluate"] = {**raw["evaluate"], "task_dir": str(tmp_path / "absent"), "skip_missing_task_dir": True}
+    run_pipeline(parse_config(raw))
+    assert not json.loads((out / "evaluate" / "results.json").read_text())["models"]["dense"].get("tasks")
+    page = (out / "report.html").read_text()
+    assert f"zero-shot tasks arc_easy skipped: {tmp_path / 'absent'} not found" in page
+
 
 def test_cli_run_config_error_and_demo_show_config(tmp_path):
     import subprocess

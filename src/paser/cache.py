@@ -62,10 +62,27 @@ def stable_hash(*parts: Any, length: int = 16) -> str:
 
 
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
-    """Cheap identity of a file (path, size, mtime) for cache keys of large inputs."""
+    """Identity of a file by its content (size and SHA-256), for cache keys of large inputs.
+
+    Content, not path and mtime: a data folder provisioned afresh, a copied model or a rerun that writes
+    identical weights keeps its key, so finished stages and caches are reused. The digest is memoised under
+    the cache root by (path, size, mtime), so an unchanged file is read once (~1 s per GB)."""
     p = Path(path).resolve()
     st = p.stat()
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    memo = cache_root() / "fingerprints" / f"{stable_hash(str(p), st.st_size, st.st_mtime_ns)}.txt"
+    try:
+        digest = memo.read_text().strip()
+    except OSError:
+        digest = ""
+    if len(digest) != 64:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+        digest = h.hexdigest()
+        with contextlib.suppress(OSError):  # the memo only saves time; a read-only cache costs a re-read
+            write_text(memo, digest)
+    return {"size": st.st_size, "sha256": digest}
 
 
 @contextlib.contextmanager

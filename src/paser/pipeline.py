@@ -427,6 +427,8 @@ def _evaluate_kwargs(config: PipelineConfig, models: list[str], out: str | Path,
     skip_missing = settings.pop("skip_missing_task_dir")
     task_dir = settings.get("task_dir")
     if task_dir is not None and skip_missing and not Path(task_dir).is_dir():
+        if settings["tasks"] and files is not None:
+            log.warning("zero-shot tasks %s skipped: %s not found", ", ".join(settings["tasks"]), task_dir)
         settings["tasks"] = []  # e.g. the demo without ../shared/data/eval
     return {**settings, "models": models, "out": out, "labels": labels, "dtype": config.dtype}
 

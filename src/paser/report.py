@@ -163,7 +163,7 @@ def _training_section(run_dir: Path, methods: list[str]) -> str:
             + _table(["selection", "records", "steps", "first loss", "last loss", "seconds", "tokens/s"], rows))
 
 
-def _evaluation_section(run_dir: Path) -> str:
+def _evaluation_section(run_dir: Path, run: dict[str, Any] | None = None) -> str:
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -175,6 +175,10 @@ def _evaluation_section(run_dir: Path) -> str:
     header, rows = table_rows(results)
     tasks = (f"zero-shot tasks {', '.join(results['tasks'])} from {html.escape(str(results['task_source']))} "
              f"(limit {results['limit']})" if results.get("tasks") else "no zero-shot tasks")
+    requested = ((run or {}).get("config") or {}).get("evaluate") or {}
+    if requested.get("tasks") and not results.get("tasks"):  # the run asked for tasks whose folder was absent
+        tasks = (f"zero-shot tasks {', '.join(requested['tasks'])} skipped: "
+                 f"{html.escape(str(requested.get('task_dir')))} not found")
     notes = f"<p class='note'>dtype {results['dtype']}; {tasks}; {results['seconds']:.0f} s.</p>"
     parts = ["<h2>Evaluation</h2>", _table(header, rows), notes]
     models = results["models"]
@@ -264,7 +268,7 @@ def build_report(run_dir: str | Path) -> Path:
             f"<p class='note'>{html.escape(subtitle)}; data {html.escape(str(config.get('data', {}).get('source')))}; "
             f"arms {', '.join(methods)} at budget {select.get('budget')}; run directory "
             f"{html.escape(str(run_dir.resolve()))}.</p>",
-            _evaluation_section(run_dir), _comparison_section(run_dir), _selection_section(run_dir, methods, paser_key),
+            _evaluation_section(run_dir, run), _comparison_section(run_dir), _selection_section(run_dir, methods, paser_key),
             _training_section(run_dir, methods),
             _stages_section(run)]
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>"
