@@ -205,3 +205,18 @@ def test_two_concurrent_selects_score_once(tmp_path, tiny_model_dir, tiny_pruned
     assert (computed, reused) == (1, 1), logs
     assert (tmp_path / "sel1" / "selected.jsonl").read_text() == (tmp_path / "sel2" / "selected.jsonl").read_text()
     assert_cache_files_whole(tmp_path / "cache")
+
+
+def test_atomic_dir_replaces_a_linked_folder_at_its_target(tmp_path):
+    from paser.cache import atomic_dir
+
+    target = tmp_path / "shared" / "prune"
+    target.mkdir(parents=True)
+    (target / "old.txt").write_text("old")
+    link = tmp_path / "run" / "prune"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    with atomic_dir(link) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert link.is_symlink() and sorted(p.name for p in link.iterdir()) == ["new.txt"]
+    assert (target / "new.txt").read_text() == "new"

@@ -104,8 +104,9 @@ def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory beside ``dest``; it replaces ``dest`` only if the block succeeds."""
-    dest = Path(dest)
+    """Yield a temporary directory beside ``dest``; it replaces ``dest`` only if the block succeeds.
+    A ``dest`` that is a link to a folder has its target replaced (the link stays)."""
+    dest = Path(dest).resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:

@@ -127,8 +127,11 @@ def select(
         max_length=max_length, batch_size=batch_size, dtype=dtype, ccg=ccg, seed=seed, columns=columns,
         duplicates=duplicates, limit=limit, bad_records=bad_records, ifd_model=ifd_model, anchors=anchors,
         anchor_data=anchor_data, nuggets_candidates=nuggets_candidates, target=target)
+    from . import distributed
+
     result = run_selection(SelectConfig(**{**settings, **(recipe_settings(recipe, "select") if recipe else {})}))
-    _print_selection(result.summary, out)
+    if distributed.is_main():  # one table, not one per process
+        _print_selection(result.summary, out)
 
 
 def _print_selection(summary: dict, out: Path) -> None:

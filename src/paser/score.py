@@ -216,43 +216,78 @@ def batched_values(encoded: Sequence[Encoded], compute: Any, columns: Sequence[s
                    cache_file: Path | None, desc: str, progress: bool = True) -> dict[str, np.ndarray]:
     """Run ``compute`` (a batch of encodings -> one array per column) over length-bucketed batches.
 
-    With ``cache_file``, finished rows are saved to ``<cache_file>.partial.parquet`` every
-    ``config.checkpoint_seconds`` and a rerun continues from them; the full table is written to
-    ``cache_file`` (atomically) at the end and the partial file removed.
+    With ``cache_file``, finished rows are saved to a partial file beside it every ``config.checkpoint_seconds``
+    and a rerun continues from them; the full table is written to ``cache_file`` (atomically) at the end and
+    the partial files removed.
+
+    Under ``accelerate launch`` / ``torchrun`` (:mod:`paser.distributed`) the rows still to do are split across
+    the processes by token count; each saves its own partial file (``<cache>.rank<r>.partial.parquet``), so a
+    killed rank's finished work is kept, whatever the number of processes of the rerun. Every rank returns
+    the merged values; rank 0 writes ``cache_file``.
     """
+    from . import distributed
+
     n = len(encoded)
     if cache_file and cache_file.exists():
         return read_values(cache_file, columns)
     values = {c: np.full(n, np.nan) for c in columns}
-    partial = cache_file.with_suffix(".partial.parquet") if cache_file else None
-    if partial and partial.exists():
-        done = pd.read_parquet(partial)
+    rank, world = distributed.rank(), distributed.world_size()
+    partial = None
+    if cache_file:
+        partial = cache_file.with_suffix(f".rank{rank}.partial.parquet" if world > 1 else ".partial.parquet")
+    carried = np.zeros(n, dtype=bool)  # rows this process's partial file must keep holding
+    for path in _partial_files(cache_file):
+        done = pd.read_parquet(path)
+        rows = done["index"].to_numpy()
         for c in columns:
-            values[c][done["index"]] = done[c]
-        log.info("resuming scoring: %d of %d samples already scored", len(done), n)
+            values[c][rows] = done[c].to_numpy()
+        if world == 1 or path == partial:
+            carried[rows] = True
     first = values[columns[0]]
     todo = [i for i in range(n) if np.isnan(first[i])]
+    if len(todo) < n:
+        log.info("resuming scoring: %d of %d samples already scored", n - len(todo), n)
+    distributed.barrier()  # every rank has read the partial files before any rank writes one
+    if world > 1:
+        todo = [todo[j] for j in distributed.shard_by_tokens([len(encoded[i].input_ids) for i in todo], world)[rank]]
     lengths = [len(encoded[i].input_ids) for i in todo]
     batches = [[todo[j] for j in b] for b in length_buckets(lengths, config.batch_size, config.max_batch_tokens)]
+    mine = np.zeros(n, dtype=bool)
 
     def table(rows: np.ndarray) -> pd.DataFrame:
         return pd.DataFrame({"index": rows, **{c: values[c][rows] for c in columns}})
 
     last_save = time.monotonic()
-    with tqdm(total=sum(lengths), unit="tok", desc=desc, disable=not progress or not batches) as bar:
+    with tqdm(total=sum(lengths), unit="tok", desc=desc, disable=not progress or not batches or rank != 0) as bar:
         for batch in batches:
             for c, v in zip(columns, compute([encoded[i] for i in batch])):
                 values[c][batch] = v
+            mine[batch] = True
             bar.update(sum(len(encoded[i].input_ids) for i in batch))
             if partial and time.monotonic() - last_save > config.checkpoint_seconds:
-                write_parquet(partial, table(np.flatnonzero(~np.isnan(first))))
+                write_parquet(partial, table(np.flatnonzero(mine | carried)))
                 last_save = time.monotonic()
                 faults.reached("score.saved")
-    if cache_file:
+    if world > 1:  # each rank filled its shard: merge
+        rows = np.flatnonzero(mine)
+        for part_rows, part in distributed.all_gather((rows, {c: values[c][rows] for c in columns})):
+            for c in columns:
+                values[c][part_rows] = part[c]
+    if cache_file and distributed.is_main():
         write_parquet(cache_file, table(np.arange(n)))
-        if partial and partial.exists():
-            partial.unlink()
+        for f in _partial_files(cache_file):
+            f.unlink(missing_ok=True)
+    distributed.barrier()  # the cache file exists for everyone before anyone moves on
     return values
+
+
+def _partial_files(cache_file: Path | None) -> list[Path]:
+    """The partial files of an interrupted computation of ``cache_file`` (one process's, or one per rank)."""
+    if not cache_file:
+        return []
+    single = cache_file.with_suffix(".partial.parquet")
+    ranks = sorted(cache_file.parent.glob(cache_file.with_suffix("").name + ".rank*.partial.parquet"))
+    return [f for f in (single, *ranks) if f.exists()]
 
 
 # -------------------------------------------------------------------------------------------- scorers

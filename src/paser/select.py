@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import distributed
 from .allocate import ALLOCATION_RULES
 from .cache import cache_root, package_versions, write_json, write_jsonl, write_parquet
 from .cluster import ClusterResult
@@ -136,7 +137,10 @@ class SelectionResult:
 
 # ------------------------------------------------------------------------------------------ entry point
 def run_selection(config: SelectConfig) -> SelectionResult:
-    """Select ``config.budget`` records with ``config.method``; write outputs if ``config.out`` is set."""
+    """Select ``config.budget`` records with ``config.method``; write outputs if ``config.out`` is set.
+
+    Under ``accelerate launch`` / ``torchrun`` every process scores its share of the records (see
+    :func:`paser.score.batched_values`); each returns the same result and only rank 0 writes the outputs."""
     config.validate()
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -194,7 +198,8 @@ def run_selection(config: SelectConfig) -> SelectionResult:
         summary["degradation"], summary["degradation_selected"] = _describe(jsd), _describe(jsd[positions])
     result = SelectionResult([records[i].index for i in positions], [records[i] for i in positions], ctx.table,
                              summary, ctx.info.get("cluster_result"), list(positions))
-    if config.out:
+    writes = bool(config.out) and distributed.is_main()
+    if writes:
         t0 = time.perf_counter()
         write_outputs(result, Path(config.out))
         timings["write"] = time.perf_counter() - t0
@@ -203,7 +208,7 @@ def run_selection(config: SelectConfig) -> SelectionResult:
     summary["timings"] = {k: round(v, 3) for k, v in timings.items()}
     summary["versions"] = package_versions("paser", "torch", "transformers", "sentence-transformers",
                                            "scikit-learn", "scipy", "faiss-cpu", "yake")
-    if config.out:
+    if writes:
         write_json(Path(config.out) / "selection.json", summary)
     return result
 

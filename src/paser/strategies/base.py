@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from .. import distributed
 from ..cache import atomic_path, entry_lock, stable_hash
 from ..data import Encoded, Record
 from ..embed import texts_fingerprint
@@ -89,7 +90,8 @@ class SelectionContext:
             from ..models import check_compatible, load_model, load_tokenizer
 
             spec = self.config.original if which == "original" else self.config.pruned
-            model, _ = self._timed("load_models", lambda: load_model(spec, dtype=self.dtype, tokenizer=False))
+            model, _ = self._timed("load_models", lambda: load_model(spec, dtype=self.dtype, tokenizer=False,
+                                                                     device=distributed.device()))
             if which == "pruned":
                 check_compatible(self.tokenizer, load_tokenizer(spec), self.model("original"), model)
             self._models[which] = model
@@ -114,7 +116,7 @@ class SelectionContext:
                               self.template_fingerprint, self.dtype)
         path = self.cache / "scores" / f"{key}.parquet"
         self.cost["model_forward_tokens"] += self._forward_tokens(self.encoded, 2)
-        with entry_lock(path, "the model scores"):
+        with distributed.group_lock(path, "the model scores"):
             if path.exists():
                 log.info("scores: %d records from the cache (%s)", len(self.records), path.name)
                 table = score_table(self.encoded, read_values(path, PAIR_VALUES))
@@ -142,7 +144,7 @@ class SelectionContext:
                           [e.input_ids for e in encoded], [len(e.prompt_ids) for e in encoded], self.dtype)
         path = self.cache / "losses" / f"{key}.parquet"
         self.cost["model_forward_tokens"] += self._forward_tokens(encoded)
-        with entry_lock(path, f"the {which} model's response losses"):
+        with distributed.group_lock(path, f"the {which} model's response losses"):
             if path.exists():
                 return pd.read_parquet(path)["loss"].to_numpy(np.float64)
             model = self.model(which)

@@ -1,0 +1,86 @@
+"""Several processes, one job: ``torchrun -m paser ...`` on CPU (gloo) gives what one process gives."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from paser.distributed import shard_by_tokens
+
+
+def test_shards_balance_tokens_and_cover_every_position():
+    lengths = [500, 20, 20, 20, 480, 30, 10, 10, 400, 15]
+    shards = shard_by_tokens(lengths, 3)
+    assert sorted(i for s in shards for i in s) == list(range(len(lengths)))
+    loads = [sum(lengths[i] for i in s) for s in shards]
+    assert sorted(loads) == [500, 500, 505]  # longest first, each to the lightest shard
+    assert shards == shard_by_tokens(lengths, 3)  # deterministic: a restarted rank gets the same share
+    assert [len(s) for s in shard_by_tokens(lengths, 1)] == [len(lengths)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args, tmp_path, processes=1, kill_at=None, cache="cache"):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300", "PASER_CACHE": str(tmp_path / cache),
+           "PASER_CHECKPOINT_SECONDS": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("PASER_KILL_AT", None)
+    if kill_at:
+        env["PASER_KILL_AT"] = kill_at
+    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    return subprocess.run([sys.executable, *launcher, "-m", "paser", *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=tmp_path)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture()
+def data(tmp_path):
+    from paser.demo_data import demo_records
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:120]))
+    return path
+
+
+def select_args(tiny_model_dir, tiny_pruned_dir, data, out):
+    return ["select", "--original", tiny_model_dir, "--pruned", tiny_pruned_dir, "--data", data, "--budget", 30,
+            "--out", out, "--dtype", "fp32", "--batch-size", 8]
+
+
+def test_two_process_scoring_equals_one_and_a_killed_rank_resumes(tmp_path, tiny_model_dir, tiny_pruned_dir, data):
+    one = ok(run(select_args(tiny_model_dir, tiny_pruned_dir, data, "one"), tmp_path, cache="cache1"))
+    assert "resuming" not in one
+
+    args = select_args(tiny_model_dir, tiny_pruned_dir, data, "two")
+    killed = run(args, tmp_path, processes=2, kill_at="score.saved:2")  # each rank dies at its second save
+    assert killed.returncode != 0
+    partials = sorted((tmp_path / "cache" / "scores").glob("*.rank*.partial.parquet"))
+    # whichever rank reaches its second save first dies (and torchrun stops the other): its first save is kept
+    assert partials and {p.name.split(".")[1] for p in partials} <= {"rank0", "rank1"}
+    saved = sum(len(pd.read_parquet(p)) for p in partials)
+    assert 0 < saved < 120 and not (tmp_path / "two" / "selected.jsonl").exists()
+
+    log = ok(run(args, tmp_path, processes=2))
+    assert f"resuming scoring: {saved} of 120 samples already scored" in log
+    assert not list((tmp_path / "cache" / "scores").glob("*.partial.parquet"))  # merged, then removed
+    single, double = (pd.read_parquet(tmp_path / d / "scores.parquet") for d in ("one", "two"))
+    np.testing.assert_allclose(double["jsd"], single["jsd"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(double["loss_pruned"], single["loss_pruned"], rtol=0, atol=1e-6)
+    picked = [[json.loads(line)["paser"]["index"] for line in (tmp_path / d / "selected.jsonl").open()]
+              for d in ("one", "two")]
+    assert picked[0] == picked[1]  # (the values agree to ~1e-8: the shards batch records differently)
+    assert log.count("PASER: K =") == 1  # rank 0 alone prints the table
+
