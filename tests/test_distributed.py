@@ -84,3 +84,25 @@ def test_two_process_scoring_equals_one_and_a_killed_rank_resumes(tmp_path, tiny
     assert picked[0] == picked[1]  # (the values agree to ~1e-8: the shards batch records differently)
     assert log.count("PASER: K =") == 1  # rank 0 alone prints the table
 
+
+
+def test_two_process_recovery_follows_the_one_process_loss_curve(tmp_path, tiny_model_dir, data):
+    def args(out):  # effective batch 8 either way: 1 process x 2 micro-batches of 4, or 2 processes x 1
+        return ["recover", tiny_model_dir, "--data", data, "--out", out, "--epochs", 1, "--batch-size", 8,
+                "--micro-batch-size", 4, "--cutoff-len", 64, "--dtype", "fp32", "--lr", 5e-3, "--limit", 64,
+                "--no-group-by-length", "--save-steps", 4, "--lora-dropout", 0]
+
+    ok(run(args("one"), tmp_path))
+    log = ok(run(args("two"), tmp_path, processes=2))
+    assert log.count("steps in") == 1  # rank 0 alone reports
+    one, two = (json.loads((tmp_path / d / "train_log.json").read_text()) for d in ("one", "two"))
+    assert one["processes"] == 1 and two["processes"] == 2 and one["steps"] == two["steps"] == 8
+    # the same records make each step's batch; only summation order and padding differ
+    np.testing.assert_allclose([p["loss"] for p in two["loss_curve"]], [p["loss"] for p in one["loss_curve"]],
+                               rtol=2e-3)
+    assert (tmp_path / "two" / "merged" / "config.json").exists() and two["merge_max_logit_diff"] < 1e-4
+    assert (tmp_path / "two" / "checkpoints" / "checkpoint-8").exists()
+
+    bad = run(["recover", tiny_model_dir, "--data", data, "--out", "three", "--batch-size", 4, "--micro-batch-size", 4],
+              tmp_path, processes=2)
+    assert bad.returncode != 0 and "multiple of micro_batch_size (4) x 2 processes" in bad.stdout + bad.stderr

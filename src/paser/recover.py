@@ -2,7 +2,10 @@
 
 - The loss covers response tokens only: prompt positions carry label -100 (same template and
   prompt/response split as selection, via :class:`paser.data.PromptFormatter`).
-- Gradient accumulation (``batch_size / micro_batch_size``), warmup, cosine schedule, seeded.
+- Gradient accumulation (``batch_size / (micro_batch_size x processes)``), warmup, cosine schedule, seeded.
+- Several processes (``accelerate launch -m paser recover ...`` or ``torchrun``): the Trainer runs DDP; the
+  effective batch stays ``batch_size``, every rank sees the micro-batches a single process would accumulate
+  (accelerate hands them out in turn), and rank 0 alone merges and writes.
 - Outputs in ``out``: ``adapter/`` (peft), ``merged/`` (a plain model directory with the tokenizer),
   ``train_log.json`` (loss curve, tokens/s, seconds, peak memory) and ``checkpoints/`` for ``--resume``.
 - Pruned zeros survive the merge: for every linear layer that is at least 1% zeros before training,
@@ -11,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import time
@@ -20,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import faults
+from . import distributed, faults
 from .cache import atomic_dir, stable_hash, write_json
 from .data import BAD_RECORD_POLICIES, Encoded, PromptFormatter, encode_records, load_records, pad_right
 from .errors import ConfigError
@@ -87,9 +91,12 @@ class RecoverConfig:
             raise ConfigError(f"bad_records must be skip or error, not '{self.bad_records}'")
         if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size:
             raise ConfigError("batch_size must be >= micro_batch_size >= 1")
-        if self.batch_size % self.micro_batch_size:
+        from . import distributed
+
+        world = distributed.world_size()
+        if self.batch_size % (self.micro_batch_size * world):
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
-                              f"({self.micro_batch_size})")
+                              f"({self.micro_batch_size})" + (f" x {world} processes" if world > 1 else ""))
         if not self.epochs > 0 or not self.lr > 0:
             raise ConfigError("epochs and lr must be positive")
         if self.lora_r < 1 or not 0 <= self.lora_dropout < 1:
@@ -210,7 +217,7 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
     else:
         model.requires_grad_(True)
         _mask_gradients(model, masks)
-    accumulation = config.batch_size // config.micro_batch_size
+    accumulation = config.batch_size // (config.micro_batch_size * distributed.world_size())
     checkpoints = out / "checkpoints"
     args = TrainingArguments(
         output_dir=str(checkpoints), per_device_train_batch_size=config.micro_batch_size,
@@ -220,6 +227,7 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
         data_seed=config.seed, report_to=[], bf16=dtype == "bf16", use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        ddp_find_unused_parameters=False,
     )
     extra = [_keep_zeros(masks)] if config.adapter == "full" and masks else []
     trainer = trainer_class(config.loss)(
@@ -229,11 +237,15 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
         **({} if config.loss == "nll" else {"teacher": teacher, "loss": config.loss,
                                              "temperature": config.kd_temperature, "alpha": config.kd_alpha,
                                              "positions": config.kd_positions}))
-    resume_from = _checkpoint_to_resume(config, checkpoints, encoded, dtype)
+    resume_from = _checkpoint_to_resume(config, checkpoints, encoded, dtype) if distributed.is_main() else None
+    resume_from = distributed.all_gather(resume_from)[0]  # every rank resumes from rank 0's choice
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - t0
 
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 merges and writes
+        return json.loads((out / "train_log.json").read_text())
     trained_tokens = sum(len(e.input_ids) for e in encoded) * config.epochs
     losses = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate"),
                **{k: h[k] for k in ("nll", "kd") if k in h}}
@@ -261,9 +273,10 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
         "peak_memory_gb": round(_peak_memory_gb(), 3), "sparse_layers": len(masks),
         "zeros_kept": int(sum(m.sum().item() for m in masks.values())), "zeros_after_merge": zeros_after,
         "sparse_lora": "masked" if masked else "off", "merge_max_logit_diff": merge_diff,
-        "resumed_from": resume_from, "skipped_records": skipped.summary(),
+        "resumed_from": resume_from, "processes": distributed.world_size(), "skipped_records": skipped.summary(),
     }
     write_json(out / "train_log.json", train_log)
+    distributed.barrier()
     return train_log
 
 

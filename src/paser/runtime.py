@@ -22,9 +22,11 @@ def available_cpus() -> int:
 
 
 def configure_threads(threads: int | None = None, warn_if_busy: bool = True) -> int:
-    """Set torch's intra-op threads to ``threads`` (default: :func:`available_cpus`); returns the number.
+    """Set torch's intra-op threads to ``threads`` (default: :func:`available_cpus`, shared out among the
+    processes a launcher started on this machine); returns the number.
 
-    Warns when other processes already keep these CPUs busy.
+    Warns when other processes already keep these CPUs busy (not under a launcher: there the other
+    processes are this job's own ranks).
     """
     import torch
 
@@ -33,9 +35,10 @@ def configure_threads(threads: int | None = None, warn_if_busy: bool = True) -> 
         from .errors import ConfigError
 
         raise ConfigError(f"threads must be at least 1, not {threads}")
-    threads = threads or cpus
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = threads or max(1, cpus // local_processes)
     torch.set_num_threads(threads)
-    if warn_if_busy:
+    if warn_if_busy and local_processes == 1:
         busy = busy_cpus()
         if busy >= max(1.0, BUSY_FRACTION * cpus):
             log.warning("other processes are using %.1f of %d CPU(s): another heavy job seems to be running; "
