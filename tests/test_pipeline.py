@@ -72,10 +72,11 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
     raw = tiny_config(tiny_model_dir, tasks, out, heldout)
     run = run_pipeline(parse_config(raw))
     stages = {s["stage"]: s for s in run["stages"]}
-    assert list(stages) == ["prune", "select/paser", "recover/paser", "select/random", "recover/random", "evaluate"]
+    assert list(stages) == ["prune", "select/paser/s0", "recover/paser/s0", "select/random/s0", "recover/random/s0",
+                            "evaluate"]
     assert not any(s["skipped"] for s in stages.values())
     assert all(s["peak_rss_gb"] > 0 for s in stages.values())
-    assert stages["select/random"]["cache"]["scores_from_cache"] is None  # random computes no scores
+    assert stages["select/random/s0"]["cache"]["scores_from_cache"] is None  # random computes no scores
 
     results = json.loads((out / "evaluate" / "results.json").read_text())
     assert list(results["models"]) == ["dense", "pruned (magnitude 0.5)", "pruned (magnitude 0.5) + paser",
@@ -84,8 +85,8 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
         assert entry["tasks"]["arc_easy"]["n"] == 4 and str(heldout) in entry["response_perplexity"]
         assert entry["demo_skills"]["mean"]["n"] == 11 and len(entry["demo_answer_examples"]) == 11
     for method in ("paser", "random"):
-        assert len((out / "select" / method / "selected.jsonl").read_text().splitlines()) == 12
-        assert (out / "recover" / method / "merged" / "config.json").exists()
+        assert len((out / "select" / method / "s0" / "selected.jsonl").read_text().splitlines()) == 12
+        assert (out / "recover" / method / "s0" / "merged" / "config.json").exists()
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 6 and "http://" not in page and "https://" not in page
     assert "Methods compared" in page
@@ -104,9 +105,9 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
 
     raw["select"]["budget"] = 0.3  # invalidates selection and everything downstream, not pruning
     changed = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw))["stages"]}
-    assert changed == {"prune": True, "select/paser": False, "recover/paser": False, "select/random": False,
-                       "recover/random": False, "evaluate": False}
-    assert len((out / "select" / "paser" / "selected.jsonl").read_text().splitlines()) == 18
+    assert changed == {"prune": True, "select/paser/s0": False, "recover/paser/s0": False,
+                       "select/random/s0": False, "recover/random/s0": False, "evaluate": False}
+    assert len((out / "select" / "paser" / "s0" / "selected.jsonl").read_text().splitlines()) == 18
 
     forced = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw), from_stage="evaluate")["stages"]}
     assert [k for k, skipped in forced.items() if not skipped] == ["evaluate"]
@@ -158,8 +159,8 @@ def test_arms_seeds_sampled_data_and_comparison(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     assert [s["stage"] for s in run["stages"]] == [
         "data", "prune", "select/random/s0", "recover/random/s0", "select/random/s1", "recover/random/s1",
-        "select/paser/s0", "recover/paser/s0", "select/paser/s1", "recover/paser/s1", "select/paser-size",
-        "recover/paser-size", "evaluate"]
+        "select/paser/s0", "recover/paser/s0", "select/paser/s1", "recover/paser/s1", "select/paser-size/s0",
+        "recover/paser-size/s0", "evaluate"]
     rows = {name: [json.loads(line) for line in (out / "data" / f"{name}.jsonl").read_text().splitlines()]
             for name in ("slice", "heldout", "calibration")}
     assert [len(v) for v in rows.values()] == [66, 11, 8]
@@ -174,10 +175,10 @@ def test_arms_seeds_sampled_data_and_comparison(tmp_path, tiny_model_dir):
            for k in ("random/s0", "random/s1")}
     assert sel["random/s0"] != sel["random/s1"]  # the seed drives random selection
     logs = {k: json.loads((out / "recover" / k / "train_log.json").read_text()) for k in ("paser/s0", "paser/s1",
-                                                                                          "paser-size")}
+                                                                                          "paser-size/s0")}
     assert [logs[k]["config"]["seed"] for k in ("paser/s0", "paser/s1")] == [0, 1]
-    assert logs["paser-size"]["config"]["lr"] == 0.002 and logs["paser/s0"]["config"]["lr"] == 0.001
-    size = json.loads((out / "select" / "paser-size" / "selection.json").read_text())
+    assert logs["paser-size/s0"]["config"]["lr"] == 0.002 and logs["paser/s0"]["config"]["lr"] == 0.001
+    size = json.loads((out / "select" / "paser-size" / "s0" / "selection.json").read_text())
     assert size["allocation"] == "size"
 
     comparison = json.loads((out / "evaluate" / "comparison.json").read_text())
@@ -191,7 +192,12 @@ def test_arms_seeds_sampled_data_and_comparison(tmp_path, tiny_model_dir):
     # a new arm reuses everything that exists: only its own stages and the evaluation run
     raw["arms"].append({"name": "perplexity", "method": "perplexity", "seeds": [0]})
     again = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw))["stages"]}
-    assert [k for k, skipped in again.items() if not skipped] == ["select/perplexity", "recover/perplexity",
+    assert [k for k, skipped in again.items() if not skipped] == ["select/perplexity/s0", "recover/perplexity/s0",
+                                                                  "evaluate"]
+    # more seeds for an arm reuse the seeds it finished (a one-seed screen extended to three)
+    raw["arms"][-1]["seeds"] = [0, 1]
+    again = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw))["stages"]}
+    assert [k for k, skipped in again.items() if not skipped] == ["select/perplexity/s1", "recover/perplexity/s1",
                                                                   "evaluate"]
 
 

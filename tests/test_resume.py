@@ -182,8 +182,8 @@ def test_paser_run_resumes_after_sigkill(tmp_path, tiny_model_dir, tiny_pruned_d
     ok(run(["run", "run.yaml", "--out", "r"], tmp_path))
     record = json.loads((tmp_path / "r" / "run.json").read_text())
     skipped = {s["stage"]: s["skipped"] for s in record["stages"]}
-    assert skipped == {"select/paser": True, "recover/paser": True, "select/random": False,
-                       "recover/random": False, "evaluate": False}
+    assert skipped == {"select/paser/s0": True, "recover/paser/s0": True, "select/random/s0": False,
+                       "recover/random/s0": False, "evaluate": False}
     ok(run(["run", "run.yaml", "--out", "clean"], tmp_path, cache="cache2"))
     resumed, fresh = (json.loads((tmp_path / d / "evaluate" / "results.json").read_text()) for d in ("r", "clean"))
     for (label, a), b in zip(resumed["models"].items(), fresh["models"].values()):

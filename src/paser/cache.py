@@ -81,7 +81,10 @@ def file_fingerprint(path: str | Path) -> dict[str, Any]:
                 h.update(block)
         digest = h.hexdigest()
         with contextlib.suppress(OSError):  # the memo only saves time; a read-only cache costs a re-read
-            write_text(memo, digest)
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+            tmp.write_text(digest)
+            os.replace(tmp, memo)  # (not atomic_path: the memo is no checkpoint of the fault-injection tests)
     return {"size": st.st_size, "sha256": digest}
 
 

@@ -385,8 +385,9 @@ def _check_data_sampling(data: dict, where: str) -> None:
 
 
 def _arm_key(arm: dict, seed: int) -> str:
-    """The arm's folder under select/ and recover/: its name, plus the seed when it runs several."""
-    return arm["name"] if len(arm["seeds"]) == 1 else f"{arm['name']}/s{seed}"
+    """The arm's folder under select/ and recover/: ``<name>/s<seed>``, whatever the number of seeds, so a
+    one-seed screen extended to more seeds reuses what it finished."""
+    return f"{arm['name']}/s{seed}"
 
 
 def _arm_recover(config: PipelineConfig, arm: dict, seed: int) -> dict[str, Any]:
@@ -687,12 +688,13 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
                                                bad_records=config.data["bad_records"], **settings))
             recovered[key] = str(directory / "merged")
             recover_hashes[key] = runner.records[-1].hash
-            arm_labels.setdefault(arm["name"], {})[seed] = f"{prune_label} + {key}"
+            shown = key if len(arm["seeds"]) > 1 else arm["name"]  # a one-seed arm's label is its name
+            arm_labels.setdefault(arm["name"], {})[seed] = f"{prune_label} + {shown}"
 
     # evaluate everything side by side
     directory = out / "evaluate"
     models = [config.model, pruned, *recovered.values()]
-    labels = ["dense", prune_label, *(f"{prune_label} + {k}" for k in recovered)]
+    labels = ["dense", prune_label, *(label for arm in config.arms for label in arm_labels[arm["name"]].values())]
     evaluate_kwargs = _evaluate_kwargs(config, models, directory / "results.json", labels, files)
     inputs = {"model": model_id, "pruned": prune_hash, "recovered": recover_hashes, "data": data_hash,
               "evaluate": _hashed("evaluate", {k: v for k, v in evaluate_kwargs.items() if k not in ("models", "out")})}
