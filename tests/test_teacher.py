@@ -60,3 +60,27 @@ def test_small_k_stays_within_the_bound(tiny_model_dir, tiny_pruned_dir):
         assert (bucketed_kl(lp, ids, tail, s_logits) <= exact_kl + 1e-5).all()  # coarsening never adds divergence
         np.testing.assert_allclose(np.exp(store.logprobs[rows]).sum(1) + np.exp(store.log_tail[rows]), 1.0,
                                    atol=1e-5)
+
+
+def test_one_resident_scoring_equals_exact_with_the_whole_vocabulary(tmp_path, tiny_model_dir, tiny_pruned_dir,
+                                                                     monkeypatch):
+    """--resident one with k = vocabulary size gives the exact JSD and losses; with a small k the JSD stays
+    within the proven bound below the exact one."""
+    import json
+
+    from paser.demo_data import demo_records
+    from paser.select import SelectConfig, run_selection
+
+    monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:40]))
+    common = dict(original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), data=str(data), budget=10,
+                  dtype="fp32", batch_size=8, ccg=False)
+    exact = run_selection(SelectConfig(**common)).scores
+    whole = run_selection(SelectConfig(**common, resident="one", topk=100_000)).scores
+    for column in ("jsd", "loss_original", "loss_pruned"):
+        np.testing.assert_allclose(whole[column], exact[column], atol=2e-5)
+    small = run_selection(SelectConfig(**common, resident="one", topk=4)).scores
+    assert (small["jsd"] <= exact["jsd"] + 1e-5).all() and (small["jsd"] < exact["jsd"] - 1e-4).any()
+    np.testing.assert_allclose(small["loss_original"], exact["loss_original"], atol=2e-5)  # stored exactly
+    assert len(list((tmp_path / "cache" / "teacher").glob("*.npz"))) == 2  # one store per k, reusable

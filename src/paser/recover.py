@@ -283,20 +283,12 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
 def _teacher_store(teacher: Any, config: RecoverConfig, encoded: Sequence[Encoded], pad_id: int, dtype: str) -> Any:
     """The teacher's top-k log-probabilities over the training set, computed once and cached by teacher,
     data, k and dtype (:mod:`paser.teacher`); only the student stays resident while training."""
-    from .cache import cache_root, entry_lock
+    from .cache import cache_root
     from .models import model_fingerprint
-    from .teacher import TopK, teacher_topk
+    from .teacher import stored_topk
 
-    key = stable_hash("teacher-topk-v1", model_fingerprint(config.teacher), [e.input_ids for e in encoded],
-                      [len(e.prompt_ids) for e in encoded], config.teacher_topk, dtype)
-    path = cache_root() / "teacher" / f"{key}.npz"
-    with entry_lock(path, "the teacher's top-k cache"):
-        if path.exists():
-            log.info("teacher top-%d cache: from %s", config.teacher_topk, path)
-            return TopK.load(path)
-        store = teacher_topk(teacher, encoded, pad_id, k=config.teacher_topk)
-        store.save(path)
-    return store
+    return stored_topk(model_fingerprint(config.teacher), lambda: teacher, encoded, pad_id, config.teacher_topk, dtype,
+                       cache_root())
 
 
 @torch.no_grad()

@@ -85,6 +85,8 @@ class SelectConfig:
     ccg_max_df: float = 0.02  # specific rule: concepts in at most this share of the pool's records
     within: str = "top"  # top: best IES first inside a cluster | sample: drawn in proportion to IES
     drop_original_loss_above: float | None = None  # examine last the records above this quantile of original loss
+    resident: str = "both"  # both models in memory | one: the original's top-k stored first, then the pruned alone
+    topk: int = 64  # resident one: log-probabilities kept per position (the rest is one tail bucket)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -105,6 +107,8 @@ class SelectConfig:
         if not 0 < self.ccg_max_df <= 1 or (self.drop_original_loss_above is not None
                                              and not 0 < self.drop_original_loss_above < 1):
             raise ConfigError("ccg_max_df must be in (0, 1] and drop_original_loss_above a quantile in (0, 1)")
+        if self.resident not in ("both", "one") or self.topk < 1:
+            raise ConfigError(f"resident must be both or one and topk at least 1, not '{self.resident}' / {self.topk}")
         if self.ifd_model not in ("original", "pruned"):
             raise ConfigError(f"ifd_model must be original or pruned, not '{self.ifd_model}'")
         if self.anchors < 1 or (self.nuggets_candidates is not None and self.nuggets_candidates < 1):

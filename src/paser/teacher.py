@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -50,6 +51,7 @@ class TopK:
     ids: np.ndarray  # (rows, k) int32
     log_tail: np.ndarray  # (rows,) float32: log of the mass outside the top k (-inf when none)
     offsets: np.ndarray  # (N + 1,) int64: record i's rows are offsets[i]:offsets[i + 1]
+    target_logprobs: np.ndarray  # (rows,) float32: the reference token's log-probability (the teacher's NLL)
 
     def rows(self, i: int) -> slice:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
@@ -58,12 +60,13 @@ class TopK:
         from .cache import atomic_path
 
         with atomic_path(path, suffix=".npz") as tmp:
-            np.savez(tmp, logprobs=self.logprobs, ids=self.ids, log_tail=self.log_tail, offsets=self.offsets)
+            np.savez(tmp, logprobs=self.logprobs, ids=self.ids, log_tail=self.log_tail, offsets=self.offsets,
+                     target_logprobs=self.target_logprobs)
 
     @classmethod
     def load(cls, path: Any) -> "TopK":
         data = np.load(path)
-        return cls(data["logprobs"], data["ids"], data["log_tail"], data["offsets"])
+        return cls(data["logprobs"], data["ids"], data["log_tail"], data["offsets"], data["target_logprobs"])
 
 
 def _log_tail(top_logprobs: torch.Tensor) -> torch.Tensor:
@@ -84,9 +87,10 @@ def teacher_topk(model: Any, encoded: Sequence[Encoded], pad_id: int, k: int = 6
     logprobs = np.zeros((offsets[-1], k), dtype=np.float32)
     ids = np.zeros((offsets[-1], k), dtype=np.int32)
     log_tail = np.zeros(offsets[-1], dtype=np.float32)
+    target_logprobs = np.zeros(offsets[-1], dtype=np.float32)
     lengths = [len(e.input_ids) for e in encoded]
     for batch in length_buckets(lengths, batch_size, max_batch_tokens):
-        ids_t, attention, predicts_response, _ = collate([encoded[i] for i in batch], pad_id)
+        ids_t, attention, predicts_response, targets = collate([encoded[i] for i in batch], pad_id)
         states = decoder(input_ids=ids_t.to(device), attention_mask=attention.to(device)).last_hidden_state
         hidden = states[predicts_response.to(device)]  # rows in batch order, each record's positions in order
         rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in batch])
@@ -97,7 +101,60 @@ def teacher_topk(model: Any, encoded: Sequence[Encoded], pad_id: int, k: int = 6
             logprobs[rows[sl]] = top.values.cpu().numpy()
             ids[rows[sl]] = top.indices.cpu().numpy()
             log_tail[rows[sl]] = _log_tail(top.values).cpu().numpy()
-    return TopK(logprobs, ids, log_tail, offsets)
+            target_logprobs[rows[sl]] = logp.gather(-1, targets[sl].to(logp.device).unsqueeze(-1))[:, 0].cpu().numpy()
+    return TopK(logprobs, ids, log_tail, offsets, target_logprobs)
+
+
+def stored_topk(model_key: str, load: Any, encoded: Sequence[Encoded], pad_id: int, k: int, dtype: str,
+                cache_dir: Path) -> TopK:
+    """The top-k store of one model over ``encoded``, computed once and cached under ``cache_dir/teacher`` by
+    the model's weights, the encodings, k and dtype. ``load()`` gives the model, called only on a miss."""
+    import logging
+
+    from .cache import entry_lock, stable_hash
+
+    key = stable_hash("teacher-topk-v2", model_key, [e.input_ids for e in encoded], [len(e.prompt_ids) for e in encoded],
+                      k, dtype)
+    path = Path(cache_dir) / "teacher" / f"{key}.npz"
+    with entry_lock(path, "the top-k store"):
+        if path.exists():
+            logging.getLogger(__name__).info("top-%d store: from %s", k, path)
+            return TopK.load(path)
+        store = teacher_topk(load(), encoded, pad_id, k=k)
+        store.save(path)
+    return store
+
+
+@torch.no_grad()
+def jsd_against_store(model: Any, store: TopK, encoded: Sequence[Encoded], positions: Sequence[int], pad_id: int,
+                      chunk_rows: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pass 2 of one-resident scoring: per record, the mean bucketed JSD between the stored model and
+    ``model`` over the response tokens, the stored model's NLL and ``model``'s NLL (as :func:`paser.score.score_batch`
+    returns them). ``positions`` are the records' rows in the store."""
+    ids_t, attention, predicts_response, targets = collate(encoded, pad_id)
+    device = next(model.parameters()).device
+    decoder, head, softcap = _decoder_and_head(model)
+    states = decoder(input_ids=ids_t.to(device), attention_mask=attention.to(device)).last_hidden_state
+    hidden = states[predicts_response.to(device)]
+    rows = torch.from_numpy(np.concatenate([np.arange(store.offsets[i], store.offsets[i + 1]) for i in positions]))
+    jsd = torch.empty(hidden.shape[0], dtype=torch.float32)
+    nll = torch.empty_like(jsd)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        sl = slice(start, start + chunk_rows)
+        logits = _head(head, hidden[sl], softcap).float()
+        r = rows[sl].numpy()
+        jsd[sl] = bucketed_jsd(torch.from_numpy(store.logprobs[r]).to(device), torch.from_numpy(store.ids[r]).to(device),
+                               torch.from_numpy(store.log_tail[r]).to(device), logits)[0].cpu()
+        nll[sl] = torch.nn.functional.cross_entropy(logits, targets[sl].to(device), reduction="none").cpu()
+    counts = predicts_response.sum(1)
+    segment = torch.repeat_interleave(torch.arange(len(encoded)), counts)
+
+    def mean(values: torch.Tensor) -> np.ndarray:
+        return (torch.zeros(len(encoded), dtype=torch.float64).index_add_(0, segment, values.double())
+                / counts.clamp_min(1)).numpy()
+
+    stored_nll = torch.from_numpy(-store.target_logprobs[rows.numpy()])
+    return mean(jsd), mean(stored_nll), mean(nll)
 
 
 def _buckets(top_logprobs: torch.Tensor, top_ids: torch.Tensor, log_tail: torch.Tensor,

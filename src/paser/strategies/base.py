@@ -93,7 +93,8 @@ class SelectionContext:
             model, _ = self._timed("load_models", lambda: load_model(spec, dtype=self.dtype, tokenizer=False,
                                                                      device=distributed.device()))
             if which == "pruned":
-                check_compatible(self.tokenizer, load_tokenizer(spec), self.model("original"), model)
+                # output sizes are compared when the original is loaded anyway (it is not loaded for this)
+                check_compatible(self.tokenizer, load_tokenizer(spec), self._models.get("original"), model)
             self._models[which] = model
         return self._models[which]
 
@@ -112,8 +113,11 @@ class SelectionContext:
             return self.info["pair_scores"]
         from ..score import PAIR_VALUES, ScoreConfig, read_values, score_cache_key, score_records, score_table
 
+        resident_one = self.config.resident == "one"
         key = score_cache_key(self.model_key("original"), self.model_key("pruned"), data_fingerprint(self.records),
                               self.template_fingerprint, self.dtype)
+        if resident_one:  # approximate scores: their own cache entry
+            key = stable_hash(key, "resident-one", self.config.topk)
         path = self.cache / "scores" / f"{key}.parquet"
         self.cost["model_forward_tokens"] += self._forward_tokens(self.encoded, 2)
         with distributed.group_lock(path, "the model scores"):
@@ -121,6 +125,10 @@ class SelectionContext:
                 log.info("scores: %d records from the cache (%s)", len(self.records), path.name)
                 table = score_table(self.encoded, read_values(path, PAIR_VALUES))
                 self.info["scores_from_cache"] = True
+            elif resident_one:
+                table = self._timed("score", lambda: self._scores_one_resident(path))
+                log.info("scores: computed for %d records, one model resident (%s)", len(self.records), path.name)
+                self.info["scores_from_cache"] = False
             else:
                 original, pruned = self.model("original"), self.model("pruned")
                 table = self._timed("score", lambda: score_records(
@@ -132,6 +140,33 @@ class SelectionContext:
         for column in PAIR_VALUES:
             self.table[column] = table[column].to_numpy()
         return table
+
+    def _scores_one_resident(self, path: Path) -> pd.DataFrame:
+        """Pass 1: the original model alone, its top-k log-probabilities stored (:mod:`paser.teacher`); it is
+        freed before pass 2, where the pruned model alone is scored against the store."""
+        import gc
+
+        from ..models import load_model
+        from ..score import PAIR_VALUES, ScoreConfig, batched_values, score_table
+        from ..teacher import jsd_against_store, stored_topk
+
+        def original() -> Any:
+            return load_model(self.config.original, dtype=self.dtype, tokenizer=False, device=distributed.device())[0]
+
+        pad_id = self.tokenizer.pad_token_id
+        store = stored_topk(self.model_key("original"), original, self.encoded, pad_id, self.config.topk, self.dtype,
+                            self.cache)
+        self._models.pop("original", None)
+        gc.collect()
+        pruned = self.model("pruned")
+        position = {id(e): i for i, e in enumerate(self.encoded)}
+
+        def batch(items: Sequence[Encoded]) -> tuple[np.ndarray, ...]:
+            return jsd_against_store(pruned, store, items, [position[id(e)] for e in items], pad_id)
+
+        values = batched_values(self.encoded, batch, PAIR_VALUES, ScoreConfig(batch_size=self.config.batch_size),
+                                path, f"score (JSD, top-{self.config.topk} store)")
+        return score_table(self.encoded, values)
 
     def response_losses(self, which: str, encoded: Sequence[Encoded] | None = None, tag: str = "conditioned",
                         ) -> np.ndarray:
