@@ -106,3 +106,33 @@ def test_two_process_recovery_follows_the_one_process_loss_curve(tmp_path, tiny_
     bad = run(["recover", tiny_model_dir, "--data", data, "--out", "three", "--batch-size", 4, "--micro-batch-size", 4],
               tmp_path, processes=2)
     assert bad.returncode != 0 and "multiple of micro_batch_size (4) x 2 processes" in bad.stdout + bad.stderr
+
+
+def test_two_process_evaluation_equals_one(tmp_path, tiny_model_dir, data):
+    from tests_helpers import write_fixtures
+
+    tasks = write_fixtures(tmp_path / "tasks", rows=9)  # odd counts: ranks get unequal shares
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(json.loads(line)["output"] for line in data.read_text().splitlines()))
+
+    def args(out):
+        return ["evaluate", tiny_model_dir, "--tasks", "arc_easy,piqa", "--task-dir", tasks, "--ppl", text,
+                "--ppl-seqlen", 32, "--response-ppl", data, "--response-ppl-limit", 25, "--demo-skills",
+                "--demo-questions", 11, "--dtype", "fp32", "--out", out]
+
+    ok(run(args("one.json"), tmp_path))
+    log = ok(run(args("two.json"), tmp_path, processes=2))
+    assert log.count("results -> two.json") == 1  # rank 0 alone writes and prints
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert one["processes"] == 1 and two["processes"] == 2  # (with 2, lm-eval's requests are split, then gathered)
+    (a,), (b,) = one["models"].values(), two["models"].values()
+    for task in ("arc_easy", "piqa"):
+        assert b["tasks"][task]["n"] == a["tasks"][task]["n"] == 9
+        assert b["tasks"][task]["items"] == a["tasks"][task]["items"]  # every question, in document order
+        assert b["tasks"][task]["acc"] == a["tasks"][task]["acc"]
+    for kind in ("perplexity", "response_perplexity"):
+        (x,), (y,) = a[kind].values(), b[kind].values()
+        assert y["items"]["tokens"] == x["items"]["tokens"]
+        np.testing.assert_allclose(y["items"]["nll"], x["items"]["nll"], rtol=1e-5)
+        assert y["ppl"] == pytest.approx(x["ppl"], rel=1e-6)
+    assert b["demo_skills"] == a["demo_skills"]

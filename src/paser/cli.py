@@ -255,8 +255,11 @@ def evaluate(
         response_ppl_limit=response_ppl_limit, demo_skills=demo_skills, demo_questions=demo_questions,
         batch_size=batch_size, dtype=dtype,
         labels=list(label) or None, out=out))
-    typer.echo(results["table"])
-    typer.echo(f"{results['seconds']:.0f}s; results -> {out}")
+    from . import distributed
+
+    if distributed.is_main():
+        typer.echo(results["table"])
+        typer.echo(f"{results['seconds']:.0f}s; results -> {out}")
 
 
 # -------------------------------------------------------------------------------------------------- run

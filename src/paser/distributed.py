@@ -15,7 +15,7 @@ import heapq
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 
 def launched() -> bool:
@@ -98,3 +98,19 @@ def group_lock(path: str | Path, what: str) -> Iterator[None]:
             yield
         finally:
             barrier()  # rank 0 releases only once every rank is done with it
+
+
+def map_sharded(items: Sequence[Any], fn: Callable[[list[Any]], list[Any]],
+                lengths: Sequence[int] | None = None) -> list[Any]:
+    """``fn`` over this rank's share of ``items`` (balanced by ``lengths`` when given, else every W-th item),
+    gathered back into input order on every rank: ``fn(items)`` itself in a single process."""
+    if not launched():
+        return list(fn(list(items)))
+    world, me = world_size(), rank()
+    mine = shard_by_tokens(lengths, world)[me] if lengths is not None else list(range(me, len(items), world))
+    results = list(fn([items[i] for i in mine]))
+    merged: list[Any] = [None] * len(items)
+    for positions, values in all_gather((mine, results)):
+        for i, value in zip(positions, values):
+            merged[i] = value
+    return merged

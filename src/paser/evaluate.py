@@ -177,6 +177,8 @@ def run_task(lm: Any, task: Any, limit: int | None) -> dict:
     results = evaluate(lm=lm, task_dict={"tasks": {name: task}, "groups": {}}, limit=limit, log_samples=True,
                        bootstrap_iters=1000, verbosity="WARNING")
     seconds = time.perf_counter() - t0
+    if results is None:  # a rank other than 0 under a launcher: rank 0 holds the gathered results
+        return {}
     metrics = results["results"][name]
     row = {}
     for metric in ("acc", "acc_norm"):
@@ -357,8 +359,11 @@ class _PartsCache:
             return None
 
     def put(self, path: Path, value: Any) -> None:
-        write_json(path, {"value": value})
-        faults.reached("evaluate.saved")
+        from . import distributed
+
+        if distributed.is_main():
+            write_json(path, {"value": value})
+            faults.reached("evaluate.saved")
 
 
 def _evaluate_model(spec: str, label: str, config: EvaluateConfig, dtype: str, parts: _PartsCache,
@@ -394,7 +399,9 @@ def _evaluate_model(spec: str, label: str, config: EvaluateConfig, dtype: str, p
         if value is None:
             if model is None:
                 log.info("evaluating %s", label)
-                model, tokenizer = load_model(spec, dtype=dtype)
+                from . import distributed
+
+                model, tokenizer = load_model(spec, dtype=dtype, device=distributed.device())
                 model.eval()
             value, lm = _measure(kind, name, model, tokenizer, lm, config, tasks, texts, response_records, demo,
                                  windows_cache, encoded_cache)
@@ -420,6 +427,7 @@ def _measure(kind: str, name: str, model: Any, tokenizer: Any, lm: Any, config: 
             from lm_eval.models.huggingface import HFLM
 
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
+            _data_parallel(lm)
         return run_task(lm, tasks[name], config.limit), lm
     tok_key = _tokenizer_key(tokenizer)
     if kind == "perplexity":
@@ -429,7 +437,8 @@ def _measure(kind: str, name: str, model: Any, tokenizer: Any, lm: Any, config: 
         if key not in windows_cache:
             windows_cache[key] = text_windows(tokenizer, texts[name], seqlen)
         windows = windows_cache[key][:config.ppl_windows] if config.ppl_windows else windows_cache[key]
-        nll, count = sequence_nll(model, windows, batch_size=max(1, config.batch_size // 4), progress=True)
+        nll, count = _sharded_nll(lambda part: sequence_nll(model, part, max(1, config.batch_size // 4), progress=True),
+                                  windows)
         return {"ppl": math.exp(sum(nll) / max(sum(count), 1)), "windows": len(windows), "seqlen": seqlen,
                 "seconds": round(time.perf_counter() - t0, 2), "items": {"nll": nll, "tokens": count}}, lm
     if kind == "response_perplexity":
@@ -438,10 +447,16 @@ def _measure(kind: str, name: str, model: Any, tokenizer: Any, lm: Any, config: 
         if key not in encoded_cache:
             formatter = PromptFormatter(tokenizer, max_length=config.response_max_length)
             encoded_cache[key] = formatter.encode_all(records)
-        nll, count = response_nll(model, encoded_cache[key], tokenizer.pad_token_id, config.batch_size, progress=True)
+        encoded = encoded_cache[key]
+        nll, count = _sharded_nll(lambda part: response_nll(model, part, tokenizer.pad_token_id, config.batch_size,
+                                                            progress=True), encoded,
+                                  [len(e.input_ids) for e in encoded])
         return {"ppl": math.exp(sum(nll) / max(sum(count), 1)), "records": len(records),
                 "seconds": round(time.perf_counter() - t0, 2), "items": {"nll": nll, "tokens": count}}, lm
-    answers = generate_answers(model, tokenizer, demo, max_new_tokens=24, batch_size=config.batch_size * 4)
+    from . import distributed
+
+    answers = distributed.map_sharded(demo, lambda part: generate_answers(model, tokenizer, part, max_new_tokens=24,
+                                                                         batch_size=config.batch_size * 4))
     shown: dict[str, int] = defaultdict(int)
     examples = []  # what exact match saw, two per skill
     for record, answer in zip(demo, answers):
@@ -453,8 +468,34 @@ def _measure(kind: str, name: str, model: Any, tokenizer: Any, lm: Any, config: 
             "demo_skills_seconds": round(time.perf_counter() - t0, 2)}, lm
 
 
+def _data_parallel(lm: Any) -> None:
+    """Under a launcher, make lm-eval's evaluator split each task's requests across the processes and gather
+    the per-question results on rank 0 (what it does for a model it loads itself; paser passes its own)."""
+    from . import distributed
+
+    if distributed.launched():
+        from accelerate import Accelerator
+
+        lm._rank, lm._world_size = distributed.rank(), distributed.world_size()
+        lm.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+
+
+def _sharded_nll(measure: Any, items: Sequence[Any], lengths: Sequence[int] | None = None,
+                 ) -> tuple[list[float], list[int]]:
+    """Per-item (NLL sum, token count) from ``measure`` over each rank's share of ``items``, in input order."""
+    from . import distributed
+
+    def pairs(part: list[Any]) -> list[tuple[float, int]]:
+        nll, count = measure(part)
+        return list(zip(nll, count))
+
+    merged = distributed.map_sharded(items, pairs, lengths)
+    return [p[0] for p in merged], [p[1] for p in merged]
+
+
 def run_evaluation(config: EvaluateConfig) -> dict:
     """Evaluate every model; writes ``config.out`` (JSON) and a markdown table beside it; returns the results."""
+    from . import distributed
     from .models import resolve_dtype_name
 
     config.validate()
@@ -479,7 +520,7 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         "task_source": str(config.task_dir) if config.task_dir else "lm-eval hub tasks",
         "ppl_files": list(config.ppl), "ppl_seqlen": config.ppl_seqlen, "ppl_windows": config.ppl_windows,
         "response_ppl_files": list(config.response_ppl), "demo_skills": config.demo_skills,
-        "task_build_seconds": round(task_build_seconds, 2), "models": {},
+        "task_build_seconds": round(task_build_seconds, 2), "processes": distributed.world_size(), "models": {},
     }
     parts = _PartsCache(Path(config.out), dtype)
     for spec, label in zip(config.models, labels):
@@ -487,8 +528,10 @@ def run_evaluation(config: EvaluateConfig) -> dict:
                                 windows_cache, encoded_cache)
         results["models"][label] = entry
     results["seconds"] = round(time.perf_counter() - started, 2)
-    results["table"] = results_table(results)
+    results["table"] = results_table(results) if distributed.is_main() else ""
     out = Path(config.out)
-    write_json(out, results)
-    write_text(out.with_suffix(".md"), results["table"])
+    if distributed.is_main():
+        write_json(out, results)
+        write_text(out.with_suffix(".md"), results["table"])
+    distributed.barrier()
     return results
