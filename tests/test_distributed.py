@@ -136,3 +136,41 @@ def test_two_process_evaluation_equals_one(tmp_path, tiny_model_dir, data):
         np.testing.assert_allclose(y["items"]["nll"], x["items"]["nll"], rtol=1e-5)
         assert y["ppl"] == pytest.approx(x["ppl"], rel=1e-6)
     assert b["demo_skills"] == a["demo_skills"]
+
+
+def test_paser_run_under_a_launcher_matches_one_process(tmp_path, tiny_model_dir):
+    """The whole pipeline with 2 processes: rank 0 prunes and writes, both score, train (DDP) and evaluate."""
+    import yaml
+
+    from tests_helpers import write_fixtures
+
+    tasks = write_fixtures(tmp_path / "tasks", rows=5)
+    config = {
+        "model": str(tiny_model_dir), "dtype": "fp32",
+        "prune": {"method": "magnitude", "sparsity": 0.5, "calib_samples": 4, "heldout_samples": 2, "seq_len": 48},
+        "data": {"source": "demo", "limit": 60},
+        "select": {"methods": ["paser", "random"], "budget": 0.2, "max_length": 64, "clusters": 3},
+        "recover": {"epochs": 1, "batch_size": 4, "micro_batch_size": 2, "cutoff_len": 64, "lr": 0.001,
+                    "lora_dropout": 0.0, "group_by_length": False},
+        "evaluate": {"tasks": ["arc_easy"], "task_dir": str(tasks), "limit": 5, "response_ppl": ["demo-heldout"],
+                     "response_ppl_limit": 20, "batch_size": 8}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    ok(run(["run", "run.yaml", "--out", "one"], tmp_path, cache="cache1"))
+    log = ok(run(["run", "run.yaml", "--out", "two"], tmp_path, processes=2, cache="cache2"))
+    assert log.count("report: two/report.html") == 1
+    for arm in ("paser", "random"):
+        picked = [(tmp_path / d / "select" / arm / "s0" / "selected.jsonl").read_text() for d in ("one", "two")]
+        assert [json.loads(x)["paser"]["index"] for x in picked[0].splitlines()] == \
+            [json.loads(x)["paser"]["index"] for x in picked[1].splitlines()]
+        curves = [[p["loss"] for p in json.loads((tmp_path / d / "recover" / arm / "s0" / "train_log.json").read_text())
+                   ["loss_curve"]] for d in ("one", "two")]
+        np.testing.assert_allclose(curves[1], curves[0], rtol=2e-3)
+    results = [json.loads((tmp_path / d / "evaluate" / "results.json").read_text()) for d in ("one", "two")]
+    assert results[1]["processes"] == 2
+    for label, entry in results[0]["models"].items():
+        other = results[1]["models"][label]
+        assert other["tasks"]["arc_easy"]["n"] == entry["tasks"]["arc_easy"]["n"] == 5
+        (x,), (y,) = entry["response_perplexity"].values(), other["response_perplexity"].values()
+        assert y["ppl"] == pytest.approx(x["ppl"], rel=2e-3), label
+    record = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert [s["stage"] for s in record["stages"]][:2] == ["prune", "select/paser/s0"]

@@ -294,6 +294,8 @@ def run(
 def _finish_run(run: dict) -> None:
     from rich.console import Console
 
+    if not run:  # a rank other than 0 under a launcher: rank 0 reports
+        return
     out = Path(run["out"])
     console = Console()
     for stage in run["stages"]:

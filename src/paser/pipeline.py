@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from . import faults
+from . import distributed, faults
 from .cache import file_fingerprint, stable_hash, write_json, write_text
 from .errors import ConfigError, PaserError
 
@@ -581,7 +581,7 @@ class _Runner:
     def stage(self, stage: str, directory: Path, inputs: dict[str, Any]) -> Iterator[dict[str, Any] | None]:
         """Yields None when the stage is up to date (skip), else a dict for cache notes; then marks it done."""
         digest = stable_hash(inputs)
-        marker = self._marker(directory)
+        marker = distributed.all_gather(self._marker(directory))[0]  # rank 0's view decides for every process
         name = directory.relative_to(self.out).as_posix()
         if stage not in self.forced and marker.get("hash") == digest and marker.get("status") == "done":
             log.info("%s: up to date, skipped", name)
@@ -592,21 +592,26 @@ class _Runner:
             return
         resumable = marker.get("hash") == digest and marker.get("status") == "running"
         directory.mkdir(parents=True, exist_ok=True)
-        write_json(directory / "stage.json", {"hash": digest, "status": "running", "inputs": inputs})
+        if distributed.is_main():
+            write_json(directory / "stage.json", {"hash": digest, "status": "running", "inputs": inputs})
         log.info("%s: running", name)
         notes: dict[str, Any] = {"stage": "miss", "resumed": resumable}
         t0 = time.perf_counter()
         with _PeakMemory() as memory:
             yield notes
         seconds, peak = round(time.perf_counter() - t0, 2), round(memory.peak / 1024**3, 3)
-        write_json(directory / "stage.json", {"hash": digest, "status": "done", "inputs": inputs, "seconds": seconds,
-                                              "peak_rss_gb": peak, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        if distributed.is_main():
+            write_json(directory / "stage.json", {"hash": digest, "status": "done", "inputs": inputs,
+                                                  "seconds": seconds, "peak_rss_gb": peak,
+                                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        distributed.barrier()  # the stage's outputs exist for every process
         self.records.append(StageRecord(name, str(directory), digest, False, seconds, peak, notes))
         faults.reached("run.stage_done")
 
 
 def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_stage: str | None = None) -> dict:
-    """Run (or resume) the pipeline; returns what ``OUT/run.json`` holds."""
+    """Run (or resume) the pipeline; returns what ``OUT/run.json`` holds (under a launcher, on rank 0; the other
+    processes take part in scoring, training and evaluation and return an empty dict)."""
     from .evaluate import EvaluateConfig, run_evaluation
     from .prune import PruneConfig, run_prune
     from .recover import RecoverConfig, run_recovery
@@ -623,7 +628,9 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     runner = _Runner(config, out, from_stage)
-    write_text(out / "config.yaml", _yaml(config.as_dict()))
+    main = distributed.is_main()  # under a launcher: rank 0 alone prunes and writes the run's files
+    if main:
+        write_text(out / "config.yaml", _yaml(config.as_dict()))
 
     model_id = _model_identity(config.model)
     data_id = _data_identity(config)
@@ -632,7 +639,7 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
     if config.data["sample"] is not None:  # a fixed slice of the source, plus held-out and calibration records
         directory = out / "data"
         with runner.stage("data", directory, {"data": data_id, "settings": config.data}) as notes:
-            if notes is not None:
+            if notes is not None and main:
                 notes.update(sample_data(config.data, directory))
         data_hash = runner.records[-1].hash
         files = {"slice": str(directory / "slice.jsonl")}
@@ -650,7 +657,7 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
         inputs = {"model": model_id, "prune": _hashed("prune", config.prune),
                   "calibration": data_hash if config.prune["calib_data"] == CALIBRATION else None}
         with runner.stage("prune", directory, inputs) as notes:
-            if notes is not None:
+            if notes is not None and main:
                 run_prune(PruneConfig(model=config.model, out=directory, **prune_settings))
         pruned, prune_hash = str(directory), runner.records[-1].hash
         prune_label = f"pruned ({config.prune['method']} {config.prune['sparsity']:g})"
@@ -701,6 +708,8 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
     with runner.stage("evaluate", directory, inputs) as notes:
         if notes is not None:
             run_evaluation(EvaluateConfig(**evaluate_kwargs))
+    if not main:
+        return {}
     if config.baseline and len(config.arms) > 1:
         write_comparison(directory, arm_labels, config.baseline, {"dense": "dense", "pruned": prune_label},
                          {arm: _mean_cost(c) for arm, c in costs.items()})

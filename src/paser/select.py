@@ -214,6 +214,7 @@ def run_selection(config: SelectConfig) -> SelectionResult:
                                            "scikit-learn", "scipy", "faiss-cpu", "yake")
     if writes:
         write_json(Path(config.out) / "selection.json", summary)
+    distributed.barrier()  # the outputs exist for every process
     return result
 
 
