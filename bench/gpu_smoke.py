@@ -1,0 +1,110 @@
+"""GPU smoke check: bf16, SDPA attention, scoring throughput and each stage's memory on one CUDA device.
+
+On a machine with CUDA, loads the embedded SmolLM2-135M-Instruct (or ``--model``) in bf16 on the GPU with a
+50% magnitude-pruned copy, checks that bf16 is supported and that attention runs through SDPA, times paser's
+scoring against bare forward passes of both models over the same batches (the ``ratio`` of
+``bench/scoring_throughput.py``), then measures peak GPU memory of each stage: scoring, a few LoRA recovery
+steps, and evaluation (perplexity windows). Prints one JSON line.
+
+On a machine without CUDA it prints ``{"cuda": false, ...}`` with a message and exits 0.
+"""
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+POOL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "instruct" / "pool.jsonl"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None, help="model spec (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--data", default=str(POOL) if POOL.exists() else "demo")
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=256)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print(json.dumps({"cuda": False, "message": "no CUDA device: nothing to check here (run this on a GPU "
+                                                    "machine; bench/scoring_throughput.py measures the CPU path)"}))
+        return
+
+    from paser.data import PromptFormatter, load_records
+    from paser.evaluate import sequence_nll
+    from paser.models import DEFAULT_MODEL, load_model
+    from paser.prune import magnitude_prune_
+    from paser.recover import RecoverConfig, run_recovery
+    from paser.score import collate, length_buckets, score_batch
+
+    device = torch.device("cuda")
+    report = {"cuda": True, "device": torch.cuda.get_device_name(0), "bf16_supported": torch.cuda.is_bf16_supported()}
+    spec = args.model or DEFAULT_MODEL
+    original, tokenizer = load_model(spec, dtype="bf16", device="cuda")
+    pruned = magnitude_prune_(copy.deepcopy(original), 0.5)
+    report["attention"] = getattr(original.config, "_attn_implementation", None)
+    report["sdpa"] = report["attention"] == "sdpa"
+
+    records = load_records(args.data, limit=args.n)
+    encoded = PromptFormatter(tokenizer, max_length=args.max_length).encode_all(records)
+    lengths = [len(e.input_ids) for e in encoded]
+    batches = [[encoded[i] for i in b] for b in length_buckets(lengths, 32, 16384)]
+    pad = tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def bare():
+        for batch in batches:
+            ids, attention, _, _ = collate(batch, pad)
+            ids, attention = ids.to(device), attention.to(device)
+            original(input_ids=ids, attention_mask=attention)
+            pruned(input_ids=ids, attention_mask=attention)
+
+    def scoring():
+        for batch in batches:
+            score_batch(original, pruned, batch, pad)
+
+    def timed(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    scoring()  # warm-up
+    torch.cuda.reset_peak_memory_stats()
+    t_paser = timed(scoring)
+    report["score_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+    t_bare = timed(bare)
+    tokens = sum(lengths)
+    report.update(records=len(encoded), tokens=tokens, paser_tokens_per_s=round(tokens / t_paser, 1),
+                  bare_tokens_per_s=round(tokens / t_bare, 1), ratio=round(t_paser / t_bare, 3))
+
+    torch.cuda.reset_peak_memory_stats()
+    windows = [e.input_ids for e in encoded[:64]]
+    t_eval = timed(lambda: sequence_nll(original, windows, batch_size=16))
+    report["evaluate_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+    report["evaluate_seconds"] = round(t_eval, 2)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "pruned"
+        pruned.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        del original, pruned
+        torch.cuda.empty_cache()
+        data = Path(tmp) / "train.jsonl"
+        data.write_text("".join(json.dumps({"instruction": r.instruction, "input": r.input, "output": r.output}) + "\n"
+                                for r in records[:128]))
+        torch.cuda.reset_peak_memory_stats()
+        log = run_recovery(RecoverConfig(model=str(model_dir), data=str(data), out=Path(tmp) / "rec", epochs=1,
+                                         batch_size=16, micro_batch_size=8, cutoff_len=args.max_length, dtype="bf16"))
+        report["recover_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+        report["recover_seconds_per_step"] = log["seconds_per_step"]
+        report["recover_zeros_kept"] = log["zeros_after_merge"] >= log["zeros_kept"]
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
