@@ -84,3 +84,6 @@ def test_one_resident_scoring_equals_exact_with_the_whole_vocabulary(tmp_path, t
     assert (small["jsd"] <= exact["jsd"] + 1e-5).all() and (small["jsd"] < exact["jsd"] - 1e-4).any()
     np.testing.assert_allclose(small["loss_original"], exact["loss_original"], atol=2e-5)  # stored exactly
     assert len(list((tmp_path / "cache" / "teacher").glob("*.npz"))) == 2  # one store per k, reusable
+    # accelerate's big-model loading (here onto the CPU alone) gives the same scores
+    mapped = run_selection(SelectConfig(**common, device_map="auto", cache_dir=str(tmp_path / "other"))).scores
+    np.testing.assert_allclose(mapped["jsd"], exact["jsd"], atol=1e-6)

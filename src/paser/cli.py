@@ -112,6 +112,7 @@ def select(
     target: Optional[str] = typer.Option(None, help="dsir: target texts (instruction data, or a .txt file with one text per line)."),
     resident: str = typer.Option("both", help="both: the two models in memory together | one: the original alone first (its top-k log-probabilities stored), then the pruned alone; JSD over the top-k tokens and one tail bucket (error bounded, see docs/method.md)."),
     topk: int = typer.Option(64, help="--resident one: log-probabilities kept per position."),
+    device_map: Optional[str] = typer.Option(None, help="auto: spread each model over the GPUs and CPU memory (accelerate big-model loading), for models too big for one device."),
     recipe: Optional[str] = typer.Option(None, help="A named recipe whose settings override the options: paper (the PASER paper exactly)."),
 ) -> None:
     """Select recovery data with PASER, its ablations, or a baseline (random, full, perplexity, loss_gap, ifd, nuggets, dsir).
@@ -128,7 +129,8 @@ def select(
         cluster_method=cluster_method, embedder=embedder, allocation=allocation, score=score,
         max_length=max_length, batch_size=batch_size, dtype=dtype, ccg=ccg, seed=seed, columns=columns,
         duplicates=duplicates, limit=limit, bad_records=bad_records, ifd_model=ifd_model, anchors=anchors,
-        anchor_data=anchor_data, nuggets_candidates=nuggets_candidates, target=target, resident=resident, topk=topk)
+        anchor_data=anchor_data, nuggets_candidates=nuggets_candidates, target=target, resident=resident, topk=topk,
+        device_map=device_map)
     from . import distributed
 
     result = run_selection(SelectConfig(**{**settings, **(recipe_settings(recipe, "select") if recipe else {})}))

@@ -170,8 +170,10 @@ def load_tokenizer(spec: str | Path):
     return tokenizer
 
 
-def load_model(spec: str | Path, dtype: str = "auto", device: str | None = None, tokenizer: bool = True):
-    """Load ``(model, tokenizer)`` for a spec; the model is in eval mode on ``device`` (default CPU).
+def load_model(spec: str | Path, dtype: str = "auto", device: str | None = None, tokenizer: bool = True,
+               device_map: str | None = None):
+    """Load ``(model, tokenizer)`` for a spec; the model is in eval mode on ``device`` (default CPU), or spread
+    over the GPUs (and CPU memory) by accelerate's big-model loading with ``device_map="auto"``.
 
     ``dtype`` is ``auto`` (bf16 where the hardware runs it natively, else fp32), ``fp32``, ``bf16`` or ``fp16``. Pass ``tokenizer=False`` to get ``(model, None)``.
     """
@@ -181,11 +183,12 @@ def load_model(spec: str | Path, dtype: str = "auto", device: str | None = None,
     resolved = resolve_spec(spec)
     t0 = time.perf_counter()
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.location, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(resolved.location, dtype=torch_dtype,
+                                                     **({"device_map": device_map} if device_map else {}))
     except OSError as exc:
         raise _hub_error(str(spec), exc) from exc
     model.eval()
-    if device:
+    if device and not device_map:
         model.to(device)
     tok = load_tokenizer(spec) if tokenizer else None
     if tok is not None and model.config.pad_token_id is None:

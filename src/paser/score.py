@@ -120,14 +120,14 @@ def _head(head: Any, hidden: torch.Tensor, softcap: float | None) -> torch.Tenso
 def score_batch(original: Any, pruned: Any, encoded: Sequence[Encoded], pad_id: int, chunk_rows: int = 128):
     """Per-sample mean JSD and response losses for one batch: one decoder pass of each model."""
     ids, attention, predicts_response, targets = collate(encoded, pad_id)
-    device = next(original.parameters()).device
-    ids, attention = ids.to(device), attention.to(device)
     hidden = []
-    for model in (original, pruned):
+    for model in (original, pruned):  # (with a device_map, each model's layers may sit on several devices)
         decoder, head, softcap = _decoder_and_head(model)
-        states = decoder(input_ids=ids, attention_mask=attention).last_hidden_state
-        hidden.append((states[predicts_response.to(device)], head, softcap))
+        first = next(model.parameters()).device
+        states = decoder(input_ids=ids.to(first), attention_mask=attention.to(first)).last_hidden_state
+        hidden.append((states[predicts_response.to(states.device)], head, softcap))
     (h_p, head_p, cap_p), (h_q, head_q, cap_q) = hidden
+    device = h_p.device
     targets = targets.to(device)
     rows = h_p.shape[0]
     jsd = torch.empty(rows, dtype=torch.float32, device=device)
@@ -135,8 +135,9 @@ def score_batch(original: Any, pruned: Any, encoded: Sequence[Encoded], pad_id: 
     nll_q = torch.empty_like(jsd)
     for start in range(0, rows, chunk_rows):
         sl = slice(start, start + chunk_rows)
-        jsd[sl], nll_p[sl], nll_q[sl] = jsd_and_nll(_head(head_p, h_p[sl], cap_p), _head(head_q, h_q[sl], cap_q),
-                                                    targets[sl])
+        logits_p = _head(head_p, h_p[sl], cap_p)
+        jsd[sl], nll_p[sl], nll_q[sl] = jsd_and_nll(logits_p, _head(head_q, h_q[sl], cap_q).to(logits_p.device),
+                                                    targets[sl].to(logits_p.device))
     counts = predicts_response.sum(1)
     segment = torch.repeat_interleave(torch.arange(len(encoded)), counts).to(device)
 

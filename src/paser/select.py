@@ -87,6 +87,7 @@ class SelectConfig:
     drop_original_loss_above: float | None = None  # examine last the records above this quantile of original loss
     resident: str = "both"  # both models in memory | one: the original's top-k stored first, then the pruned alone
     topk: int = 64  # resident one: log-probabilities kept per position (the rest is one tail bucket)
+    device_map: str | None = None  # auto: each model spread over the GPUs (and CPU memory) by accelerate
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -107,6 +108,9 @@ class SelectConfig:
         if not 0 < self.ccg_max_df <= 1 or (self.drop_original_loss_above is not None
                                              and not 0 < self.drop_original_loss_above < 1):
             raise ConfigError("ccg_max_df must be in (0, 1] and drop_original_loss_above a quantile in (0, 1)")
+        if self.device_map is not None and distributed.launched():
+            raise ConfigError("device_map spreads one copy of each model over the devices; under a launcher every "
+                              "process holds its own copy: use one or the other")
         if self.resident not in ("both", "one") or self.topk < 1:
             raise ConfigError(f"resident must be both or one and topk at least 1, not '{self.resident}' / {self.topk}")
         if self.ifd_model not in ("original", "pruned"):

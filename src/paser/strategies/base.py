@@ -91,7 +91,8 @@ class SelectionContext:
 
             spec = self.config.original if which == "original" else self.config.pruned
             model, _ = self._timed("load_models", lambda: load_model(spec, dtype=self.dtype, tokenizer=False,
-                                                                     device=distributed.device()))
+                                                                     device=distributed.device(),
+                                                                     device_map=self.config.device_map))
             if which == "pruned":
                 # output sizes are compared when the original is loaded anyway (it is not loaded for this)
                 check_compatible(self.tokenizer, load_tokenizer(spec), self._models.get("original"), model)
@@ -151,7 +152,8 @@ class SelectionContext:
         from ..teacher import jsd_against_store, stored_topk
 
         def original() -> Any:
-            return load_model(self.config.original, dtype=self.dtype, tokenizer=False, device=distributed.device())[0]
+            return load_model(self.config.original, dtype=self.dtype, tokenizer=False, device=distributed.device(),
+                              device_map=self.config.device_map)[0]
 
         pad_id = self.tokenizer.pad_token_id
         store = stored_topk(self.model_key("original"), original, self.encoded, pad_id, self.config.topk, self.dtype,
