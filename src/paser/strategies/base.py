@@ -112,37 +112,56 @@ class SelectionContext:
         """Per-record JSD and both models' response losses (one pass of each model; the PASER score)."""
         if "pair_scores" in self.info:
             return self.info["pair_scores"]
-        from ..score import PAIR_VALUES, ScoreConfig, read_values, score_cache_key, score_records, score_table
+        from ..score import PAIR_VALUES
 
-        resident_one = self.config.resident == "one"
-        key = score_cache_key(self.model_key("original"), self.model_key("pruned"), data_fingerprint(self.records),
-                              self.template_fingerprint, self.dtype)
-        if resident_one:  # approximate scores: their own cache entry
-            key = stable_hash(key, "resident-one", self.config.topk)
-        path = self.cache / "scores" / f"{key}.parquet"
-        self.cost["model_forward_tokens"] += self._forward_tokens(self.encoded, 2)
-        with distributed.group_lock(path, "the model scores"):
-            if path.exists():
-                log.info("scores: %d records from the cache (%s)", len(self.records), path.name)
-                table = score_table(self.encoded, read_values(path, PAIR_VALUES))
-                self.info["scores_from_cache"] = True
-            elif resident_one:
-                table = self._timed("score", lambda: self._scores_one_resident(path))
-                log.info("scores: computed for %d records, one model resident (%s)", len(self.records), path.name)
-                self.info["scores_from_cache"] = False
-            else:
-                original, pruned = self.model("original"), self.model("pruned")
-                table = self._timed("score", lambda: score_records(
-                    original, pruned, self.encoded, self.tokenizer.pad_token_id,
-                    ScoreConfig(batch_size=self.config.batch_size), cache_file=path))
-                log.info("scores: computed for %d records (%s)", len(self.records), path.name)
-                self.info["scores_from_cache"] = False
+        table, self.info["scores_from_cache"] = self._pair_scores(np.arange(len(self.records)))
         self.info["pair_scores"] = table
         for column in PAIR_VALUES:
             self.table[column] = table[column].to_numpy()
         return table
 
-    def _scores_one_resident(self, path: Path) -> pd.DataFrame:
+    def pair_scores_of(self, positions: Sequence[int]) -> pd.DataFrame:
+        """The same per-record values for some records only (sampled scoring), cached by those records; taken
+        from the whole pool's cache entry when that exists."""
+        positions = np.asarray(positions, dtype=np.int64)
+        whole = self.cache / "scores" / f"{self._score_key(self.records)}.parquet"
+        if "pair_scores" in self.info or whole.exists():
+            return self.pair_scores().iloc[positions].reset_index(drop=True)
+        return self._pair_scores(positions)[0]
+
+    def _score_key(self, records: Sequence[Record]) -> str:
+        from ..score import score_cache_key
+
+        key = score_cache_key(self.model_key("original"), self.model_key("pruned"), data_fingerprint(records),
+                              self.template_fingerprint, self.dtype)
+        if self.config.resident == "one":  # approximate scores: their own cache entry
+            key = stable_hash(key, "resident-one", self.config.topk)
+        return key
+
+    def _pair_scores(self, positions: np.ndarray) -> tuple[pd.DataFrame, bool]:
+        """(table of :data:`paser.score.SCORE_COLUMNS` for ``positions``, whether it came from the cache)."""
+        from ..score import PAIR_VALUES, ScoreConfig, read_values, score_records, score_table
+
+        records = [self.records[i] for i in positions]
+        encoded = [self.encoded[i] for i in positions]
+        path = self.cache / "scores" / f"{self._score_key(records)}.parquet"
+        self.cost["model_forward_tokens"] += self._forward_tokens(encoded, 2)
+        with distributed.group_lock(path, "the model scores"):
+            if path.exists():
+                log.info("scores: %d records from the cache (%s)", len(records), path.name)
+                return score_table(encoded, read_values(path, PAIR_VALUES)), True
+            if self.config.resident == "one":
+                table = self._timed("score", lambda: self._scores_one_resident(path, encoded))
+            else:
+                original, pruned = self.model("original"), self.model("pruned")
+                table = self._timed("score", lambda: score_records(
+                    original, pruned, encoded, self.tokenizer.pad_token_id,
+                    ScoreConfig(batch_size=self.config.batch_size), cache_file=path))
+            log.info("scores: computed for %d records%s (%s)", len(records),
+                     ", one model resident" if self.config.resident == "one" else "", path.name)
+            return table, False
+
+    def _scores_one_resident(self, path: Path, encoded: Sequence[Encoded]) -> pd.DataFrame:
         """Pass 1: the original model alone, its top-k log-probabilities stored (:mod:`paser.teacher`); it is
         freed before pass 2, where the pruned model alone is scored against the store."""
         import gc
@@ -156,19 +175,19 @@ class SelectionContext:
                               device_map=self.config.device_map)[0]
 
         pad_id = self.tokenizer.pad_token_id
-        store = stored_topk(self.model_key("original"), original, self.encoded, pad_id, self.config.topk, self.dtype,
+        store = stored_topk(self.model_key("original"), original, encoded, pad_id, self.config.topk, self.dtype,
                             self.cache)
         self._models.pop("original", None)
         gc.collect()
         pruned = self.model("pruned")
-        position = {id(e): i for i, e in enumerate(self.encoded)}
+        position = {id(e): i for i, e in enumerate(encoded)}
 
         def batch(items: Sequence[Encoded]) -> tuple[np.ndarray, ...]:
             return jsd_against_store(pruned, store, items, [position[id(e)] for e in items], pad_id)
 
-        values = batched_values(self.encoded, batch, PAIR_VALUES, ScoreConfig(batch_size=self.config.batch_size),
+        values = batched_values(encoded, batch, PAIR_VALUES, ScoreConfig(batch_size=self.config.batch_size),
                                 path, f"score (JSD, top-{self.config.topk} store)")
-        return score_table(self.encoded, values)
+        return score_table(encoded, values)
 
     def response_losses(self, which: str, encoded: Sequence[Encoded] | None = None, tag: str = "conditioned",
                         ) -> np.ndarray:
