@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -232,3 +233,35 @@ def test_sampling_inside_clusters_and_original_loss_filter(tmp_path, tiny_model_
         members = labels == c["cluster"]
         if (chosen & members & noisy).any():
             assert (chosen[members & ~noisy]).all()
+
+
+def test_sampled_scoring_scores_a_pilot_and_the_likely_picks_only(tmp_path, tiny_model_dir, tiny_pruned_dir,
+                                                                   monkeypatch):
+    import json
+
+    from paser.demo_data import demo_records
+    from paser.select import SelectConfig, run_selection
+
+    monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:150]))
+    common = dict(original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), data=str(data), budget=15, dtype="fp32",
+                  batch_size=8, clusters=3, ccg=False)
+    exhaustive = run_selection(SelectConfig(**common, out=tmp_path / "ex")).scores
+    monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache2"))  # nothing scored yet
+    result = run_selection(SelectConfig(**common, scoring="sampled", pilot=0.1, pilot_min=5, out=tmp_path / "sa"))
+    info = result.summary["sampling"]
+    table = pd.read_parquet(tmp_path / "sa" / "scores.parquet")
+    exact = table["scored_exactly"].to_numpy()
+    assert info["scored_exactly"] == exact.sum() == info["pilot"] + info["confirmed"] < 150
+    assert info["pilot"] == 3 * 5 or info["pilot"] >= 15  # max(5, 10% of each cluster)
+    assert info["confirmed"] <= 2 * 15 and info["predictor_heldout_spearman"] is not None
+    np.testing.assert_allclose(table["jsd"][exact], exhaustive["jsd"][exact], atol=1e-6)  # exact where scored
+    assert table["jsd"][~exact].isna().all() and table["score"].notna().all()  # predicted elsewhere
+    assert all(json.loads(line)["paser"]["scored_exactly"] for line in (tmp_path / "sa" / "selected.jsonl").open())
+    assert len(result.indices) == 15
+    selection = json.loads((tmp_path / "sa" / "selection.json").read_text())
+    assert selection["sampling"]["scoring"] == "sampled" and len(selection["sampling"]["cds_stderr"]) == 3
+
+    capped = run_selection(SelectConfig(**common, scoring="sampled", pilot=0.1, pilot_min=5, max_scored=25))
+    assert capped.summary["sampling"]["scored_exactly"] <= 25 and len(capped.indices) == 15

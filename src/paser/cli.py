@@ -112,6 +112,11 @@ def select(
     target: Optional[str] = typer.Option(None, help="dsir: target texts (instruction data, or a .txt file with one text per line)."),
     resident: str = typer.Option("both", help="both: the two models in memory together | one: the original alone first (its top-k log-probabilities stored), then the pruned alone; JSD over the top-k tokens and one tail bucket (error bounded, see docs/method.md)."),
     topk: int = typer.Option(64, help="--resident one: log-probabilities kept per position."),
+    scoring: str = typer.Option("exhaustive", help="exhaustive: both models score every record | sampled: a pilot per cluster, a predictor for the rest, exact scores only for the likely picks (method paser)."),
+    pilot: float = typer.Option(0.02, help="sampled: share of each cluster scored in the pilot (at least --pilot-min records)."),
+    pilot_min: int = typer.Option(16, help="sampled: pilot records per cluster at least."),
+    oversample: float = typer.Option(2.0, help="sampled: records confirmed exactly per cluster, as a multiple of its budget."),
+    max_scored: Optional[int] = typer.Option(None, help="sampled: score at most N records exactly in all."),
     device_map: Optional[str] = typer.Option(None, help="auto: spread each model over the GPUs and CPU memory (accelerate big-model loading), for models too big for one device."),
     recipe: Optional[str] = typer.Option(None, help="A named recipe whose settings override the options: paper (the PASER paper exactly)."),
 ) -> None:
@@ -130,7 +135,8 @@ def select(
         max_length=max_length, batch_size=batch_size, dtype=dtype, ccg=ccg, seed=seed, columns=columns,
         duplicates=duplicates, limit=limit, bad_records=bad_records, ifd_model=ifd_model, anchors=anchors,
         anchor_data=anchor_data, nuggets_candidates=nuggets_candidates, target=target, resident=resident, topk=topk,
-        device_map=device_map)
+        device_map=device_map, scoring=scoring, pilot=pilot, pilot_min=pilot_min, oversample=oversample,
+        max_scored=max_scored)
     from . import distributed
 
     result = run_selection(SelectConfig(**{**settings, **(recipe_settings(recipe, "select") if recipe else {})}))

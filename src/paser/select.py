@@ -88,6 +88,11 @@ class SelectConfig:
     resident: str = "both"  # both models in memory | one: the original's top-k stored first, then the pruned alone
     topk: int = 64  # resident one: log-probabilities kept per position (the rest is one tail bucket)
     device_map: str | None = None  # auto: each model spread over the GPUs (and CPU memory) by accelerate
+    scoring: str = "exhaustive"  # exhaustive: both models score every record | sampled (see strategies.sampled)
+    pilot: float = 0.02  # sampled: share of each cluster scored in the pilot ...
+    pilot_min: int = 16  # ... and at least this many records of it
+    oversample: float = 2.0  # sampled: records confirmed exactly per cluster, as a multiple of its budget
+    max_scored: int | None = None  # sampled: at most this many records scored exactly in all
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -111,6 +116,14 @@ class SelectConfig:
         if self.device_map is not None and distributed.launched():
             raise ConfigError("device_map spreads one copy of each model over the devices; under a launcher every "
                               "process holds its own copy: use one or the other")
+        if self.scoring not in ("exhaustive", "sampled"):
+            raise ConfigError(f"scoring must be exhaustive or sampled, not '{self.scoring}'")
+        if self.scoring == "sampled" and self.method != "paser":
+            raise ConfigError(f"scoring sampled applies to method paser, not '{self.method}'")
+        if not 0 < self.pilot <= 1 or self.pilot_min < 2 or not self.oversample >= 1 or (
+                self.max_scored is not None and self.max_scored < 1):
+            raise ConfigError("pilot must be in (0, 1], pilot_min at least 2, oversample at least 1 and max_scored "
+                              "positive")
         if self.resident not in ("both", "one") or self.topk < 1:
             raise ConfigError(f"resident must be both or one and topk at least 1, not '{self.resident}' / {self.topk}")
         if self.ifd_model not in ("original", "pruned"):
@@ -223,13 +236,18 @@ def run_selection(config: SelectConfig) -> SelectionResult:
 
 
 def _describe(values: np.ndarray) -> dict[str, float]:
+    values = values[~np.isnan(values)]
     if len(values) == 0:
         return {}
     q = np.quantile(values, [0.1, 0.5, 0.9])
     return {"mean": float(values.mean()), "p10": float(q[0]), "median": float(q[1]), "p90": float(q[2])}
 
 
-OUTPUT_FIELDS = {"cluster": int, "jsd": float, "ies": float, "rank": int, "score": float}
+def _number(value: Any) -> float | None:
+    return None if np.isnan(value) else float(value)  # (sampled scoring: no JSD where not scored exactly)
+
+
+OUTPUT_FIELDS = {"cluster": int, "jsd": _number, "ies": _number, "rank": int, "score": _number, "scored_exactly": bool}
 
 
 def write_outputs(result: SelectionResult, out: Path) -> None:

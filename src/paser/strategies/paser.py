@@ -25,6 +25,7 @@ from ..ccg import ConceptGraph, extract_concepts
 from ..cluster import ClusterResult
 from ..score import get_scorer
 from .base import SelectionContext, Strategy, register
+from .sampled import exact_first, sampled_scores
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,24 @@ def specific_concepts(ctx: SelectionContext) -> frozenset[str]:
 def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
     """PASER: clusters, per-cluster budgets by degradation, IES ranking, concept-consistency filter."""
     config = ctx.config
-    degradation = get_scorer(config.score)(ctx.pair_scores())
+    scorer = get_scorer(config.score)
+    sampled = None
+    if config.scoring == "exhaustive":
+        degradation = scorer(ctx.pair_scores())
     clusters = capability_clusters(ctx, config.cluster_method)
     ctx.info["cluster_result"] = clusters
-    t0 = time.perf_counter()
     labels = clusters.labels
     k = clusters.k
     sizes = np.bincount(labels, minlength=k)
-    cds = np.array([degradation[labels == c].mean() if sizes[c] else 0.0 for c in range(k)])
+    if config.scoring == "sampled":  # exact scores for a pilot and the likely picks, predictions elsewhere
+        sampled = sampled_scores(ctx, labels, k, scorer)
+        degradation, cds = sampled.score, sampled.cds
+        for column in sampled.table.columns:
+            ctx.table[column] = sampled.table[column].to_numpy()
+        ctx.table["scored_exactly"] = sampled.exact
+    else:
+        cds = np.array([degradation[labels == c].mean() if sizes[c] else 0.0 for c in range(k)])
+    t0 = time.perf_counter()
     allocation = allocate(sizes, cds, ctx.budget, config.allocation)
     if allocation.fallback:
         log.warning(allocation.fallback)
@@ -90,10 +101,14 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
     ctx.table["score"] = degradation
     efficiency = ies(degradation, cost)
     order_key = within_cluster_key(efficiency, config.within, config.seed)
+    if sampled is not None:
+        order_key = exact_first(order_key, sampled.exact)
     noisy = np.zeros(len(labels), dtype=bool)
     if config.drop_original_loss_above is not None:  # references the original model itself cannot predict
-        loss_original = ctx.pair_scores()["loss_original"].to_numpy(np.float64)
-        noisy = loss_original > np.quantile(loss_original, config.drop_original_loss_above)
+        loss_original = (ctx.table["loss_original"] if sampled is not None
+                         else ctx.pair_scores()["loss_original"]).to_numpy(np.float64)
+        with np.errstate(invalid="ignore"):  # (sampled: known only where scored exactly)
+            noisy = loss_original > np.nanquantile(loss_original, config.drop_original_loss_above)
         order_key = np.where(noisy, -np.inf, order_key)  # examined only after every other member
     members = [np.flatnonzero(labels == c) for c in range(k)]
     ranked = [m[rank_within(order_key[m])] for m in members]  # per cluster, best first
@@ -174,6 +189,7 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
                 # capabilities the filter erased: clusters with a budget that ended with nothing selected
                 "clusters_emptied": sum(1 for c in range(k) if allocation.budgets[c] > 0 and not chosen[c]),
                 "concepts_extracted": len(concepts), "graph_nodes": len(graph.nodes), "graph_edges": len(graph.edges)},
+        "sampling": sampled.info if sampled is not None else {"scoring": "exhaustive"},
         "embeddings_from_cache": ctx.info.get("embeddings_from_cache"),
         "clusters_from_cache": ctx.info.get("clusters_from_cache"),
     }
