@@ -1,0 +1,62 @@
+"""What selection costs next to the recovery it serves, exhaustive vs sampled scoring, at the paper's largest setting.
+
+Cost model (forward-token passes; a training token costs ``--train-factor`` forward passes: forward plus
+backward, 3 by the usual 1 + 2 rule):
+
+- exhaustive scoring: 2 models x N records x L tokens;
+- sampled scoring: 2 x (pilot + oversample x B) x L, with pilot = sum over K clusters of
+  max(pilot_min, pilot x size) and B the budget (embedding with MiniLM, 22M parameters, is counted too, and
+  is negligible next to a 7B or 70B model);
+- recovery: train_factor x epochs x B x L.
+
+With ``--measured TRAIN_LOG.json SELECTION.json`` (a recovery's train_log.json and an exhaustive
+selection's selection.json from the same machine) the ratio is also given in wall time, from the measured
+training tokens/s and scoring tokens/s of the embedded model. Prints one JSON line per mode.
+"""
+
+import argparse
+import json
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--records", type=int, default=2_585_615, help="LaMini-instruction: 2.58M records")
+    parser.add_argument("--tokens", type=float, default=300, help="tokens per record")
+    parser.add_argument("--budget", type=float, default=0.04, help="the paper's budget at this scale: 4%")
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--clusters", type=int, default=64)
+    parser.add_argument("--pilot", type=float, default=0.02)
+    parser.add_argument("--pilot-min", type=int, default=16)
+    parser.add_argument("--oversample", type=float, default=2.0)
+    parser.add_argument("--params", type=float, default=70e9, help="model parameters (FLOPs ~ 2 x params per token)")
+    parser.add_argument("--train-factor", type=float, default=3.0)
+    parser.add_argument("--measured", nargs=2, metavar=("TRAIN_LOG", "SELECTION"), default=None)
+    args = parser.parse_args()
+
+    n, length = args.records, args.tokens
+    budget = args.budget * n
+    per_cluster = n / args.clusters
+    pilot = args.clusters * min(per_cluster, max(args.pilot_min, args.pilot * per_cluster))
+    embed = n * length * 2 * 22e6 / (2 * args.params)  # MiniLM's cost in forward-token passes of the big model
+    recovery = args.train_factor * args.epochs * budget * length
+    modes = {"exhaustive": 2 * n * length + embed, "sampled": 2 * (pilot + args.oversample * budget) * length + embed}
+    measured = None
+    if args.measured:
+        train_log, selection = (json.load(open(p)) for p in args.measured)
+        train_tps = train_log["tokens_per_s"]
+        score_tps = selection["cost"]["model_forward_tokens"] / selection["timings"]["score"]  # model-token passes
+        measured = {"train_tokens_per_s": train_tps, "score_model_tokens_per_s": round(score_tps, 1)}
+    for mode, passes in modes.items():
+        row = {"mode": mode, "records": n, "budget": int(budget), "scored_records": int(n if mode == "exhaustive"
+                                                                                     else pilot + args.oversample * budget),
+               "selection_forward_tokens": passes, "recovery_forward_token_equivalents": recovery,
+               "selection_over_recovery": round(passes / recovery, 3)}
+        if measured:
+            seconds_select = passes / measured["score_model_tokens_per_s"]
+            seconds_train = args.epochs * budget * length / measured["train_tokens_per_s"]
+            row.update(measured, selection_over_recovery_wall=round(seconds_select / seconds_train, 3))
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
