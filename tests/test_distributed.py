@@ -81,7 +81,7 @@ def test_two_process_scoring_equals_one_and_a_killed_rank_resumes(tmp_path, tiny
     np.testing.assert_allclose(double["loss_pruned"], single["loss_pruned"], rtol=0, atol=1e-6)
     picked = [[json.loads(line)["paser"]["index"] for line in (tmp_path / d / "selected.jsonl").open()]
               for d in ("one", "two")]
-    assert picked[0] == picked[1]  # (the values agree to ~1e-8: the shards batch records differently)
+    assert picked[0] == picked[1]  # (values agree to ~1e-8: the resumed run batches the rest differently)
     assert log.count("PASER: K =") == 1  # rank 0 alone prints the table
 
 
@@ -174,3 +174,27 @@ def test_paser_run_under_a_launcher_matches_one_process(tmp_path, tiny_model_dir
         assert y["ppl"] == pytest.approx(x["ppl"], rel=2e-3), label
     record = json.loads((tmp_path / "two" / "run.json").read_text())
     assert [s["stage"] for s in record["stages"]][:2] == ["prune", "select/paser/s0"]
+
+
+@pytest.mark.slow
+def test_two_process_scoring_on_the_embedded_model_over_pool_records(tmp_path):
+    from conftest import shared_path
+
+    pool = shared_path("instruct", "pool.jsonl")
+    from paser.models import DEFAULT_MODEL, load_model
+    from paser.prune import magnitude_prune_
+
+    model, tokenizer = load_model(DEFAULT_MODEL, dtype="fp32")
+    magnitude_prune_(model, 0.5).save_pretrained(tmp_path / "pruned")
+    tokenizer.save_pretrained(tmp_path / "pruned")
+    del model
+    with open(pool, encoding="utf-8") as src:
+        (tmp_path / "data.jsonl").write_text("".join(line for _, line in zip(range(64), src)))
+    args = ["select", "--original", DEFAULT_MODEL, "--pruned", tmp_path / "pruned", "--data", "data.jsonl",
+            "--budget", 16, "--dtype", "fp32", "--max-length", 128, "--no-ccg"]
+    ok(run([*args, "--out", "one"], tmp_path, cache="cache1"))
+    ok(run([*args, "--out", "two"], tmp_path, processes=2, cache="cache2"))
+    single, double = (pd.read_parquet(tmp_path / d / "scores.parquet") for d in ("one", "two"))
+    assert len(single) == 64
+    for column in ("jsd", "loss_original", "loss_pruned"):
+        np.testing.assert_allclose(double[column], single[column], rtol=0, atol=1e-6)

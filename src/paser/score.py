@@ -221,8 +221,9 @@ def batched_values(encoded: Sequence[Encoded], compute: Any, columns: Sequence[s
     and a rerun continues from them; the full table is written to ``cache_file`` (atomically) at the end and
     the partial files removed.
 
-    Under ``accelerate launch`` / ``torchrun`` (:mod:`paser.distributed`) the rows still to do are split across
-    the processes by token count; each saves its own partial file (``<cache>.rank<r>.partial.parquet``), so a
+    Under ``accelerate launch`` / ``torchrun`` (:mod:`paser.distributed`) the batches still to do (formed as
+    one process forms them, so every value is the one a single process computes) are split across the
+    processes by token count; each saves its own partial file (``<cache>.rank<r>.partial.parquet``), so a
     killed rank's finished work is kept, whatever the number of processes of the rerun. Every rank returns
     the merged values; rank 0 writes ``cache_file``.
     """
@@ -249,10 +250,12 @@ def batched_values(encoded: Sequence[Encoded], compute: Any, columns: Sequence[s
     if len(todo) < n:
         log.info("resuming scoring: %d of %d samples already scored", n - len(todo), n)
     distributed.barrier()  # every rank has read the partial files before any rank writes one
-    if world > 1:
-        todo = [todo[j] for j in distributed.shard_by_tokens([len(encoded[i].input_ids) for i in todo], world)[rank]]
     lengths = [len(encoded[i].input_ids) for i in todo]
     batches = [[todo[j] for j in b] for b in length_buckets(lengths, config.batch_size, config.max_batch_tokens)]
+    if world > 1:  # whole batches, as one process forms them (identical results), balanced by token count
+        tokens = [sum(len(encoded[i].input_ids) for i in b) for b in batches]
+        batches = [batches[j] for j in distributed.shard_by_tokens(tokens, world)[rank]]
+        lengths = [len(encoded[i].input_ids) for b in batches for i in b]
     mine = np.zeros(n, dtype=bool)
 
     def table(rows: np.ndarray) -> pd.DataFrame:
