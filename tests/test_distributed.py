@@ -87,8 +87,16 @@ def test_two_process_scoring_equals_one_and_a_killed_rank_resumes(tmp_path, tiny
 
 
 def test_two_process_recovery_follows_the_one_process_loss_curve(tmp_path, tiny_model_dir, data):
+    from paser.models import load_model
+    from paser.prune import magnitude_prune_
+
+    model, tokenizer = load_model(tiny_model_dir, dtype="fp32")
+    sparse = tmp_path / "sparse"  # half of every linear layer zero: masked LoRA under DDP and FSDP
+    magnitude_prune_(model, 0.5).save_pretrained(sparse)
+    tokenizer.save_pretrained(sparse)
+
     def args(out):  # effective batch 8 either way: 1 process x 2 micro-batches of 4, or 2 processes x 1
-        return ["recover", tiny_model_dir, "--data", data, "--out", out, "--epochs", 1, "--batch-size", 8,
+        return ["recover", sparse, "--data", data, "--out", out, "--epochs", 1, "--batch-size", 8,
                 "--micro-batch-size", 4, "--cutoff-len", 64, "--dtype", "fp32", "--lr", 5e-3, "--limit", 64,
                 "--no-group-by-length", "--save-steps", 4, "--lora-dropout", 0]
 
@@ -101,9 +109,21 @@ def test_two_process_recovery_follows_the_one_process_loss_curve(tmp_path, tiny_
     np.testing.assert_allclose([p["loss"] for p in two["loss_curve"]], [p["loss"] for p in one["loss_curve"]],
                                rtol=2e-3)
     assert (tmp_path / "two" / "merged" / "config.json").exists() and two["merge_max_logit_diff"] < 1e-4
+    assert two["sparse_lora"] == "masked" and two["zeros_after_merge"] >= two["zeros_kept"] > 0
     assert (tmp_path / "two" / "checkpoints" / "checkpoint-8").exists()
 
-    bad = run(["recover", tiny_model_dir, "--data", data, "--out", "three", "--batch-size", 4, "--micro-batch-size", 4],
+    # FSDP2 (gloo on CPU): the same curve again, and rank 0 rebuilds the whole trained model to merge it
+    ok(run([*args("fsdp"), "--fsdp"], tmp_path, processes=2))
+    sharded = json.loads((tmp_path / "fsdp" / "train_log.json").read_text())
+    np.testing.assert_allclose([p["loss"] for p in sharded["loss_curve"]], [p["loss"] for p in one["loss_curve"]],
+                               rtol=2e-3)
+    assert sharded["merge_max_logit_diff"] < 1e-4 and sharded["zeros_after_merge"] >= sharded["zeros_kept"]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / d / "merged" / "model.safetensors") for d in ("two", "fsdp"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+
+    bad = run(["recover", sparse, "--data", data, "--out", "three", "--batch-size", 4, "--micro-batch-size", 4],
               tmp_path, processes=2)
     assert bad.returncode != 0 and "multiple of micro_batch_size (4) x 2 processes" in bad.stdout + bad.stderr
 

@@ -199,6 +199,7 @@ def recover(
     kd_positions: str = typer.Option("response", help="kd/mix: response | all (prompt positions too)."),
     teacher_cache: str = typer.Option("none", help="kd/mix: none (the teacher runs beside the student) | topk (its top-k log-probs computed once and stored; only the student stays in memory)."),
     teacher_topk: int = typer.Option(64, help="kd/mix with --teacher-cache topk: k."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Under accelerate launch / torchrun: shard parameters, gradients and optimizer state across the processes (FSDP2), for models that do not fit one device."),
     group_by_length: bool = typer.Option(True, "--group-by-length/--no-group-by-length", help="Batch records of similar length (less padding); off: a seeded random order, identical for any number of processes."),
     recipe: Optional[str] = typer.Option(None, help="A named recipe whose settings override the options: paper (NLL LoRA, zeros re-applied after the merge)."),
 ) -> None:
@@ -219,7 +220,7 @@ def recover(
         save_steps=save_steps, seed=seed, limit=limit, bad_records=bad_records, adapter=adapter,
         sparse_lora=sparse_lora, loss=loss, teacher=teacher, kd_temperature=kd_temperature, kd_alpha=kd_alpha,
         kd_positions=kd_positions, teacher_cache=teacher_cache, teacher_topk=teacher_topk,
-        group_by_length=group_by_length)
+        group_by_length=group_by_length, fsdp=fsdp)
     train_log = run_recovery(RecoverConfig(**{**settings, **(recipe_settings(recipe, "recover") if recipe else {})}))
     from . import distributed
 

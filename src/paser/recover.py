@@ -70,6 +70,7 @@ class RecoverConfig:
     kd_positions: str = "response"  # response | all (prompt positions too)
     teacher_cache: str = "none"  # none: the teacher runs live | topk: its top-k log-probs computed once, stored
     teacher_topk: int = 64  # k of the teacher cache
+    fsdp: bool = False  # under a launcher: shard parameters, gradients and optimizer state (FSDP2) across processes
 
     def validate(self) -> None:
         for name, allowed in (("adapter", ("lora", "full")), ("sparse_lora", ("masked", "off")),
@@ -209,14 +210,17 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
         if config.teacher_cache == "topk":
             teacher = _teacher_store(teacher, config, encoded, tokenizer.pad_token_id, dtype)  # frees the teacher
 
-    if config.adapter == "lora":
-        targets: Any = (config.targets if config.targets == "all-linear"
-                        else [t.strip() for t in config.targets.split(",")])
-        model = get_peft_model(model, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, targets,
-                                                  masked))
-    else:
-        model.requires_grad_(True)
-        _mask_gradients(model, masks)
+    def trainable(base: Any) -> Any:
+        if config.adapter == "lora":
+            targets: Any = (config.targets if config.targets == "all-linear"
+                            else [t.strip() for t in config.targets.split(",")])
+            return get_peft_model(base, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, targets,
+                                                    masked))
+        base.requires_grad_(True)
+        _mask_gradients(base, masks)
+        return base
+
+    model = trainable(model)
     accumulation = config.batch_size // (config.micro_batch_size * distributed.world_size())
     checkpoints = out / "checkpoints"
     args = TrainingArguments(
@@ -228,6 +232,7 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         ddp_find_unused_parameters=False,
+        fsdp=True if config.fsdp else None, fsdp_config={"version": 2} if config.fsdp else None,
     )
     extra = [_keep_zeros(masks)] if config.adapter == "full" and masks else []
     trainer = trainer_class(config.loss)(
@@ -243,6 +248,11 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - t0
 
+    if config.fsdp:  # every rank takes part in gathering the shards; rank 0 rebuilds the whole trained model
+        state = trainer.accelerator.get_state_dict(trainer.model)
+        if distributed.is_main():
+            model = trainable(load_model(config.model, dtype=dtype, tokenizer=False)[0])
+            model.load_state_dict(state)
     if not distributed.is_main():
         distributed.barrier()  # rank 0 merges and writes
         return json.loads((out / "train_log.json").read_text())
