@@ -112,6 +112,15 @@ def test_two_process_recovery_follows_the_one_process_loss_curve(tmp_path, tiny_
     assert two["sparse_lora"] == "masked" and two["zeros_after_merge"] >= two["zeros_kept"] > 0
     assert (tmp_path / "two" / "checkpoints" / "checkpoint-8").exists()
 
+    # a killed DDP run resumes from rank 0's last checkpoint and ends where the uninterrupted one did
+    killed = run(args("resumed"), tmp_path, processes=2, kill_at="recover.saved:1")
+    assert killed.returncode != 0 and (tmp_path / "resumed" / "checkpoints" / "checkpoint-4").exists()
+    ok(run(args("resumed"), tmp_path, processes=2))
+    resumed = json.loads((tmp_path / "resumed" / "train_log.json").read_text())
+    assert resumed["resumed_from"].endswith("checkpoint-4") and resumed["steps"] == 8
+    np.testing.assert_allclose([p["loss"] for p in resumed["loss_curve"]], [p["loss"] for p in two["loss_curve"]],
+                               rtol=1e-5)
+
     # FSDP2 (gloo on CPU): the same curve again, and rank 0 rebuilds the whole trained model to merge it
     ok(run([*args("fsdp"), "--fsdp"], tmp_path, processes=2))
     sharded = json.loads((tmp_path / "fsdp" / "train_log.json").read_text())

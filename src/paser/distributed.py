@@ -28,7 +28,15 @@ def _state() -> Any:
     import torch
     from accelerate import PartialState
 
+    if not torch.cuda.is_available():
+        # CPU processes under a launcher run on device "cpu:<rank>", and checkpoints tag their tensors so;
+        # torch.load knows only "cpu", so resuming from a checkpoint would fail without this mapping.
+        torch.serialization.register_package(11, lambda obj: None, _restore_indexed_cpu)  # (a free priority)
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _restore_indexed_cpu(obj: Any, location: str) -> Any:
+    return obj if location.startswith("cpu:") else None
 
 
 def rank() -> int:
