@@ -92,7 +92,7 @@ def main():
         model_dir = Path(tmp) / "pruned"
         pruned.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
-        del original, pruned
+        original = pruned = None  # the GPU memory goes to the recovery step
         torch.cuda.empty_cache()
         data = Path(tmp) / "train.jsonl"
         data.write_text("".join(json.dumps({"instruction": r.instruction, "input": r.input, "output": r.output}) + "\n"

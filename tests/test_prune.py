@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from paser.errors import ConfigError
-from paser.prune import PruneConfig, decoder_linears, magnitude_prune_, run_prune, taylor_prune_
+from paser.prune import PruneConfig, decoder_linears, magnitude_prune_, run_prune
 
 
 def test_magnitude_prune_zeroes_exactly_the_smallest_half_per_row(tiny_model_dir):
