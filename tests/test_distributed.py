@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from paser.distributed import shard_by_tokens
+from tests_helpers import magnitude_prune_copy, ok, write_demo_train, write_fixtures
 
 
 def test_shards_balance_tokens_and_cover_every_position():
@@ -41,18 +42,9 @@ def run(args, tmp_path, processes=1, kill_at=None, cache="cache"):
                           text=True, env=env, cwd=tmp_path)
 
 
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
 @pytest.fixture()
 def data(tmp_path):
-    from paser.demo_data import demo_records
-
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:120]))
-    return path
+    return write_demo_train(tmp_path / "data.jsonl")
 
 
 def select_args(tiny_model_dir, tiny_pruned_dir, data, out):
@@ -88,12 +80,9 @@ def test_two_process_scoring_equals_one_and_a_killed_rank_resumes(tmp_path, tiny
 
 def test_two_process_recovery_follows_the_one_process_loss_curve(tmp_path, tiny_model_dir, data):
     from paser.models import load_model
-    from paser.prune import magnitude_prune_
 
-    model, tokenizer = load_model(tiny_model_dir, dtype="fp32")
-    sparse = tmp_path / "sparse"  # half of every linear layer zero: masked LoRA under DDP and FSDP
-    magnitude_prune_(model, 0.5).save_pretrained(sparse)
-    tokenizer.save_pretrained(sparse)
+    # half of every linear layer zero: masked LoRA under DDP and FSDP
+    sparse = magnitude_prune_copy(*load_model(tiny_model_dir, dtype="fp32"), tmp_path / "sparse")
 
     def args(out):  # effective batch 8 either way: 1 process x 2 micro-batches of 4, or 2 processes x 1
         return ["recover", sparse, "--data", data, "--out", out, "--epochs", 1, "--batch-size", 8,
@@ -138,8 +127,6 @@ def test_two_process_recovery_follows_the_one_process_loss_curve(tmp_path, tiny_
 
 
 def test_two_process_evaluation_equals_one(tmp_path, tiny_model_dir, data):
-    from tests_helpers import write_fixtures
-
     tasks = write_fixtures(tmp_path / "tasks", rows=9)  # odd counts: ranks get unequal shares
     text = tmp_path / "text.txt"
     text.write_text(" ".join(json.loads(line)["output"] for line in data.read_text().splitlines()))
@@ -170,8 +157,6 @@ def test_two_process_evaluation_equals_one(tmp_path, tiny_model_dir, data):
 def test_paser_run_under_a_launcher_matches_one_process(tmp_path, tiny_model_dir):
     """The whole pipeline with 2 processes: rank 0 prunes and writes, both score, train (DDP) and evaluate."""
     import yaml
-
-    from tests_helpers import write_fixtures
 
     tasks = write_fixtures(tmp_path / "tasks", rows=5)
     config = {
@@ -211,12 +196,8 @@ def test_two_process_scoring_on_the_embedded_model_over_pool_records(tmp_path):
 
     pool = shared_path("instruct", "pool.jsonl")
     from paser.models import DEFAULT_MODEL, load_model
-    from paser.prune import magnitude_prune_
 
-    model, tokenizer = load_model(DEFAULT_MODEL, dtype="fp32")
-    magnitude_prune_(model, 0.5).save_pretrained(tmp_path / "pruned")
-    tokenizer.save_pretrained(tmp_path / "pruned")
-    del model
+    magnitude_prune_copy(*load_model(DEFAULT_MODEL, dtype="fp32"), tmp_path / "pruned")
     with open(pool, encoding="utf-8") as src:
         (tmp_path / "data.jsonl").write_text("".join(line for _, line in zip(range(64), src)))
     args = ["select", "--original", DEFAULT_MODEL, "--pruned", tmp_path / "pruned", "--data", "data.jsonl",

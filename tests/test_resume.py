@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests_helpers import write_fixtures
+from tests_helpers import ok, write_demo_train, write_fixtures
 
 KILLED = -signal.SIGKILL
 
@@ -31,18 +31,9 @@ def run(args, tmp_path, kill_at=None, cache="cache", **extra_env):
                           env=env, cwd=tmp_path)
 
 
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
 @pytest.fixture()
 def data(tmp_path):
-    from paser.demo_data import demo_records
-
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:120]))
-    return path
+    return write_demo_train(tmp_path / "data.jsonl")
 
 
 def assert_cache_files_whole(cache: Path):

@@ -18,6 +18,20 @@ def magnitude_prune_copy(model, tokenizer, directory: Path, sparsity: float = 0.
     return directory
 
 
+def ok(result) -> str:
+    """A finished subprocess's output, after asserting it succeeded (its output's tail as the message)."""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def write_demo_train(path: Path, n: int = 120) -> Path:
+    """The first ``n`` demo training records as a JSONL file."""
+    from paser.demo_data import demo_records
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:n]))
+    return path
+
+
 WORDS = "the cat sat on a mat while two dogs ran over green hills to find red apples near old trees".split()
 
 
