@@ -36,7 +36,6 @@ from .cache import package_versions, stable_hash, write_json, write_text
 from .data import PromptFormatter, Record, load_records, pad_right
 from .demo_data import SKILLS, demo_records, normalize_answer
 from .errors import ConfigError, DataError
-from .recover import IGNORE_INDEX, labels_for
 
 log = logging.getLogger(__name__)
 
@@ -207,17 +206,18 @@ def perplexity(model: Any, sequences: Sequence[Sequence[int]], batch_size: int =
 def sequence_nll(model: Any, sequences: Sequence[Sequence[int]], batch_size: int = 8,
                  progress: bool = False) -> tuple[list[float], list[int]]:
     """Per sequence: the summed NLL of its predicted tokens and their count (perplexity's per-item parts)."""
+    from .score import summed_nll
+
     sums: list[float] = []
     counts: list[int] = []
-    device = next(model.parameters()).device
     starts = range(0, len(sequences), batch_size)
     for start in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
-        ids, mask = pad_right(sequences[start:start + batch_size], 0)  # padding is masked out below
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(device), reduction="none")
-        valid = mask[:, 1:].to(device).bool()
-        sums.extend((nll * valid).sum(1).double().tolist())
-        counts.extend(valid.sum(1).tolist())
+        ids, mask = pad_right(sequences[start:start + batch_size], 0)
+        predicts = torch.zeros_like(mask, dtype=torch.bool)
+        predicts[:, :-1] = mask[:, 1:].bool()  # position t predicts token t + 1 where that token is real
+        batch_sums, batch_counts = summed_nll(model, ids, mask, predicts, ids[:, 1:][mask[:, 1:].bool()])
+        sums.extend(batch_sums.tolist())
+        counts.extend(batch_counts.tolist())
     return sums, counts
 
 
@@ -241,22 +241,17 @@ def response_perplexity(model: Any, encoded: Sequence[Any], pad_id: int, batch_s
 def response_nll(model: Any, encoded: Sequence[Any], pad_id: int, batch_size: int = 8,
                  progress: bool = False) -> tuple[list[float], list[int]]:
     """Per record (input order): the summed NLL of its response tokens given the prompt, and their count."""
+    from .score import collate, summed_nll
+
     sums = [0.0] * len(encoded)
     counts = [0] * len(encoded)
-    device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     for start in tqdm(range(0, len(order), batch_size), desc="response perplexity", disable=not progress,
                       leave=False):
-        batch = [encoded[i] for i in order[start:start + batch_size]]
-        ids, mask = pad_right([e.input_ids for e in batch], pad_id)
-        labels, _ = pad_right([labels_for(e) for e in batch], IGNORE_INDEX)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-        targets = labels[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                                reduction="none")
-        for row, i in enumerate(order[start:start + batch_size]):
-            sums[i] = float(nll[row].double().sum())
-            counts[i] = int((targets[row] != IGNORE_INDEX).sum())
+        rows = order[start:start + batch_size]
+        batch_sums, batch_counts = summed_nll(model, *collate([encoded[i] for i in rows], pad_id))
+        for row, i in enumerate(rows):
+            sums[i], counts[i] = float(batch_sums[row]), int(batch_counts[row])
     return sums, counts
 
 

@@ -179,23 +179,32 @@ def score_table(encoded: Sequence[Encoded], values: dict[str, np.ndarray]) -> pd
 
 
 @torch.no_grad()
-def response_loss_batch(model: Any, encoded: Sequence[Encoded], pad_id: int, chunk_rows: int = 128) -> np.ndarray:
-    """Per-sample mean NLL of the response tokens given what precedes them: one decoder pass."""
-    ids, attention, predicts_response, targets = collate(encoded, pad_id)
+def summed_nll(model: Any, ids: torch.Tensor, attention: torch.Tensor, predicts: torch.Tensor,
+               targets: torch.Tensor, chunk_rows: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the summed NLL of ``targets`` predicted at the ``predicts`` positions, and their count.
+
+    One decoder pass; the LM head runs only at the predicting positions, ``chunk_rows`` at a time, so
+    full-vocabulary logits are never formed for the whole batch (evaluation and scoring share this)."""
     device = next(model.parameters()).device
     decoder, head, softcap = _decoder_and_head(model)
     states = decoder(input_ids=ids.to(device), attention_mask=attention.to(device)).last_hidden_state
-    hidden = states[predicts_response.to(device)]
-    targets = targets.to(device)
-    nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=device)
+    hidden = states[predicts.to(states.device)]
+    nll = torch.empty(hidden.shape[0], dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_rows):
         sl = slice(start, start + chunk_rows)
         logits = _head(head, hidden[sl], softcap).float()
-        nll[sl] = torch.nn.functional.cross_entropy(logits, targets[sl], reduction="none")
-    counts = predicts_response.sum(1)
-    segment = torch.repeat_interleave(torch.arange(len(encoded)), counts).to(device)
-    sums = torch.zeros(len(encoded), dtype=torch.float64, device=device).index_add_(0, segment, nll.double())
-    return (sums / counts.to(device).clamp_min(1)).cpu().numpy()
+        nll[sl] = torch.nn.functional.cross_entropy(logits, targets[sl].to(logits.device), reduction="none").cpu()
+    counts = predicts.sum(1)
+    segment = torch.repeat_interleave(torch.arange(len(ids)), counts)
+    sums = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, segment, nll.double())
+    return sums.numpy(), counts.numpy()
+
+
+def response_loss_batch(model: Any, encoded: Sequence[Encoded], pad_id: int, chunk_rows: int = 128) -> np.ndarray:
+    """Per-sample mean NLL of the response tokens given what precedes them: one decoder pass."""
+    ids, attention, predicts_response, targets = collate(encoded, pad_id)
+    sums, counts = summed_nll(model, ids, attention, predicts_response, targets, chunk_rows)
+    return sums / np.maximum(counts, 1)
 
 
 def response_losses(model: Any, encoded: Sequence[Encoded], pad_id: int, config: ScoreConfig = ScoreConfig(),
