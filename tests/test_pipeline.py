@@ -28,7 +28,7 @@ def tiny_config(model_dir, task_dir, out, heldout="demo-heldout"):
     ({"select": {"methods": ["paser", "best"]}}, "select.methods"),
     ({"select": {"allocation": "fair"}}, "arm .paser.: allocation must be one of"),
     ({"arms": [{"name": "a", "method": "best"}]}, r"arms\[0\] \(a\): method must be one of"),
-    ({"arms": [{"name": "a", "method": "paser", "select": {"budgett": 1}}]}, "unknown key .arms\[0\].select.budgett."),
+    ({"arms": [{"name": "a", "method": "paser", "select": {"budgett": 1}}]}, r"unknown key .arms\[0\].select.budgett."),
     ({"arms": [{"name": "a", "method": "paser"}], "baseline": "random"}, "baseline .random. is not an arm"),
     ({"seeds": [0, 0]}, "seeds must be a list of distinct integers"),
     ({"pruned": "/some/model"}, "either 'prune'"),
@@ -57,10 +57,19 @@ def test_yaml_errors_name_the_line(tmp_path):
 
 
 def test_demo_config_is_valid():
+    from paser.pipeline import _arm_recover, _select_config
+
     config = parse_config(yaml.safe_load(demo_config_text()))
-    assert config.select["methods"] == ["paser", "random"] and config.select["budget"] == 0.2
-    assert config.prune["method"] == "wanda" and config.prune["sparsity"] == 0.5
-    assert config.recover["epochs"] == 1 and config.evaluate["demo_skills"]
+    arms = {arm["name"]: arm for arm in config.arms}
+    assert list(arms) == ["paser", "random", "random-kd"] and config.baseline == "random"
+    assert config.select["budget"] == 0.2 and config.prune["method"] == "wanda" and config.prune["sparsity"] == 0.5
+    # the default recipe: mass allocation, sampled inside clusters, rare-concept CCG, distilled from the original
+    default = _select_config(config, "pruned/", arms["paser"], 0, "out/")
+    assert (default.allocation, default.within, default.ccg_rule) == ("mass", "sample", "specific")
+    assert {k: _arm_recover(config, arms["paser"], 0)[k] for k in ("loss", "teacher")} == {
+        "loss": "mix", "teacher": config.model}
+    assert _arm_recover(config, arms["random"], 0)["loss"] == "nll"
+    assert _arm_recover(config, arms["random-kd"], 0)["loss"] == "mix"
 
 
 def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
@@ -113,11 +122,20 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
     assert [k for k, skipped in forced.items() if not skipped] == ["evaluate"]
 
     # tasks whose folder is absent are skipped when the config allows it, and the report says so
-    raw["evaluate"] = {**raw["evaluate"], "task_dir": str(tmp_path / "absent"), "skip_missing_task_dir": True}
+    # (and so are perplexity texts that are absent, beside the ones present)
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat. " * 40)
+    raw["evaluate"] = {**raw["evaluate"], "task_dir": str(tmp_path / "absent"), "skip_missing_task_dir": True,
+                       "ppl": [str(text), str(tmp_path / "absent.txt")], "skip_missing_ppl": True, "ppl_seqlen": 32}
     run_pipeline(parse_config(raw))
-    assert not json.loads((out / "evaluate" / "results.json").read_text())["models"]["dense"].get("tasks")
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    assert not results["models"]["dense"].get("tasks") and results["ppl_files"] == [str(text)]
     page = (out / "report.html").read_text()
     assert f"zero-shot tasks arc_easy skipped: {tmp_path / 'absent'} not found" in page
+    assert f"perplexity text(s) {tmp_path / 'absent.txt'} skipped: not found" in page
+    raw["evaluate"]["skip_missing_ppl"] = False
+    with pytest.raises(ConfigError, match="perplexity text file not found"):
+        run_pipeline(parse_config(raw))
 
 
 def test_cli_run_config_error_and_demo_show_config(tmp_path):
@@ -242,3 +260,12 @@ def test_study_config_recipes_and_set_overrides(tmp_path):
     arms = {a["name"]: a for a in recovery.arms}
     assert recovery.baseline == "lora-remask" and arms["lora-remask"]["recover"] == {"sparse_lora": "off"}
     assert arms["kd"]["recover"] == {"loss": "kd"} and all(a["method"] == "full" for a in recovery.arms)
+
+
+def test_a_changed_default_redoes_stages_and_the_old_value_keeps_their_hashes():
+    from paser.pipeline import _hashed
+
+    before = _hashed("select", {"budget": 0.2, "within": "top", "ccg_rule": "paper"})
+    assert before == {"budget": 0.2}  # what select hashed before these options existed: finished runs are kept
+    after = _hashed("select", {"budget": 0.2, "within": "sample", "ccg_rule": "specific"})  # today's defaults
+    assert after == {"budget": 0.2, "within": "sample", "ccg_rule": "specific"}

@@ -6,7 +6,7 @@ from transformers import TrainerCallback
 
 from paser.data import PromptFormatter, Record
 from paser.errors import ConfigError
-from paser.recover import IGNORE_INDEX, RecoverConfig, collate_for_training, labels_for, run_recovery
+from paser.recover import IGNORE_INDEX, RecoverConfig, collate_for_training, labels_for, resolve_loss, run_recovery
 
 
 def test_loss_positions_are_exactly_the_response_tokens(tiny_tokenizer):
@@ -172,6 +172,23 @@ def test_distillation_and_mix_log_each_term(tmp_path, sparse_tiny, tiny_model_di
                                    out=tmp_path / "kd"))
     assert [p["loss"] for p in kd["loss_curve"]] == pytest.approx([p["kd"] for p in kd["loss_curve"]], rel=2e-3)
     assert kd["zeros_after_merge"] == kd["zeros_kept"]
+
+
+def test_auto_loss_distils_from_the_original_that_prune_recorded(tmp_path, tiny_model_dir):
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+
+    def resolved(**overrides):
+        got = resolve_loss(RecoverConfig(model=str(pruned), data="d.jsonl", out=tmp_path / "o", **overrides))
+        return got.loss, got.teacher
+
+    assert resolved() == ("nll", None)  # no original known: the reference answers alone
+    (pruned / "prune_report.json").write_text(json.dumps({"config": {"model": str(tiny_model_dir)}}))
+    assert resolved() == ("mix", str(tiny_model_dir))
+    assert resolved(teacher="other") == ("mix", "other")  # an explicit teacher wins
+    assert resolved(loss="nll") == ("nll", None)  # an explicit loss stays
+    (pruned / "prune_report.json").write_text(json.dumps({"config": {"model": str(tmp_path / "moved")}}))
+    assert resolved() == ("nll", None)  # the recorded original is gone: no teacher, said in the log
 
 
 def test_full_parameter_recovery_keeps_zeros(tmp_path, sparse_tiny):

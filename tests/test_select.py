@@ -76,7 +76,9 @@ def test_identical_models_fall_back_to_size(tmp_path, tiny_model_dir, demo_subse
 
 
 def test_ccg_rejections_are_replaced_to_reach_the_budget(tmp_path, tiny_model_dir, tiny_pruned_dir, demo_subset):
-    result = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, demo_subset, budget=200))
+    # the paper's rule rejects plenty on the demo data (the default rule, on rare concepts only, rejects none)
+    result = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, demo_subset, budget=200,
+                                  ccg_rule="paper"))
     ccg = result.summary["ccg"]
     assert len(result.indices) == 200
     assert ccg["rejected"] > 0

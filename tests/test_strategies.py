@@ -190,7 +190,8 @@ def test_paired_bootstrap_matches_hand_computation():
 
 
 def test_specific_concept_rule_never_erases_a_cluster(tmp_path, tiny_model_dir, tiny_pruned_dir, pool):
-    paper = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, budget=60, clusters=6))
+    paper = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, budget=60, clusters=6,
+                                 ccg_rule="paper"))
     specific = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, budget=60, clusters=6,
                                     ccg_rule="specific", ccg_max_df=0.05, out=tmp_path / "s"))
     assert specific.summary["ccg"]["rule"] == "specific" and specific.summary["ccg"]["specific_concepts"] > 0
@@ -215,14 +216,15 @@ def test_specific_concept_rule_never_erases_a_cluster(tmp_path, tiny_model_dir, 
 
 
 def test_sampling_inside_clusters_and_original_loss_filter(tmp_path, tiny_model_dir, tiny_pruned_dir, pool):
-    top = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, budget=40, clusters=4, ccg=False))
+    top = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, budget=40, clusters=4, ccg=False,
+                               within="top"))
     kw = dict(budget=40, clusters=4, ccg=False, within="sample")
     sampled = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, out=tmp_path / "a", **kw))
     again = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, out=tmp_path / "b", **kw))
     assert sampled.indices == again.indices and set(sampled.indices) != set(top.indices)
     assert [c["budget"] for c in sampled.summary["clusters"]] == [c["budget"] for c in top.summary["clusters"]]
     filtered = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, budget=40, clusters=4, ccg=False,
-                                    drop_original_loss_above=0.8, out=tmp_path / "f"))
+                                    within="top", drop_original_loss_above=0.8, out=tmp_path / "f"))
     loss = filtered.scores["loss_original"].to_numpy()
     noisy = loss > np.quantile(loss, 0.8)
     assert filtered.summary["original_loss_filtered"] == noisy.sum()

@@ -94,13 +94,15 @@ def select(
     clusters: Optional[int] = typer.Option(None, help="Number of clusters K (default: eigengap rule within [2, 64])."),
     cluster_method: str = typer.Option("nmf", help="nmf | kmeans on the diffusion coordinates; ablations: random (same K, random assignment) | kmeans-raw (k-means on the raw embeddings)."),
     embedder: str = typer.Option("all-MiniLM-L6-v2", help="sentence-transformers model (default: the bundled all-MiniLM-L6-v2)."),
-    allocation: str = typer.Option("cds", help="Budget rule across clusters: cds (paper) | mass (size x CDS) | size."),
+    allocation: str = typer.Option("mass", help="Budget rule across clusters: mass (size x mean JSD: a cluster's total degradation) | cds (the paper: mean JSD whatever the size) | size."),
     score: str = typer.Option("jsd", help="Degradation score: jsd (paper) | loss_gap | pruned_loss."),
     max_length: int = typer.Option(256, help="Tokens per sample (prompt + response) when scoring."),
     batch_size: int = typer.Option(16, help="Samples per scoring batch (length-bucketed)."),
     dtype: str = typer.Option("auto", help="auto | bf16 | fp32 for the model passes (auto: bf16 only where the hardware has native bf16; JSD itself is always fp32)."),
     ccg: bool = typer.Option(True, "--ccg/--no-ccg", help="Concept-consistency filter (negative-transfer mitigation)."),
-    seed: int = typer.Option(0, help="Seed for clustering and the random baseline."),
+    ccg_rule: str = typer.Option("specific", help="CCG conflict rule: specific (only concepts in at most 2% of the records conflict, and no cluster rejects beyond its quota: no capability is erased) | paper (any two known concepts never seen together)."),
+    within: str = typer.Option("sample", help="Inside a cluster: sample (drawn in proportion to IES, seeded: no pile-up on outliers) | top (the paper: best IES first)."),
+    seed: int = typer.Option(0, help="Seed for clustering, sampling inside clusters and the random baseline."),
     columns: Optional[str] = typer.Option(None, help="Field mapping, e.g. instruction=question,output=answer."),
     duplicates: str = typer.Option("keep", help="keep | drop duplicate (instruction, input) pairs."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N records of the data."),
@@ -132,7 +134,8 @@ def select(
     settings = dict(
         original=original, pruned=pruned, data=data, budget=budget, out=out, method=method, clusters=clusters,
         cluster_method=cluster_method, embedder=embedder, allocation=allocation, score=score,
-        max_length=max_length, batch_size=batch_size, dtype=dtype, ccg=ccg, seed=seed, columns=columns,
+        max_length=max_length, batch_size=batch_size, dtype=dtype, ccg=ccg, ccg_rule=ccg_rule, within=within,
+        seed=seed, columns=columns,
         duplicates=duplicates, limit=limit, bad_records=bad_records, ifd_model=ifd_model, anchors=anchors,
         anchor_data=anchor_data, nuggets_candidates=nuggets_candidates, target=target, resident=resident, topk=topk,
         device_map=device_map, scoring=scoring, pilot=pilot, pilot_min=pilot_min, oversample=oversample,
@@ -192,8 +195,8 @@ def recover(
     bad_records: str = typer.Option("skip", help="skip: leave out unusable records, count them in train_log.json | error: stop at the first."),
     adapter: str = typer.Option("lora", help="lora | full (every weight trains; pruned positions stay zero)."),
     sparse_lora: str = typer.Option("masked", help="masked: the LoRA update is masked to the pruned layer's non-zeros while training, so the merged model is the trained one | off: plain LoRA, zeros re-applied after the merge."),
-    loss: str = typer.Option("nll", help="nll (reference answers) | kd (distil the teacher's next-token distributions) | mix."),
-    teacher: Optional[str] = typer.Option(None, help="kd/mix: the teacher model spec (the original, dense model)."),
+    loss: str = typer.Option("auto", help="auto: mix when the original model is known (--teacher, or the model paser prune started from, recorded in MODEL/prune_report.json), else nll | nll (reference answers) | kd (distil the teacher's next-token distributions) | mix (half each, --kd-alpha)."),
+    teacher: Optional[str] = typer.Option(None, help="kd/mix/auto: the teacher model spec (the original, dense model; default: the one recorded by paser prune)."),
     kd_temperature: float = typer.Option(1.0, help="kd/mix: softmax temperature of both distributions."),
     kd_alpha: float = typer.Option(0.5, help="mix: alpha * kd + (1 - alpha) * nll."),
     kd_positions: str = typer.Option("response", help="kd/mix: response | all (prompt positions too)."),
@@ -370,10 +373,11 @@ def demo(
 ) -> None:
     """The whole pipeline on the embedded SmolLM2-135M-Instruct and the built-in demo data.
 
-    Wanda 50%, PASER and random selection at a 20% budget, 1 epoch of LoRA, evaluation on the demo
-    skills, held-out response perplexity and (when ../shared/data/eval exists) zero-shot tasks. Ends
-    with the side-by-side table (dense, pruned, pruned + paser, pruned + random) and OUT/report.html.
-    A second run skips every stage that is up to date.
+    Wanda 50%; 20% of the data recovered three ways: paser's default recipe (PASER selection, distillation
+    from the original), a random slice on the reference answers (the baseline), and the random slice with the
+    default's objective. Evaluation: held-out response perplexity and, when ../shared/data exists, WikiText-2
+    perplexity and ARC-e / PIQA. Ends with the side-by-side table, the paired differences against random and
+    OUT/report.html. A second run skips every stage that is up to date.
     """
     import yaml
 

@@ -38,8 +38,9 @@ STAGES = ("data", "prune", "select", "recover", "evaluate")
 
 # ------------------------------------------------------------------------------------------- config
 # The fields each stage hashed in full when these hashes were introduced. A field added since enters a stage's
-# hash only when it is set away from its default, so a new option does not redo finished runs. (Changing the
-# default of such a field changes results: list the field here then.)
+# hash only when it is set away from the value that reproduces the behaviour from before it existed (its first
+# default, or the value in INTRODUCED_AS where the default has changed since), so a new option does not redo
+# finished runs and a changed default does.
 HASHED_FIELDS = {
     "prune": frozenset({"calib_data", "calib_samples", "heldout_samples", "method", "pattern", "seed", "seq_len",
                         "sparsity"}),
@@ -58,6 +59,9 @@ HASHED_FIELDS = {
 }
 
 
+INTRODUCED_AS = {"select": {"within": "top", "ccg_rule": "paper"}}  # defaults until the study (docs/fidelity.md)
+
+
 def _hashed(section: str, settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` as they enter a stage hash (see :data:`HASHED_FIELDS`)."""
     from .evaluate import EvaluateConfig
@@ -68,7 +72,7 @@ def _hashed(section: str, settings: dict[str, Any]) -> dict[str, Any]:
     cls = {"prune": PruneConfig, "select": SelectConfig, "recover": RecoverConfig, "evaluate": EvaluateConfig}[section]
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else
                 (f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-                for f in dataclasses.fields(cls)}
+                for f in dataclasses.fields(cls)} | INTRODUCED_AS.get(section, {})
     return {k: v for k, v in settings.items()
             if k in HASHED_FIELDS[section] or k not in defaults or v != defaults[k]}
 
@@ -89,7 +93,8 @@ def _section_spec() -> dict[str, tuple[type, set[str], dict[str, Any]]]:
         "select": (SelectConfig, {"original", "pruned", "data", "out", "method", "columns", "duplicates", "limit",
                                   "cache_dir", "dtype", "bad_records"}, {"methods": ["paser", "random"]}),
         "recover": (RecoverConfig, {"model", "data", "out", "resume", "limit", "dtype", "bad_records"}, {}),
-        "evaluate": (EvaluateConfig, {"models", "out", "labels", "dtype"}, {"skip_missing_task_dir": False}),
+        "evaluate": (EvaluateConfig, {"models", "out", "labels", "dtype"},
+                     {"skip_missing_task_dir": False, "skip_missing_ppl": False}),
     }
 
 
@@ -392,6 +397,8 @@ def _arm_key(arm: dict, seed: int) -> str:
 
 def _arm_recover(config: PipelineConfig, arm: dict, seed: int) -> dict[str, Any]:
     settings = {**config.recover, **arm["recover"], "seed": seed}
+    if settings["loss"] == "auto":
+        settings["loss"] = "mix"  # the pipeline always knows the original model (paser.recover.resolve_loss)
     if settings["loss"] != "nll" and not settings.get("teacher"):
         settings["teacher"] = config.model  # distillation's teacher: the original model
     return settings
@@ -431,6 +438,11 @@ def _evaluate_kwargs(config: PipelineConfig, models: list[str], out: str | Path,
         if settings["tasks"] and files is not None:
             log.warning("zero-shot tasks %s skipped: %s not found", ", ".join(settings["tasks"]), task_dir)
         settings["tasks"] = []  # e.g. the demo without ../shared/data/eval
+    if settings.pop("skip_missing_ppl"):
+        missing = [path for path in settings["ppl"] if not Path(path).is_file()]
+        if missing and files is not None:
+            log.warning("perplexity text(s) %s skipped: not found", ", ".join(missing))
+        settings["ppl"] = [path for path in settings["ppl"] if path not in missing]
     return {**settings, "models": models, "out": out, "labels": labels, "dtype": config.dtype}
 
 

@@ -179,6 +179,9 @@ def _evaluation_section(run_dir: Path, run: dict[str, Any] | None = None) -> str
     if requested.get("tasks") and not results.get("tasks"):  # the run asked for tasks whose folder was absent
         tasks = (f"zero-shot tasks {', '.join(requested['tasks'])} skipped: "
                  f"{html.escape(str(requested.get('task_dir')))} not found")
+    skipped_texts = [path for path in requested.get("ppl") or [] if path not in (results.get("ppl_files") or [])]
+    if skipped_texts:  # asked for, absent, and skipped (skip_missing_ppl)
+        tasks += f"; perplexity text(s) {html.escape(', '.join(map(str, skipped_texts)))} skipped: not found"
     notes = f"<p class='note'>dtype {results['dtype']}; {tasks}; {results['seconds']:.0f} s.</p>"
     parts = ["<h2>Evaluation</h2>", _table(header, rows), notes]
     models = results["models"]

@@ -64,7 +64,7 @@ class SelectConfig:
     dtype: str = "auto"  # auto: bf16 on GPUs and bf16-capable CPUs, else fp32
     ccg: bool = True
     concepts_per_sample: int = 5
-    allocation: str = "cds"  # cds | mass | size (see paser.allocate)
+    allocation: str = "mass"  # mass | cds (the paper) | size (see paser.allocate)
     score: str = "jsd"  # jsd | loss_gap | pruned_loss (see paser.score)
     seed: int = 0
     template: str = "auto"
@@ -81,9 +81,9 @@ class SelectConfig:
     target_sources: list[str] | None = None  # dsir: only target records whose 'source' field is listed
     target_limit: int | None = None  # dsir: at most this many target texts
     dsir_buckets: int = 10_000  # dsir: hash buckets for unigram + bigram features
-    ccg_rule: str = "paper"  # paper: any two known concepts never seen together conflict | specific (see strategies.paser)
+    ccg_rule: str = "specific"  # specific: rare concepts only, no cluster emptied | paper: any two known concepts never seen together conflict (see strategies.paser)
     ccg_max_df: float = 0.02  # specific rule: concepts in at most this share of the pool's records
-    within: str = "top"  # top: best IES first inside a cluster | sample: drawn in proportion to IES
+    within: str = "sample"  # sample: drawn in proportion to IES inside a cluster | top: best IES first (the paper)
     drop_original_loss_above: float | None = None  # examine last the records above this quantile of original loss
     resident: str = "both"  # both models in memory | one: the original's top-k stored first, then the pruned alone
     topk: int = 64  # resident one: log-probabilities kept per position (the rest is one tail bucket)

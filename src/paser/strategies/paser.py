@@ -1,13 +1,17 @@
 """PASER and the ablations the paper names (see docs/method.md).
 
 - ``paser``: capability clusters (diffusion map + NMF on MiniLM embeddings), per-cluster budgets from the
-  clusters' degradation (``allocation``: ``cds`` is the paper's rule; ``size`` is "without CDS"), IES
-  ranking inside a cluster (score / log cost), and the concept-consistency graph (``ccg``).
-- ``ccg_rule="specific"``: the concept-consistency graph over *specific* concepts only (document frequency
-  at most ``ccg_max_df`` of the pool), and no cluster rejects more candidates than its quota, so the filter
-  cannot erase a capability; ``within="sample"`` draws inside a cluster in proportion to IES instead of
-  taking the top; ``drop_original_loss_above=q`` examines last the records whose reference the original
-  model predicts worst (loss above the pool's q-quantile: noisy or unlearnable).
+  clusters' degradation, IES ranking inside a cluster (score / log cost), and the concept-consistency graph.
+- Defaults (the recipe that won the recovery study, docs/fidelity.md): ``allocation="mass"`` (n_k in
+  proportion to a cluster's size x mean JSD, its total degradation; the paper's ``cds`` ignores size and
+  starved the largest clusters), ``within="sample"`` (drawn in proportion to IES, seeded, instead of the top
+  IES, which piles the budget onto outliers), and ``ccg_rule="specific"``: only *specific* concepts
+  (document frequency at most ``ccg_max_df`` of the pool) conflict, and no cluster rejects more candidates
+  than its quota, so the filter cannot erase a capability (the paper's rule emptied a 54-record tool-call
+  cluster of the study slice). ``--recipe paper`` restores ``cds``, ``top`` and the paper's rule;
+  ``allocation="size"`` is the paper's "without CDS" ablation.
+- ``drop_original_loss_above=q`` examines last the records whose reference the original model predicts
+  worst (loss above the pool's q-quantile: noisy or unlearnable).
 - Without the semantic-structural clustering: ``cluster_method="random"`` (the same K, random
   assignment) and ``"kmeans-raw"`` (k-means on the raw embeddings, the same K); ``"kmeans"`` runs k-means
   on the diffusion coordinates instead of NMF.
