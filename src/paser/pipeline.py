@@ -672,7 +672,7 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
             if notes is not None and main:
                 run_prune(PruneConfig(model=config.model, out=directory, **prune_settings))
         pruned, prune_hash = str(directory), runner.records[-1].hash
-        prune_label = f"pruned ({config.prune['method']} {config.prune['sparsity']:g})"
+        prune_label = f"pruned ({config.prune['method']} {config.prune.get('pattern') or format(config.prune['sparsity'], 'g')})"
 
     # select and recover, per arm and seed
     recovered: dict[str, str] = {}
