@@ -10,6 +10,7 @@ from typing import Optional
 import click
 import typer
 
+from . import distributed
 from .errors import PaserError
 
 app = typer.Typer(
@@ -395,10 +396,22 @@ def demo(
     _finish_run(run_pipeline(config, out=out, from_stage=from_stage))
 
 
+def _run_app() -> object:
+    """The typer app, then the process group closed (see :func:`paser.distributed.shutdown`)."""
+    try:
+        rc = app(standalone_mode=False)
+    except BaseException:
+        distributed.shutdown(clean=False)  # a failed rank must not wait at a barrier the others never reach
+        raise
+    else:
+        distributed.shutdown()
+    return rc
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2 (traceback with --debug)."""
     try:
-        rc = app(standalone_mode=False)
+        rc = _run_app()
     except PaserError as exc:
         if _state["debug"]:
             raise

@@ -57,6 +57,20 @@ def barrier() -> None:
         _state().wait_for_everyone()
 
 
+def shutdown(clean: bool = True) -> None:
+    """Close the process group before the interpreter exits (after a last barrier when ``clean``): a gloo group
+    left to interpreter teardown can abort a rank ("terminate called without an active exception") after all
+    its work is done, failing a finished job. No-op without a launcher or before the group was set up."""
+    if not launched() or _state.cache_info().currsize == 0:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if clean:
+            barrier()
+        dist.destroy_process_group()
+
+
 def device() -> str | None:
     """Where this process's models go: its own GPU under a launcher, the GPU if there is one, else None (CPU)."""
     import torch
