@@ -30,6 +30,8 @@ def tiny_config(model_dir, task_dir, out, heldout="demo-heldout"):
     ({"arms": [{"name": "a", "method": "best"}]}, r"arms\[0\] \(a\): method must be one of"),
     ({"arms": [{"name": "a", "method": "paser", "select": {"budgett": 1}}]}, r"unknown key .arms\[0\].select.budgett."),
     ({"arms": [{"name": "a", "method": "paser"}], "baseline": "random"}, "baseline .random. is not an arm"),
+    ({"baseline": ["random", "random"]}, "baseline must be an arm's name or a list of distinct arm names"),
+    ({"baseline": ["random", "random-kd"]}, "baseline .random-kd. is not an arm"),
     ({"seeds": [0, 0]}, "seeds must be a list of distinct integers"),
     ({"pruned": "/some/model"}, "either 'prune'"),
     ({"evaluate": {"tasks": ["mmlu"]}}, "unknown task"),
@@ -111,6 +113,20 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
     again = run_pipeline(parse_config(raw))
     assert all(s["skipped"] for s in again["stages"])
     assert [s["earlier_run"]["seconds"] for s in again["stages"]] == [s["seconds"] for s in run["stages"]]
+
+    # a second baseline: every stage reused, one more comparison written and shown, removed when not asked for
+    raw["baseline"] = ["random", "paser"]
+    assert all(s["skipped"] for s in run_pipeline(parse_config(raw))["stages"])
+    versus = json.loads((out / "evaluate" / "comparison-vs-paser.json").read_text())
+    assert versus["baseline"] == "paser" and json.loads((out / "evaluate" / "comparison.json").read_text()) == comparison
+    name = f"response ppl {heldout.name}"
+    assert versus["arms"]["random"]["metrics"][name]["diff"] == pytest.approx(-diff["diff"])
+    assert "Δ = arm − paser" in (out / "evaluate" / "comparison-vs-paser.md").read_text()
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 7 and "forest plot of differences against paser" in page
+    raw["baseline"] = "random"
+    run_pipeline(parse_config(raw))
+    assert not list((out / "evaluate").glob("comparison-vs-*"))
 
     raw["select"]["budget"] = 0.3  # invalidates selection and everything downstream, not pruning
     changed = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw))["stages"]}

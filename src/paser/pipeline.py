@@ -123,11 +123,18 @@ class PipelineConfig:
     threads: int | None = None  # torch CPU threads (None: the CPUs this process may use)
     arms: list[dict[str, Any]] = field(default_factory=list)  # {name, method, select, recover, seeds}
     seeds: list[int] = field(default_factory=lambda: [0])
-    baseline: str | None = None  # the arm every other is compared with
+    # the arms every other is compared with: the first is the headline (comparison.json); each further one
+    # writes comparison-vs-<arm>.json (e.g. random trained with the candidate's objective: what selection adds)
+    baselines: list[str] = field(default_factory=list)
+
+    @property
+    def baseline(self) -> str | None:
+        return self.baselines[0] if self.baselines else None
 
     def as_dict(self) -> dict[str, Any]:
+        baseline = self.baselines if len(self.baselines) > 1 else self.baseline
         return {"model": self.model, "dtype": self.dtype, "threads": self.threads, "out": self.out,
-                "arms": self.arms, "seeds": self.seeds, "baseline": self.baseline, "pruned": self.pruned,
+                "arms": self.arms, "seeds": self.seeds, "baseline": baseline, "pruned": self.pruned,
                 "prune": self.prune, "data": self.data, "select": self.select, "recover": self.recover,
                 "evaluate": self.evaluate}
 
@@ -212,14 +219,19 @@ def parse_config(raw: Any, where: str = "<config>") -> PipelineConfig:
     arms = _parse_arms(raw.get("arms"), select, recover, seeds, spec, where)
     names = [a["name"] for a in arms]
     baseline = raw.get("baseline", "random" if "random" in names and len(arms) > 1 else None)
-    if baseline is not None and baseline not in names:
-        raise ConfigError(f"{where}: baseline '{baseline}' is not an arm (arms: {', '.join(names)})")
+    baselines = [] if baseline is None else [baseline] if isinstance(baseline, str) else baseline
+    if not isinstance(baselines, list) or not all(isinstance(b, str) for b in baselines) \
+            or len(set(baselines)) != len(baselines) or (baseline is not None and not baselines):
+        raise ConfigError(f"{where}: baseline must be an arm's name or a list of distinct arm names, not {baseline!r}")
+    for name in baselines:
+        if name not in names:
+            raise ConfigError(f"{where}: baseline '{name}' is not an arm (arms: {', '.join(names)})")
     _check_data_sampling(data, where)
     evaluate = _check_section("evaluate", raw.get("evaluate"), *spec["evaluate"], where, {"models": ["-"]})
     config = PipelineConfig(model=model, out=str(raw.get("out") or "runs/paser"), dtype=dtype,
                             pruned=str(raw["pruned"]) if raw.get("pruned") else None, prune=prune, data=data,
                             select=select, recover=recover, evaluate=evaluate, source=where, threads=threads,
-                            arms=arms, seeds=list(seeds), baseline=baseline)
+                            arms=arms, seeds=list(seeds), baselines=baselines)
     _semantic_checks(config)
     return config
 
@@ -300,8 +312,7 @@ def with_arms(config: PipelineConfig, names: list[str]) -> PipelineConfig:
     if unknown:
         raise ConfigError(f"{config.source}: no arm named {', '.join(unknown)} (arms: {', '.join(known)})")
     arms = [a for a in config.arms if a["name"] in names]
-    baseline = config.baseline if config.baseline in names else None
-    return dataclasses.replace(config, arms=arms, baseline=baseline)
+    return dataclasses.replace(config, arms=arms, baselines=[b for b in config.baselines if b in names])
 
 
 def with_evaluation_data(config: PipelineConfig, task_dir: str | None = None, ppl: list[str] | None = None
@@ -519,22 +530,35 @@ def _mean_cost(costs: list[dict]) -> dict:
     return {k: sum(c.get(k) or 0 for c in costs) / max(len(costs), 1) for k in keys}
 
 
-def write_comparison(directory: Path, arm_labels: dict[str, dict[int, str]], baseline: str,
+def comparison_stem(baseline: str, headline: bool) -> str:
+    """File stem of the comparison against ``baseline``: ``comparison`` for the headline baseline."""
+    return "comparison" if headline else f"comparison-vs-{baseline}"
+
+
+def write_comparison(directory: Path, arm_labels: dict[str, dict[int, str]], baselines: list[str],
                      references: dict[str, str], costs: dict[str, dict]) -> dict | None:
-    """``comparison.json`` and ``comparison.md`` beside the evaluation results (see :mod:`paser.compare`)."""
+    """``comparison.json`` and ``comparison.md`` beside the evaluation results (see :mod:`paser.compare`),
+    against the first baseline; ``comparison-vs-<arm>.json`` / ``.md`` against each further one. Returns the
+    headline comparison. Files of baselines no longer asked for are removed, so none outlives its run."""
     import json
 
     from .compare import compare_arms, comparison_table
     from .evaluate import TABLE_METRIC
 
     results = json.loads((directory / "results.json").read_text())
-    comparison = compare_arms(results, arm_labels, baseline, TABLE_METRIC, references)
-    if not comparison["metrics"]:
-        return None
-    comparison["costs"] = costs
-    write_json(directory / "comparison.json", comparison)
-    write_text(directory / "comparison.md", comparison_table(comparison, costs))
-    return comparison
+    for stale in directory.glob("comparison-vs-*"):
+        stale.unlink()
+    headline = None
+    for i, baseline in enumerate(baselines):
+        comparison = compare_arms(results, arm_labels, baseline, TABLE_METRIC, references)
+        if not comparison["metrics"]:
+            return None
+        comparison["costs"] = costs
+        stem = comparison_stem(baseline, headline=i == 0)
+        write_json(directory / f"{stem}.json", comparison)
+        write_text(directory / f"{stem}.md", comparison_table(comparison, costs))
+        headline = headline or comparison
+    return headline
 
 
 class _PeakMemory:
@@ -723,7 +747,7 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
     if not main:
         return {}
     if config.baseline and len(config.arms) > 1:
-        write_comparison(directory, arm_labels, config.baseline, {"dense": "dense", "pruned": prune_label},
+        write_comparison(directory, arm_labels, config.baselines, {"dense": "dense", "pruned": prune_label},
                          {arm: _mean_cost(c) for arm, c in costs.items()})
 
     run = {"config": config.as_dict(), "out": str(out), "from_stage": from_stage,

@@ -202,12 +202,19 @@ def _evaluation_section(run_dir: Path, run: dict[str, Any] | None = None) -> str
 
 
 def _comparison_section(run_dir: Path) -> str:
-    """Forest plot of every arm's difference against the baseline, with its 95% interval, per metric."""
+    """Per baseline (the headline one first): a forest plot of every arm's difference against it, with its
+    95% interval, per metric, and the comparison table."""
+    files = [run_dir / "evaluate" / "comparison.json",
+             *sorted((run_dir / "evaluate").glob("comparison-vs-*.json"))]
+    comparisons = [c for c in map(_read_json, files) if c]
+    if not comparisons:
+        return ""
+    return "<h2>Methods compared</h2>" + "".join(_comparison_html(c) for c in comparisons)
+
+
+def _comparison_html(comparison: dict) -> str:
     import matplotlib.pyplot as plt
 
-    comparison = _read_json(run_dir / "evaluate" / "comparison.json")
-    if not comparison:
-        return ""
     metrics = comparison["metrics"]
     arms = [a for a in comparison["arms"] if a != comparison["baseline"]]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.45 * len(arms) + 1.6), sharey=True,
@@ -228,7 +235,7 @@ def _comparison_section(run_dir: Path) -> str:
     from .compare import comparison_table
 
     table = html.escape(comparison_table(comparison, comparison.get("costs")))
-    return ("<h2>Methods compared</h2>" + _figure_html(fig, "forest plot of differences against the baseline")
+    return (_figure_html(fig, f"forest plot of differences against {comparison['baseline']}")
             + f"<pre>{table}</pre>")
 
 
