@@ -63,7 +63,7 @@ def test_demo_config_is_valid():
 
     config = parse_config(yaml.safe_load(demo_config_text()))
     arms = {arm["name"]: arm for arm in config.arms}
-    assert list(arms) == ["paser", "random", "random-kd"] and config.baseline == "random"
+    assert list(arms) == ["paser", "random", "random-kd"] and config.baselines == ["random", "random-kd"]
     assert config.select["budget"] == 0.2 and config.prune["method"] == "wanda" and config.prune["sparsity"] == 0.5
     # the default recipe: mass allocation, sampled inside clusters, rare-concept CCG, distilled from the original
     default = _select_config(config, "pruned/", arms["paser"], 0, "out/")

@@ -316,8 +316,8 @@ def _finish_run(run: dict) -> None:
         status = (f"skipped (up to date; it took {earlier.get('seconds') or 0:.0f}s when it ran)" if stage["skipped"]
                   else f"{stage['seconds']:.0f}s, peak {stage['peak_rss_gb']:.2f} GB")
         console.print(f"  {stage['stage']}: {status}")
-    for name in ("results.md", "comparison.md"):
-        table = out / "evaluate" / name
+    evaluated = out / "evaluate"
+    for table in [evaluated / "results.md", evaluated / "comparison.md", *sorted(evaluated.glob("comparison-vs-*.md"))]:
         if table.exists():
             typer.echo(table.read_text())
     typer.echo(f"{run['seconds']:.0f}s; report: {out / 'report.html'}; run record: {out / 'run.json'}")
