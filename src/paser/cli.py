@@ -290,8 +290,9 @@ def run(
 
     Stages whose inputs are unchanged since the last run are skipped; a changed setting redoes its
     stage and everything downstream. With several arms and a baseline, the evaluation ends with a
-    comparison (mean +/- std over seeds, paired 95% intervals against the baseline). Writes
-    OUT/run.json and OUT/report.html and prints the tables.
+    comparison (mean +/- std over seeds, paired 95% intervals against the baseline; one comparison per
+    arm when the config's baseline lists several). Writes OUT/run.json and OUT/report.html and prints
+    the tables.
     """
     from .pipeline import load_config, run_pipeline, with_arms, with_evaluation_data
 
