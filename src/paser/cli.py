@@ -317,10 +317,11 @@ def _finish_run(run: dict) -> None:
         status = (f"skipped (up to date; it took {earlier.get('seconds') or 0:.0f}s when it ran)" if stage["skipped"]
                   else f"{stage['seconds']:.0f}s, peak {stage['peak_rss_gb']:.2f} GB")
         console.print(f"  {stage['stage']}: {status}")
-    evaluated = out / "evaluate"
-    for table in [evaluated / "results.md", evaluated / "comparison.md", *sorted(evaluated.glob("comparison-vs-*.md"))]:
-        if table.exists():
-            typer.echo(table.read_text())
+    from .compare import comparison_files
+
+    results = out / "evaluate" / "results.md"
+    for table in ([results] if results.exists() else []) + comparison_files(out / "evaluate", ".md"):
+        typer.echo(table.read_text())
     typer.echo(f"{run['seconds']:.0f}s; report: {out / 'report.html'}; run record: {out / 'run.json'}")
 
 

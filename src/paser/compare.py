@@ -17,6 +17,7 @@ and pruned references). The 95% interval is the 2.5th to 97.5th percentile of th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -142,6 +143,18 @@ def compare_arms(results: dict, arms: dict[str, dict[int, str]], baseline: str, 
                              improvement=good)
             out["arms"][arm]["metrics"][metric.name] = entry
     return out
+
+
+def comparison_stem(baseline: str, headline: bool) -> str:
+    """File stem of the comparison against ``baseline``: ``comparison`` for the headline baseline."""
+    return "comparison" if headline else f"comparison-vs-{baseline}"
+
+
+def comparison_files(directory: Path, suffix: str) -> list[Path]:
+    """The comparisons written in ``directory`` (``.json`` or ``.md``): the headline first, then one per
+    further baseline."""
+    headline = directory / f"{comparison_stem('', headline=True)}{suffix}"
+    return [p for p in [headline, *sorted(directory.glob(f"comparison-vs-*{suffix}"))] if p.exists()]
 
 
 def comparison_table(comparison: dict, costs: dict[str, Any] | None = None) -> str:

@@ -530,11 +530,6 @@ def _mean_cost(costs: list[dict]) -> dict:
     return {k: sum(c.get(k) or 0 for c in costs) / max(len(costs), 1) for k in keys}
 
 
-def comparison_stem(baseline: str, headline: bool) -> str:
-    """File stem of the comparison against ``baseline``: ``comparison`` for the headline baseline."""
-    return "comparison" if headline else f"comparison-vs-{baseline}"
-
-
 def write_comparison(directory: Path, arm_labels: dict[str, dict[int, str]], baselines: list[str],
                      references: dict[str, str], costs: dict[str, dict]) -> dict | None:
     """``comparison.json`` and ``comparison.md`` beside the evaluation results (see :mod:`paser.compare`),
@@ -542,11 +537,11 @@ def write_comparison(directory: Path, arm_labels: dict[str, dict[int, str]], bas
     headline comparison. Files of baselines no longer asked for are removed, so none outlives its run."""
     import json
 
-    from .compare import compare_arms, comparison_table
+    from .compare import compare_arms, comparison_files, comparison_stem, comparison_table
     from .evaluate import TABLE_METRIC
 
     results = json.loads((directory / "results.json").read_text())
-    for stale in directory.glob("comparison-vs-*"):
+    for stale in comparison_files(directory, ".json") + comparison_files(directory, ".md"):
         stale.unlink()
     headline = None
     for i, baseline in enumerate(baselines):

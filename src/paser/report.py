@@ -204,9 +204,9 @@ def _evaluation_section(run_dir: Path, run: dict[str, Any] | None = None) -> str
 def _comparison_section(run_dir: Path) -> str:
     """Per baseline (the headline one first): a forest plot of every arm's difference against it, with its
     95% interval, per metric, and the comparison table."""
-    files = [run_dir / "evaluate" / "comparison.json",
-             *sorted((run_dir / "evaluate").glob("comparison-vs-*.json"))]
-    comparisons = [c for c in map(_read_json, files) if c]
+    from .compare import comparison_files
+
+    comparisons = [c for c in map(_read_json, comparison_files(run_dir / "evaluate", ".json")) if c]
     if not comparisons:
         return ""
     return "<h2>Methods compared</h2>" + "".join(_comparison_html(c) for c in comparisons)
