@@ -534,7 +534,7 @@ def write_comparison(directory: Path, arm_labels: dict[str, dict[int, str]], bas
                      references: dict[str, str], costs: dict[str, dict]) -> dict | None:
     """``comparison.json`` and ``comparison.md`` beside the evaluation results (see :mod:`paser.compare`),
     against the first baseline; ``comparison-vs-<arm>.json`` / ``.md`` against each further one. Returns the
-    headline comparison. Files of baselines no longer asked for are removed, so none outlives its run."""
+    headline comparison. Every earlier comparison file is removed first, so none outlives its run."""
     import json
 
     from .compare import compare_arms, comparison_files, comparison_stem, comparison_table
