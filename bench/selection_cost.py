@@ -6,7 +6,9 @@ backward, 3 by the usual 1 + 2 rule):
 - exhaustive scoring: 2 models x N records x L tokens;
 - sampled scoring: 2 x (pilot + oversample x B) x L, with pilot = sum over K clusters of
   max(pilot_min, pilot x size) and B the budget (embedding with MiniLM, 22M parameters, is counted too, and
-  is negligible next to a 7B or 70B model);
+  is negligible next to a 7B or 70B model); with ``--confirm-tokens N`` the confirmation pass reads only
+  the prompt (``--prompt-tokens``, an assumption: set it for your data) and the first N response tokens, so a
+  confirmed record costs min(L, prompt + N) (``bench/confirm_tokens.py`` measures how well that ranks);
 - recovery: train_factor x epochs x B x L.
 
 With ``--measured TRAIN_LOG.json SELECTION.json`` (a recovery's train_log.json and an exhaustive
@@ -28,6 +30,9 @@ def main():
     parser.add_argument("--pilot", type=float, default=0.02)
     parser.add_argument("--pilot-min", type=int, default=16)
     parser.add_argument("--oversample", type=float, default=2.0)
+    parser.add_argument("--confirm-tokens", type=int, default=None,
+                        help="confirm on the first N response tokens only (default: the whole record)")
+    parser.add_argument("--prompt-tokens", type=float, default=50, help="prompt tokens per record (assumed)")
     parser.add_argument("--params", type=float, default=70e9, help="model parameters (FLOPs ~ 2 x params per token)")
     parser.add_argument("--train-factor", type=float, default=3.0)
     parser.add_argument("--measured", nargs=2, metavar=("TRAIN_LOG", "SELECTION"), default=None)
@@ -39,7 +44,9 @@ def main():
     pilot = args.clusters * min(per_cluster, max(args.pilot_min, args.pilot * per_cluster))
     embed = n * length * 2 * 22e6 / (2 * args.params)  # MiniLM's cost in forward-token passes of the big model
     recovery = args.train_factor * args.epochs * budget * length
-    modes = {"exhaustive": 2 * n * length + embed, "sampled": 2 * (pilot + args.oversample * budget) * length + embed}
+    confirm_length = length if args.confirm_tokens is None else min(length, args.prompt_tokens + args.confirm_tokens)
+    modes = {"exhaustive": 2 * n * length + embed,
+             "sampled": 2 * (pilot * length + args.oversample * budget * confirm_length) + embed}
     measured = None
     if args.measured:
         train_log, selection = (json.load(open(p)) for p in args.measured)
@@ -51,6 +58,8 @@ def main():
                                                                                      else pilot + args.oversample * budget),
                "selection_forward_tokens": passes, "recovery_forward_token_equivalents": recovery,
                "selection_over_recovery": round(passes / recovery, 3)}
+        if mode == "sampled" and args.confirm_tokens is not None:
+            row.update(confirm_tokens=args.confirm_tokens, assumed_prompt_tokens=args.prompt_tokens)
         if measured:
             seconds_select = passes / measured["score_model_tokens_per_s"]
             seconds_train = args.epochs * budget * length / measured["train_tokens_per_s"]

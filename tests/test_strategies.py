@@ -267,3 +267,46 @@ def test_sampled_scoring_scores_a_pilot_and_the_likely_picks_only(tmp_path, tiny
 
     capped = run_selection(SelectConfig(**common, scoring="sampled", pilot=0.1, pilot_min=5, max_scored=25))
     assert capped.summary["sampling"]["scored_exactly"] <= 25 and len(capped.indices) == 15
+
+
+def test_sampled_confirmation_on_first_tokens(tmp_path, tiny_model_dir, tiny_pruned_dir, monkeypatch):
+    """confirm_tokens: the confirmed records' JSD is the JSD of their prompt and first N response tokens, the
+    pilot's is whole; with N beyond every response the selection is the whole-record one."""
+    import json
+
+    from paser.data import Encoded, PromptFormatter, encode_records, load_records
+    from paser.demo_data import demo_records
+    from paser.models import load_model, load_tokenizer
+    from paser.score import score_records
+    from paser.select import SelectConfig, run_selection
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:150]))
+    common = dict(original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), data=str(data), budget=15, dtype="fp32",
+                  batch_size=8, clusters=3, ccg=False, scoring="sampled", pilot=0.1, pilot_min=5)
+    monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
+    whole = run_selection(SelectConfig(**common, out=tmp_path / "whole"))
+    short = run_selection(SelectConfig(**common, confirm_tokens=3, out=tmp_path / "short"))
+    info = short.summary["sampling"]
+    table = pd.read_parquet(tmp_path / "short" / "scores.parquet")
+    prefix, exact = table["scored_prefix"].to_numpy(), table["scored_exactly"].to_numpy()
+    assert info["scored_prefix"] == prefix.sum() == info["confirmed"] > 0 and info["scored_exactly"] == exact.sum()
+    assert info["confirm_tokens"] == 3 and not (prefix & exact).any()
+    np.testing.assert_allclose(table["jsd"][exact], whole.scores["jsd"][exact], atol=1e-6)  # the pilot: whole
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    _, encoded = encode_records(PromptFormatter(tokenizer), load_records(str(data)))
+    rows = np.flatnonzero(prefix)
+    truncated = [Encoded(encoded[i].prompt_ids, encoded[i].response_ids[:3]) for i in rows]
+    direct = score_records(load_model(str(tiny_model_dir), dtype="fp32", tokenizer=False)[0],
+                           load_model(str(tiny_pruned_dir), dtype="fp32", tokenizer=False)[0],
+                           truncated, tokenizer.pad_token_id, progress=False)
+    np.testing.assert_allclose(table["jsd"].to_numpy()[rows], direct["jsd"].to_numpy(), atol=1e-5)
+    whole_jsd = whole.scores["jsd"].to_numpy()[rows]  # the same records, confirmed on their whole responses
+    assert np.isfinite(whole_jsd).all() and not np.allclose(table["jsd"].to_numpy()[rows], whole_jsd)
+
+    longest = int(table["response_tokens"].max())
+    same = run_selection(SelectConfig(**common, confirm_tokens=longest))
+    assert same.indices == whole.indices
+    with pytest.raises(Exception, match="confirm_tokens"):
+        SelectConfig(**{**common, "scoring": "exhaustive"}, confirm_tokens=3).validate()

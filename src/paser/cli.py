@@ -120,6 +120,9 @@ def select(
     pilot_min: int = typer.Option(16, help="sampled: pilot records per cluster at least."),
     oversample: float = typer.Option(2.0, help="sampled: records confirmed exactly per cluster, as a multiple of its budget."),
     max_scored: Optional[int] = typer.Option(None, help="sampled: score at most N records exactly in all."),
+    confirm_tokens: Optional[int] = typer.Option(
+        None, help="sampled: confirm candidates on the prompt and their first N response tokens only (cheaper, "
+                   "approximate; the pilot still reads whole records)."),
     device_map: Optional[str] = typer.Option(None, help="auto: spread each model over the GPUs and CPU memory (accelerate big-model loading), for models too big for one device."),
     recipe: Optional[str] = typer.Option(None, help="A named recipe whose settings override the options: paper (the PASER paper exactly)."),
 ) -> None:
@@ -140,7 +143,7 @@ def select(
         duplicates=duplicates, limit=limit, bad_records=bad_records, ifd_model=ifd_model, anchors=anchors,
         anchor_data=anchor_data, nuggets_candidates=nuggets_candidates, target=target, resident=resident, topk=topk,
         device_map=device_map, scoring=scoring, pilot=pilot, pilot_min=pilot_min, oversample=oversample,
-        max_scored=max_scored)
+        max_scored=max_scored, confirm_tokens=confirm_tokens)
     from . import distributed
 
     result = run_selection(SelectConfig(**{**settings, **(recipe_settings(recipe, "select") if recipe else {})}))

@@ -145,16 +145,19 @@ def compare_arms(results: dict, arms: dict[str, dict[int, str]], baseline: str, 
     return out
 
 
+HEADLINE_STEM = "comparison"  # the comparison against the first (headline) baseline
+
+
 def comparison_stem(baseline: str, headline: bool) -> str:
-    """File stem of the comparison against ``baseline``: ``comparison`` for the headline baseline."""
-    return "comparison" if headline else f"comparison-vs-{baseline}"
+    """File stem of the comparison against ``baseline``: :data:`HEADLINE_STEM` for the headline baseline."""
+    return HEADLINE_STEM if headline else f"{HEADLINE_STEM}-vs-{baseline}"
 
 
 def comparison_files(directory: Path, suffix: str) -> list[Path]:
     """The comparisons written in ``directory`` (``.json`` or ``.md``): the headline first, then one per
     further baseline."""
-    headline = directory / f"{comparison_stem('', headline=True)}{suffix}"
-    return [p for p in [headline, *sorted(directory.glob(f"comparison-vs-*{suffix}"))] if p.exists()]
+    headline = directory / f"{HEADLINE_STEM}{suffix}"
+    return [p for p in [headline, *sorted(directory.glob(f"{HEADLINE_STEM}-vs-*{suffix}"))] if p.exists()]
 
 
 def comparison_table(comparison: dict, costs: dict[str, Any] | None = None) -> str:

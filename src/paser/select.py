@@ -93,6 +93,7 @@ class SelectConfig:
     pilot_min: int = 16  # ... and at least this many records of it
     oversample: float = 2.0  # sampled: records confirmed exactly per cluster, as a multiple of its budget
     max_scored: int | None = None  # sampled: at most this many records scored exactly in all
+    confirm_tokens: int | None = None  # sampled: confirm on the prompt and first N response tokens only (cheaper)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -121,9 +122,12 @@ class SelectConfig:
         if self.scoring == "sampled" and self.method != "paser":
             raise ConfigError(f"scoring sampled applies to method paser, not '{self.method}'")
         if not 0 < self.pilot <= 1 or self.pilot_min < 2 or not self.oversample >= 1 or (
-                self.max_scored is not None and self.max_scored < 1):
-            raise ConfigError("pilot must be in (0, 1], pilot_min at least 2, oversample at least 1 and max_scored "
-                              "positive")
+                self.max_scored is not None and self.max_scored < 1) or (
+                self.confirm_tokens is not None and self.confirm_tokens < 1):
+            raise ConfigError("pilot must be in (0, 1], pilot_min at least 2, oversample at least 1, max_scored "
+                              "and confirm_tokens positive")
+        if self.confirm_tokens is not None and self.scoring != "sampled":
+            raise ConfigError("confirm_tokens applies to scoring sampled")
         if self.resident not in ("both", "one") or self.topk < 1:
             raise ConfigError(f"resident must be both or one and topk at least 1, not '{self.resident}' / {self.topk}")
         if self.ifd_model not in ("original", "pruned"):
@@ -247,7 +251,8 @@ def _number(value: Any) -> float | None:
     return None if np.isnan(value) else float(value)  # (sampled scoring: no JSD where not scored exactly)
 
 
-OUTPUT_FIELDS = {"cluster": int, "jsd": _number, "ies": _number, "rank": int, "score": _number, "scored_exactly": bool}
+OUTPUT_FIELDS = {"cluster": int, "jsd": _number, "ies": _number, "rank": int, "score": _number, "scored_exactly": bool,
+                 "scored_prefix": bool}
 
 
 def write_outputs(result: SelectionResult, out: Path) -> None:

@@ -120,10 +120,13 @@ class SelectionContext:
             self.table[column] = table[column].to_numpy()
         return table
 
-    def pair_scores_of(self, positions: Sequence[int]) -> pd.DataFrame:
+    def pair_scores_of(self, positions: Sequence[int], response_tokens: int | None = None) -> pd.DataFrame:
         """The same per-record values for some records only (sampled scoring), cached by those records; taken
-        from the whole pool's cache entry when that exists."""
+        from the whole pool's cache entry when that exists. With ``response_tokens`` only the prompt and the
+        first that many response tokens are read (a cheaper, approximate score with its own cache entry)."""
         positions = np.asarray(positions, dtype=np.int64)
+        if response_tokens is not None:
+            return self._pair_scores(positions, response_tokens)[0]
         whole = self.cache / "scores" / f"{self._score_key(self.records)}.parquet"
         if "pair_scores" in self.info or whole.exists():
             return self.pair_scores().iloc[positions].reset_index(drop=True)
@@ -138,13 +141,18 @@ class SelectionContext:
             key = stable_hash(key, "resident-one", self.config.topk)
         return key
 
-    def _pair_scores(self, positions: np.ndarray) -> tuple[pd.DataFrame, bool]:
-        """(table of :data:`paser.score.SCORE_COLUMNS` for ``positions``, whether it came from the cache)."""
+    def _pair_scores(self, positions: np.ndarray, response_tokens: int | None = None) -> tuple[pd.DataFrame, bool]:
+        """(table of :data:`paser.score.SCORE_COLUMNS` for ``positions``, whether it came from the cache);
+        ``response_tokens``: score only each response's first that many tokens."""
         from ..score import PAIR_VALUES, ScoreConfig, read_values, score_records, score_table
 
         records = [self.records[i] for i in positions]
         encoded = [self.encoded[i] for i in positions]
-        path = self.cache / "scores" / f"{self._score_key(records)}.parquet"
+        key = self._score_key(records)
+        if response_tokens is not None:
+            encoded = [Encoded(e.prompt_ids, e.response_ids[:response_tokens], e.truncated) for e in encoded]
+            key = stable_hash(key, "first-response-tokens", response_tokens)
+        path = self.cache / "scores" / f"{key}.parquet"
         self.cost["model_forward_tokens"] += self._forward_tokens(encoded, 2)
         with distributed.group_lock(path, "the model scores"):
             if path.exists():

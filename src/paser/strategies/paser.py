@@ -94,7 +94,9 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
         degradation, cds = sampled.score, sampled.cds
         for column in sampled.table.columns:
             ctx.table[column] = sampled.table[column].to_numpy()
-        ctx.table["scored_exactly"] = sampled.exact
+        ctx.table["scored_exactly"] = sampled.exact & ~sampled.prefix
+        if config.confirm_tokens is not None:
+            ctx.table["scored_prefix"] = sampled.prefix
     else:
         cds = np.array([degradation[labels == c].mean() if sizes[c] else 0.0 for c in range(k)])
     t0 = time.perf_counter()

@@ -11,9 +11,13 @@ times the recovery it serves. Sampled scoring spends the exact scores where sele
    correlation on held-out pilot records (5-fold cross-validation) goes into ``selection.json``.
 3. **Confirm**: in every cluster the ``oversample x n_k`` records with the best predicted IES are scored
    exactly (``max_scored`` caps the total), and selection ranks by the exact IES, exactly scored records
-   first; CCG and the rest of PASER run as usual.
+   first; CCG and the rest of PASER run as usual. With ``confirm_tokens`` N the confirmation reads only the
+   prompt and the first N response tokens of each candidate: cheaper where responses are long, and an
+   approximation (``bench/confirm_tokens.py`` measures its rank agreement with the whole response's JSD);
+   the pilot always reads whole records, since the allocation and the predictor rest on it.
 
-Records never scored exactly keep their predicted score (``scored_exactly`` is False in ``scores.parquet``).
+Records never scored exactly keep their predicted score (``scored_exactly`` is False in ``scores.parquet``;
+records confirmed on their first tokens are marked ``scored_prefix``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class SampledScores:
     score: np.ndarray  # per record: exact where scored, predicted elsewhere
-    exact: np.ndarray  # bool: scored with both models
+    exact: np.ndarray  # bool: scored with both models (whole, or the first confirm_tokens response tokens)
+    prefix: np.ndarray  # bool: of those, scored on the first confirm_tokens response tokens only
     cds: np.ndarray  # per cluster: mean exact score of its pilot
     cds_stderr: np.ndarray
     table: Any  # the exact pair values (jsd, losses) of the scored records, NaN elsewhere
@@ -102,6 +107,8 @@ def sampled_scores(ctx: SelectionContext, labels: np.ndarray, k: int,
     exact = np.zeros(n, dtype=bool)
     values = {c: np.full(n, np.nan) for c in PAIR_VALUES}
 
+    prefix = np.zeros(n, dtype=bool)
+
     def keep(positions: np.ndarray, table: Any) -> None:
         score[positions] = to_score(table)
         exact[positions] = True
@@ -138,18 +145,20 @@ def sampled_scores(ctx: SelectionContext, labels: np.ndarray, k: int,
                  tokens[confirm].sum() / rate, rate)
     t0 = time.perf_counter()
     if len(confirm):
-        keep(confirm, ctx.pair_scores_of(confirm))
+        keep(confirm, ctx.pair_scores_of(confirm, config.confirm_tokens))
+        prefix[confirm] = config.confirm_tokens is not None
     confirm_seconds = time.perf_counter() - t0
     score = np.where(exact, score, predicted)
     info = {
-        "scoring": "sampled", "pilot": int(len(pilot)), "confirmed": int(len(confirm)), "scored_exactly": int(exact.sum()),
+        "scoring": "sampled", "pilot": int(len(pilot)), "confirmed": int(len(confirm)), "scored_exactly": int((exact & ~prefix).sum()),
+        "scored_prefix": int(prefix.sum()),
         "records": n, "scored_fraction": round(float(exact.mean()), 4), "oversample": config.oversample,
-        "max_scored": config.max_scored, "predictor": "ridge(embedding, log token counts)",
+        "max_scored": config.max_scored, "confirm_tokens": config.confirm_tokens, "predictor": "ridge(embedding, log token counts)",
         "predictor_heldout_spearman": held_out, "pilot_seconds": round(pilot_seconds, 2),
         "confirm_seconds": round(confirm_seconds, 2),
         "cds_stderr": [None if np.isnan(v) else float(v) for v in stderr],
     }
-    return SampledScores(score, exact, cds, stderr, pd.DataFrame(values), info)
+    return SampledScores(score, exact, prefix, cds, stderr, pd.DataFrame(values), info)
 
 
 def exact_first(key: np.ndarray, exact: np.ndarray) -> np.ndarray:
