@@ -265,6 +265,13 @@ def test_sampled_scoring_scores_a_pilot_and_the_likely_picks_only(tmp_path, tiny
     selection = json.loads((tmp_path / "sa" / "selection.json").read_text())
     assert selection["sampling"]["scoring"] == "sampled" and len(selection["sampling"]["cds_stderr"]) == 3
 
+    # scores served from the exhaustive run's cache: the same selection, costed as if computed
+    monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
+    cached = run_selection(SelectConfig(**common, scoring="sampled", pilot=0.1, pilot_min=5))
+    assert cached.indices == result.indices
+    assert cached.summary["cost"]["model_forward_tokens"] == result.summary["cost"]["model_forward_tokens"] < (
+        json.loads((tmp_path / "ex" / "selection.json").read_text())["cost"]["model_forward_tokens"])
+
     capped = run_selection(SelectConfig(**common, scoring="sampled", pilot=0.1, pilot_min=5, max_scored=25))
     assert capped.summary["sampling"]["scored_exactly"] <= 25 and len(capped.indices) == 15
 

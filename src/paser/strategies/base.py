@@ -75,6 +75,7 @@ class SelectionContext:
     info: dict[str, Any] = field(default_factory=dict)  # cache hits and the like, for selection.json
     cost: dict[str, int] = field(default_factory=lambda: {"model_forward_tokens": 0, "embedded_records": 0})
     _models: dict[str, Any] = field(default_factory=dict)
+    _whole_scores_uncosted: bool = False  # the pool's scores were read for a subset only (sampled scoring)
 
     # ------------------------------------------------------------------------------------ helpers
     def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -128,7 +129,15 @@ class SelectionContext:
         if response_tokens is not None:
             return self._pair_scores(positions, response_tokens)[0]
         whole = self.cache / "scores" / f"{self._score_key(self.records)}.parquet"
-        if "pair_scores" in self.info or whole.exists():
+        if "pair_scores" not in self.info and whole.exists():
+            # served from the whole pool's entry, but costed per record served, as if computed without it
+            counted = self.cost["model_forward_tokens"]
+            self.pair_scores()
+            self.cost["model_forward_tokens"] = counted
+            self._whole_scores_uncosted = True
+        if "pair_scores" in self.info:
+            if self._whole_scores_uncosted:
+                self.cost["model_forward_tokens"] += self._forward_tokens([self.encoded[i] for i in positions], 2)
             return self.pair_scores().iloc[positions].reset_index(drop=True)
         return self._pair_scores(positions)[0]
 
