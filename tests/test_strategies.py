@@ -317,3 +317,33 @@ def test_sampled_confirmation_on_first_tokens(tmp_path, tiny_model_dir, tiny_pru
     assert same.indices == whole.indices
     with pytest.raises(Exception, match="confirm_tokens"):
         SelectConfig(**{**common, "scoring": "exhaustive"}, confirm_tokens=3).validate()
+
+
+def test_sampled_scoring_with_a_perfect_predictor_draws_what_exhaustive_draws(tmp_path, tiny_model_dir, tiny_pruned_dir,
+                                                                              monkeypatch):
+    """Confirmation follows the selection's own draw (within="sample"): with an oracle predictor and budgets
+    that do not depend on the pilot (size allocation), confirming n_k per cluster finds exactly the records the
+    exhaustive draw picks."""
+    import json
+
+    import paser.strategies.sampled as sampled_module
+    from paser.demo_data import demo_records
+    from paser.select import SelectConfig, run_selection
+
+    monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:150]))
+    common = dict(original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), data=str(data), budget=15, dtype="fp32",
+                  batch_size=8, clusters=3, ccg=False, allocation="size", within="sample", seed=3)
+    exhaustive = run_selection(SelectConfig(**common))
+    truth = exhaustive.scores["jsd"].to_numpy()
+
+    class Oracle:
+        def predict(self, features):
+            assert len(features) == len(truth)
+            return truth
+
+    monkeypatch.setattr(sampled_module, "fit_predictor", lambda features, target, seed: (Oracle(), 1.0))
+    sampled = run_selection(SelectConfig(**common, scoring="sampled", pilot=0.05, pilot_min=2, oversample=1))
+    assert sampled.summary["sampling"]["scored_exactly"] < 150
+    assert sorted(sampled.indices) == sorted(exhaustive.indices)

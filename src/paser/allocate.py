@@ -103,6 +103,15 @@ def ies(score: np.ndarray, cost_tokens: np.ndarray) -> np.ndarray:
     return np.asarray(score, np.float64) / np.log(np.maximum(np.asarray(cost_tokens, np.float64), math.e))
 
 
+def within_cluster_key(efficiency: np.ndarray, within: str, seed: int) -> np.ndarray:
+    """The order inside a cluster: ``top`` ranks by IES; ``sample`` draws without replacement in proportion
+    to IES (Gumbel top-k on log IES), so the budget is not spent only on a cluster's extreme scores."""
+    if within == "top":
+        return efficiency
+    with np.errstate(divide="ignore"):
+        return np.log(np.maximum(efficiency, 0.0)) + np.random.default_rng(seed).gumbel(size=len(efficiency))
+
+
 def rank_within(values: np.ndarray) -> np.ndarray:
     """Indices sorted by decreasing value, ties by index (deterministic)."""
     return np.lexsort((np.arange(len(values)), -np.asarray(values)))

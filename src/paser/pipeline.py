@@ -706,6 +706,10 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
             inputs = {"model": model_id, "pruned": prune_hash, "data": data_hash,
                       "select": _hashed("select", {k: v for k, v in dataclasses.asdict(select_config).items()
                                                    if k not in ("out", "original", "pruned", "data")})}
+            if select_config.scoring == "sampled":
+                from .strategies.sampled import BEHAVIOUR_VERSION
+
+                inputs["sampled_scoring"] = BEHAVIOUR_VERSION
             with runner.stage("select", directory, inputs) as notes:
                 if notes is not None:
                     summary = run_selection(select_config).summary

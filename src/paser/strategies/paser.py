@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from ..allocate import allocate, apportion, ies, rank_within
+from ..allocate import allocate, apportion, ies, rank_within, within_cluster_key
 from ..ccg import ConceptGraph, extract_concepts
 from ..cluster import ClusterResult
 from ..score import get_scorer
@@ -54,15 +54,6 @@ def capability_clusters(ctx: SelectionContext, method: str) -> ClusterResult:
     relabel = np.empty(k, dtype=np.int64)
     relabel[np.argsort(-sizes, kind="stable")] = np.arange(k)  # numbered by decreasing size, like the others
     return ClusterResult(relabel[labels], k, reference.eigenvalues, reference.coordinates)
-
-
-def within_cluster_key(efficiency: np.ndarray, within: str, seed: int) -> np.ndarray:
-    """The order inside a cluster: ``top`` ranks by IES; ``sample`` draws without replacement in proportion
-    to IES (Gumbel top-k on log IES), so the budget is not spent only on a cluster's extreme scores."""
-    if within == "top":
-        return efficiency
-    with np.errstate(divide="ignore"):
-        return np.log(np.maximum(efficiency, 0.0)) + np.random.default_rng(seed).gumbel(size=len(efficiency))
 
 
 def specific_concepts(ctx: SelectionContext) -> frozenset[str]:

@@ -9,9 +9,12 @@ times the recovery it serves. Sampled scoring spends the exact scores where sele
 2. **Predict**: a ridge regression from what every record already has (its MiniLM embedding and the log of
    its prompt and response token counts) to the pilot scores predicts every other record's score. Its rank
    correlation on held-out pilot records (5-fold cross-validation) goes into ``selection.json``.
-3. **Confirm**: in every cluster the ``oversample x n_k`` records with the best predicted IES are scored
-   exactly (``max_scored`` caps the total), and selection ranks by the exact IES, exactly scored records
-   first; CCG and the rest of PASER run as usual. With ``confirm_tokens`` N the confirmation reads only the
+3. **Confirm**: in every cluster the ``oversample x n_k`` records the selection is most likely to draw are
+   scored exactly (``max_scored`` caps the total): the best predicted IES for ``within="top"``; for
+   ``within="sample"`` the best of the very draw selection makes (the same seeded Gumbel keys, on predicted
+   instead of exact log IES), so that with a perfect predictor every record the exhaustive draw would pick
+   is confirmed (confirming the top predicted IES instead narrows a proportional draw to a top-k). Selection
+   then ranks by the exact IES, exactly scored records first; CCG and the rest of PASER run as usual. With ``confirm_tokens`` N the confirmation reads only the
    prompt and the first N response tokens of each candidate: cheaper where responses are long, and an
    approximation (``bench/confirm_tokens.py`` measures its rank agreement with the whole response's JSD);
    the pilot always reads whole records, since the allocation and the predictor rest on it.
@@ -29,10 +32,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..allocate import allocate, ies
+from ..allocate import allocate, ies, within_cluster_key
 from .base import SelectionContext
 
 log = logging.getLogger(__name__)
+
+# Bumped when the same settings select differently, so cached pipeline selections are redone:
+# 2: the confirmation follows the selection's own draw (within="sample"), not the top predicted IES.
+BEHAVIOUR_VERSION = 2
 
 
 @dataclass
@@ -124,7 +131,7 @@ def sampled_scores(ctx: SelectionContext, labels: np.ndarray, k: int,
                               ctx.table["response_tokens"].to_numpy())
     predictor, held_out = fit_predictor(features[pilot], score[pilot], config.seed)
     predicted = predictor.predict(features)
-    predicted_ies = ies(predicted, tokens)
+    likely = within_cluster_key(ies(predicted, tokens), config.within, config.seed)  # as selection will draw
 
     budgets = allocate(sizes, cds, ctx.budget, config.allocation).budgets
     confirm = []
@@ -132,11 +139,11 @@ def sampled_scores(ctx: SelectionContext, labels: np.ndarray, k: int,
         members = np.flatnonzero((labels == c) & ~exact)
         want = int(np.ceil(config.oversample * budgets[c]))
         if want and len(members):
-            confirm.append(members[np.argsort(-predicted_ies[members], kind="stable")[:want]])
+            confirm.append(members[np.argsort(-likely[members], kind="stable")[:want]])
     confirm = np.concatenate(confirm) if confirm else np.zeros(0, dtype=np.int64)
     if config.max_scored is not None and len(pilot) + len(confirm) > config.max_scored:
         room = max(0, config.max_scored - len(pilot))
-        confirm = confirm[np.argsort(-predicted_ies[confirm], kind="stable")[:room]]
+        confirm = confirm[np.argsort(-likely[confirm], kind="stable")[:room]]
         log.warning("sampled scoring: --max-scored %d leaves room for %d confirmations", config.max_scored, room)
     confirm = np.sort(confirm)
     if len(pilot):
