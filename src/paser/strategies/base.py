@@ -121,13 +121,15 @@ class SelectionContext:
             self.table[column] = table[column].to_numpy()
         return table
 
-    def pair_scores_of(self, positions: Sequence[int], response_tokens: int | None = None) -> pd.DataFrame:
+    def pair_scores_of(self, positions: Sequence[int],
+                       response_tokens: int | None = None) -> tuple[pd.DataFrame, bool]:
         """The same per-record values for some records only (sampled scoring), cached by those records; taken
         from the whole pool's cache entry when that exists. With ``response_tokens`` only the prompt and the
-        first that many response tokens are read (a cheaper, approximate score with its own cache entry)."""
+        first that many response tokens are read (a cheaper, approximate score with its own cache entry).
+        Returns the table and whether it came from a cache."""
         positions = np.asarray(positions, dtype=np.int64)
         if response_tokens is not None:
-            return self._pair_scores(positions, response_tokens)[0]
+            return self._pair_scores(positions, response_tokens)
         whole = self.cache / "scores" / f"{self._score_key(self.records)}.parquet"
         if "pair_scores" not in self.info and whole.exists():
             # served from the whole pool's entry, but costed per record served, as if computed without it
@@ -138,8 +140,8 @@ class SelectionContext:
         if "pair_scores" in self.info:
             if self._whole_scores_uncosted:
                 self.cost["model_forward_tokens"] += self._forward_tokens([self.encoded[i] for i in positions], 2)
-            return self.pair_scores().iloc[positions].reset_index(drop=True)
-        return self._pair_scores(positions)[0]
+            return self.pair_scores().iloc[positions].reset_index(drop=True), True
+        return self._pair_scores(positions)
 
     def _score_key(self, records: Sequence[Record]) -> str:
         from ..score import score_cache_key

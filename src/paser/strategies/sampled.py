@@ -108,7 +108,7 @@ def sampled_scores(ctx: SelectionContext, labels: np.ndarray, k: int,
                 min(n, config.oversample * ctx.budget), config.oversample, ctx.budget,
                 f", capped at {config.max_scored} in all" if config.max_scored else "", n)
     t0 = time.perf_counter()
-    pilot_table = ctx.pair_scores_of(pilot)
+    pilot_table, pilot_cached = ctx.pair_scores_of(pilot)
     pilot_seconds = time.perf_counter() - t0
     score = np.full(n, np.nan)
     exact = np.zeros(n, dtype=bool)
@@ -146,13 +146,18 @@ def sampled_scores(ctx: SelectionContext, labels: np.ndarray, k: int,
         confirm = confirm[np.argsort(-likely[confirm], kind="stable")[:room]]
         log.warning("sampled scoring: --max-scored %d leaves room for %d confirmations", config.max_scored, room)
     confirm = np.sort(confirm)
-    if len(pilot):
+    confirm_tokens = tokens[confirm] if config.confirm_tokens is None else (
+        ctx.table["prompt_tokens"].to_numpy()[confirm]
+        + np.minimum(ctx.table["response_tokens"].to_numpy()[confirm], config.confirm_tokens))
+    if len(pilot) and not pilot_cached:
         rate = tokens[pilot].sum() / max(pilot_seconds, 1e-9)
         log.info("sampled scoring: confirming %d records (about %.0f s at the pilot's %.0f tokens/s)", len(confirm),
-                 tokens[confirm].sum() / rate, rate)
+                 confirm_tokens.sum() / rate, rate)
+    else:
+        log.info("sampled scoring: confirming %d records (%d tokens)", len(confirm), confirm_tokens.sum())
     t0 = time.perf_counter()
     if len(confirm):
-        keep(confirm, ctx.pair_scores_of(confirm, config.confirm_tokens))
+        keep(confirm, ctx.pair_scores_of(confirm, config.confirm_tokens)[0])
         prefix[confirm] = config.confirm_tokens is not None
     confirm_seconds = time.perf_counter() - t0
     score = np.where(exact, score, predicted)
