@@ -62,6 +62,16 @@ def test_cds_and_mass_differ():
     assert allocate(sizes, cds, 20, "mass").budgets.tolist() == [7, 13]
 
 
+def test_blend_is_half_size_half_mass():
+    sizes, cds = np.array([90, 30]), np.array([0.1, 0.6])
+    # size shares 15 / 5, mass shares 6.67 / 13.33: their mean 10.83 / 9.17
+    assert allocate(sizes, cds, 20, "blend").budgets.tolist() == [11, 9]
+    sizes, cds = np.array([500, 100, 100]), np.array([0.01, 0.5, 0.5])  # a large, barely damaged cluster
+    budgets = allocate(sizes, cds, 70, "blend").budgets
+    assert budgets[0] >= 0.5 * 70 * 500 / 700  # at least half its pool share (25 of 50) ...
+    assert allocate(sizes, cds, 70, "mass").budgets[0] <= 4  # ... where mass gives it 3
+
+
 def test_new_rule_is_a_few_lines():
     @register_allocation("uniform_test")
     def uniform(sizes, cds):

@@ -7,7 +7,10 @@ largest-remainder rounding, and budget that a full cluster cannot take goes to t
 Rules (add one with ``@register_allocation("name")``):
 - ``cds``: n_k proportional to CDS_k, the cluster's mean degradation score (the PASER paper's rule);
 - ``mass``: n_k proportional to |cluster_k| x CDS_k (the cluster's total degradation);
-- ``size``: n_k proportional to |cluster_k| (also the fallback when every weight is zero).
+- ``size``: n_k proportional to |cluster_k| (also the fallback when every weight is zero);
+- ``blend``: n_k proportional to |cluster_k| x (CDS_k + the pool's mean CDS): half the budget by ``size``,
+  half by ``mass``, so every cluster keeps at least half its share of the pool while the other half
+  follows the damage (a candidate of the study: bounds how far the selection drifts from the pool).
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ def mass_rule(sizes: np.ndarray, cds: np.ndarray) -> np.ndarray:
 @register_allocation("size")
 def size_rule(sizes: np.ndarray, cds: np.ndarray) -> np.ndarray:
     return sizes.astype(np.float64)
+
+
+@register_allocation("blend")
+def blend_rule(sizes: np.ndarray, cds: np.ndarray) -> np.ndarray:
+    sizes = sizes.astype(np.float64)
+    mean_cds = float((sizes * cds).sum() / sizes.sum()) if sizes.sum() else 0.0
+    return sizes * (cds + mean_cds)
 
 
 def apportion(weights: np.ndarray, budget: int, capacity: np.ndarray) -> np.ndarray:

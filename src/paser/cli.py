@@ -95,7 +95,7 @@ def select(
     clusters: Optional[int] = typer.Option(None, help="Number of clusters K (default: eigengap rule within [2, 64])."),
     cluster_method: str = typer.Option("nmf", help="nmf | kmeans on the diffusion coordinates; ablations: random (same K, random assignment) | kmeans-raw (k-means on the raw embeddings)."),
     embedder: str = typer.Option("all-MiniLM-L6-v2", help="sentence-transformers model (default: the bundled all-MiniLM-L6-v2)."),
-    allocation: str = typer.Option("mass", help="Budget rule across clusters: mass (size x mean JSD: a cluster's total degradation) | cds (the paper: mean JSD whatever the size) | size."),
+    allocation: str = typer.Option("mass", help="Budget rule across clusters: mass (size x mean JSD: a cluster's total degradation) | cds (the paper: mean JSD whatever the size) | size | blend (half size, half mass: every cluster keeps at least half its pool share)."),
     score: str = typer.Option("jsd", help="Degradation score: jsd (paper) | loss_gap | pruned_loss."),
     max_length: int = typer.Option(256, help="Tokens per sample (prompt + response) when scoring."),
     batch_size: int = typer.Option(16, help="Samples per scoring batch (length-bucketed)."),
