@@ -34,7 +34,7 @@ def main():
     from scipy.stats import spearmanr
 
     from paser.allocate import ies
-    from paser.data import Encoded, PromptFormatter, encode_records, load_records
+    from paser.data import PromptFormatter, encode_records, load_records
     from paser.models import load_model, load_tokenizer
     from paser.score import ScoreConfig, score_records
 
@@ -58,7 +58,7 @@ def main():
     top = max(1, int(round(args.top * len(encoded))))
     full_top = set(np.argsort(-full_ies, kind="stable")[:top])
     for n in (int(t) for t in args.tokens.split(",")):
-        short = [Encoded(e.prompt_ids, e.response_ids[:n], e.truncated) for e in encoded]
+        short = [e.first_response_tokens(n) for e in encoded]
         jsd, seconds = score(short)
         short_ies = ies(jsd, cost)
         print(json.dumps({

@@ -304,7 +304,7 @@ def test_sampled_confirmation_on_first_tokens(tmp_path, tiny_model_dir, tiny_pru
     tokenizer = load_tokenizer(str(tiny_model_dir))
     _, encoded = encode_records(PromptFormatter(tokenizer), load_records(str(data)))
     rows = np.flatnonzero(prefix)
-    truncated = [Encoded(encoded[i].prompt_ids, encoded[i].response_ids[:3]) for i in rows]
+    truncated = [Encoded(encoded[i].prompt_ids, encoded[i].response_ids[:3]) for i in rows]  # by hand
     direct = score_records(load_model(str(tiny_model_dir), dtype="fp32", tokenizer=False)[0],
                            load_model(str(tiny_pruned_dir), dtype="fp32", tokenizer=False)[0],
                            truncated, tokenizer.pad_token_id, progress=False)

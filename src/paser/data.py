@@ -477,6 +477,10 @@ class Encoded:
     def input_ids(self) -> list[int]:
         return self.prompt_ids + self.response_ids
 
+    def first_response_tokens(self, n: int) -> "Encoded":
+        """The same prompt with only the first ``n`` response tokens (a cheaper, approximate score)."""
+        return Encoded(self.prompt_ids, self.response_ids[:n], self.truncated)
+
 
 class PromptFormatter:
     """Formats records into prompt and response token ids with one template for every stage.

@@ -75,7 +75,7 @@ class SelectionContext:
     info: dict[str, Any] = field(default_factory=dict)  # cache hits and the like, for selection.json
     cost: dict[str, int] = field(default_factory=lambda: {"model_forward_tokens": 0, "embedded_records": 0})
     _models: dict[str, Any] = field(default_factory=dict)
-    _whole_scores_uncosted: bool = False  # the pool's scores were read for a subset only (sampled scoring)
+    _pool_scores: pd.DataFrame | None = None  # the whole pool's cached scores, read for subsets (sampled scoring)
 
     # ------------------------------------------------------------------------------------ helpers
     def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -131,16 +131,12 @@ class SelectionContext:
         if response_tokens is not None:
             return self._pair_scores(positions, response_tokens)
         whole = self.cache / "scores" / f"{self._score_key(self.records)}.parquet"
-        if "pair_scores" not in self.info and whole.exists():
-            # served from the whole pool's entry, but costed per record served, as if computed without it
-            counted = self.cost["model_forward_tokens"]
-            self.pair_scores()
-            self.cost["model_forward_tokens"] = counted
-            self._whole_scores_uncosted = True
-        if "pair_scores" in self.info:
-            if self._whole_scores_uncosted:
-                self.cost["model_forward_tokens"] += self._forward_tokens([self.encoded[i] for i in positions], 2)
-            return self.pair_scores().iloc[positions].reset_index(drop=True), True
+        if self._pool_scores is None and whole.exists():
+            self._pool_scores = self._pair_scores(np.arange(len(self.records)), costed=False)[0]
+            self.info["scores_from_cache"] = True
+        if self._pool_scores is not None:  # costed as these records would be to score, not as the pool
+            self.cost["model_forward_tokens"] += self._forward_tokens([self.encoded[i] for i in positions], 2)
+            return self._pool_scores.iloc[positions].reset_index(drop=True), True
         return self._pair_scores(positions)
 
     def _score_key(self, records: Sequence[Record]) -> str:
@@ -152,19 +148,22 @@ class SelectionContext:
             key = stable_hash(key, "resident-one", self.config.topk)
         return key
 
-    def _pair_scores(self, positions: np.ndarray, response_tokens: int | None = None) -> tuple[pd.DataFrame, bool]:
+    def _pair_scores(self, positions: np.ndarray, response_tokens: int | None = None,
+                     costed: bool = True) -> tuple[pd.DataFrame, bool]:
         """(table of :data:`paser.score.SCORE_COLUMNS` for ``positions``, whether it came from the cache);
-        ``response_tokens``: score only each response's first that many tokens."""
+        ``response_tokens``: score only each response's first that many tokens; ``costed``: count the model
+        tokens in ``cost``."""
         from ..score import PAIR_VALUES, ScoreConfig, read_values, score_records, score_table
 
         records = [self.records[i] for i in positions]
         encoded = [self.encoded[i] for i in positions]
         key = self._score_key(records)
         if response_tokens is not None:
-            encoded = [Encoded(e.prompt_ids, e.response_ids[:response_tokens], e.truncated) for e in encoded]
+            encoded = [e.first_response_tokens(response_tokens) for e in encoded]
             key = stable_hash(key, "first-response-tokens", response_tokens)
         path = self.cache / "scores" / f"{key}.parquet"
-        self.cost["model_forward_tokens"] += self._forward_tokens(encoded, 2)
+        if costed:
+            self.cost["model_forward_tokens"] += self._forward_tokens(encoded, 2)
         with distributed.group_lock(path, "the model scores"):
             if path.exists():
                 log.info("scores: %d records from the cache (%s)", len(records), path.name)

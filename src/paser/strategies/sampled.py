@@ -14,8 +14,9 @@ times the recovery it serves. Sampled scoring spends the exact scores where sele
    ``within="sample"`` the best of the very draw selection makes (the same seeded Gumbel keys, on predicted
    instead of exact log IES), so that with a perfect predictor every record the exhaustive draw would pick
    is confirmed (confirming the top predicted IES instead narrows a proportional draw to a top-k). Selection
-   then ranks by the exact IES, exactly scored records first; CCG and the rest of PASER run as usual. With ``confirm_tokens`` N the confirmation reads only the
-   prompt and the first N response tokens of each candidate: cheaper where responses are long, and an
+   then ranks by the exact IES, exactly scored records first; CCG and the rest of PASER run as usual.
+   With ``confirm_tokens`` N the confirmation reads only the prompt and the first N response tokens of
+   each candidate: cheaper where responses are long, and an
    approximation (``bench/confirm_tokens.py`` measures its rank agreement with the whole response's JSD);
    the pilot always reads whole records, since the allocation and the predictor rest on it.
 
@@ -146,15 +147,15 @@ def sampled_scores(ctx: SelectionContext, labels: np.ndarray, k: int,
         confirm = confirm[np.argsort(-likely[confirm], kind="stable")[:room]]
         log.warning("sampled scoring: --max-scored %d leaves room for %d confirmations", config.max_scored, room)
     confirm = np.sort(confirm)
-    confirm_tokens = tokens[confirm] if config.confirm_tokens is None else (
+    confirm_cost = tokens[confirm] if config.confirm_tokens is None else (
         ctx.table["prompt_tokens"].to_numpy()[confirm]
         + np.minimum(ctx.table["response_tokens"].to_numpy()[confirm], config.confirm_tokens))
     if len(pilot) and not pilot_cached:
         rate = tokens[pilot].sum() / max(pilot_seconds, 1e-9)
         log.info("sampled scoring: confirming %d records (about %.0f s at the pilot's %.0f tokens/s)", len(confirm),
-                 confirm_tokens.sum() / rate, rate)
+                 confirm_cost.sum() / rate, rate)
     else:
-        log.info("sampled scoring: confirming %d records (%d tokens)", len(confirm), confirm_tokens.sum())
+        log.info("sampled scoring: confirming %d records (%d tokens)", len(confirm), confirm_cost.sum())
     t0 = time.perf_counter()
     if len(confirm):
         keep(confirm, ctx.pair_scores_of(confirm, config.confirm_tokens)[0])
