@@ -227,7 +227,7 @@ def test_sampling_inside_clusters_and_original_loss_filter(tmp_path, tiny_model_
                                     within="top", drop_original_loss_above=0.8, out=tmp_path / "f"))
     loss = filtered.scores["loss_original"].to_numpy()
     noisy = loss > np.quantile(loss, 0.8)
-    assert filtered.summary["original_loss_filtered"] == noisy.sum()
+    assert filtered.summary["examined_last"] == noisy.sum()
     chosen = np.zeros(len(loss), dtype=bool)
     chosen[filtered.positions] = True
     labels = filtered.scores["cluster"].to_numpy()
@@ -235,6 +235,30 @@ def test_sampling_inside_clusters_and_original_loss_filter(tmp_path, tiny_model_
         members = labels == c["cluster"]
         if (chosen & members & noisy).any():
             assert (chosen[members & ~noisy]).all()
+
+
+def test_rank_ifd_keeps_the_allocation_and_takes_each_clusters_highest_ifd(tmp_path, tiny_model_dir,
+                                                                          tiny_pruned_dir, pool):
+    kw = dict(budget=40, clusters=4, ccg=False, within="top", allocation="size")
+    by_ies = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, **kw))
+    by_ifd = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, rank="ifd", out=tmp_path / "i",
+                                  **kw))
+    ifd_only = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, method="ifd", out=tmp_path / "g"))
+    ifd = by_ifd.scores["ifd"].to_numpy()
+    np.testing.assert_allclose(ifd, ifd_only.scores["ifd"].to_numpy())  # the IFD baseline's own scores
+    assert by_ifd.summary["rank"] == "ifd" and by_ifd.summary["examined_last"] == int((ifd >= 1).sum())
+    # the clusters and their budgets are IES's; only the order inside a cluster changed
+    np.testing.assert_array_equal(by_ifd.scores["cluster"], by_ies.scores["cluster"])
+    assert [c["budget"] for c in by_ifd.summary["clusters"]] == [c["budget"] for c in by_ies.summary["clusters"]]
+    assert set(by_ifd.indices) != set(by_ies.indices)
+    labels = by_ifd.scores["cluster"].to_numpy()
+    chosen = np.zeros(len(ifd), dtype=bool)
+    chosen[by_ifd.positions] = True
+    key = np.where(ifd < 1, ifd, -np.inf)  # IFD >= 1 only once a cluster's other records ran out
+    for c in by_ifd.summary["clusters"]:
+        members = np.flatnonzero(labels == c["cluster"])
+        expected = members[np.lexsort((members, -key[members]))][: c["budget"]]
+        assert set(np.flatnonzero(chosen & (labels == c["cluster"]))) == set(expected)
 
 
 def test_sampled_scoring_scores_a_pilot_and_the_likely_picks_only(tmp_path, tiny_model_dir, tiny_pruned_dir,

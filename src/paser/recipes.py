@@ -15,7 +15,7 @@ from .errors import ConfigError
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
         "select": {"method": "paser", "cluster_method": "nmf", "allocation": "cds", "score": "jsd", "ccg": True,
-                   "ccg_rule": "paper", "within": "top", "drop_original_loss_above": None},
+                   "ccg_rule": "paper", "within": "top", "rank": "ies", "drop_original_loss_above": None},
         "recover": {"adapter": "lora", "loss": "nll", "sparse_lora": "off"},
     },
 }

@@ -84,6 +84,7 @@ class SelectConfig:
     ccg_rule: str = "specific"  # specific: rare concepts only, no cluster emptied | paper: any two known concepts never seen together conflict (see strategies.paser)
     ccg_max_df: float = 0.02  # specific rule: concepts in at most this share of the pool's records
     within: str = "sample"  # sample: drawn in proportion to IES inside a cluster | top: best IES first (the paper)
+    rank: str = "ies"  # paser, inside a cluster: ies (JSD / log cost, the paper) | ifd (IFD under ifd_model, IFD >= 1 last)
     drop_original_loss_above: float | None = None  # examine last the records above this quantile of original loss
     resident: str = "both"  # both models in memory | one: the original's top-k stored first, then the pruned alone
     topk: int = 64  # resident one: log-probabilities kept per position (the rest is one tail bucket)
@@ -117,6 +118,10 @@ class SelectConfig:
         if self.device_map is not None and distributed.launched():
             raise ConfigError("device_map spreads one copy of each model over the devices; under a launcher every "
                               "process holds its own copy: use one or the other")
+        if self.rank not in ("ies", "ifd"):
+            raise ConfigError(f"rank must be ies or ifd, not '{self.rank}'")
+        if self.rank == "ifd" and self.scoring == "sampled":
+            raise ConfigError("rank ifd needs every record's IFD: use it with scoring exhaustive")
         if self.scoring not in ("exhaustive", "sampled"):
             raise ConfigError(f"scoring must be exhaustive or sampled, not '{self.scoring}'")
         if self.scoring == "sampled" and self.method != "paser":

@@ -10,6 +10,8 @@
   than its quota, so the filter cannot erase a capability (the paper's rule emptied a 54-record tool-call
   cluster of the study slice). ``--recipe paper`` restores ``cds``, ``top`` and the paper's rule;
   ``allocation="size"`` is the paper's "without CDS" ablation.
+- ``rank="ifd"``: inside a cluster, order by Instruction-Following Difficulty (see ``model_scores``) instead
+  of IES; records with IFD >= 1 are examined last. The budgets still follow the clusters' JSD.
 - ``drop_original_loss_above=q`` examines last the records whose reference the original model predicts
   worst (loss above the pool's q-quantile: noisy or unlearnable).
 - Without the semantic-structural clustering: ``cluster_method="random"`` (the same K, random
@@ -97,16 +99,24 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
     cost = ctx.table["prompt_tokens"].to_numpy() + ctx.table["response_tokens"].to_numpy()
     ctx.table["score"] = degradation
     efficiency = ies(degradation, cost)
-    order_key = within_cluster_key(efficiency, config.within, config.seed)
+    noisy = np.zeros(len(labels), dtype=bool)  # examined last in its cluster
+    if config.rank == "ifd":  # budgets still follow the damage; inside a cluster, the hardest-to-follow first
+        from .model_scores import ifd_scores
+
+        ifd = ifd_scores(ctx, config.ifd_model)[0]
+        ctx.table["ifd"] = ifd
+        order_key = within_cluster_key(ifd, config.within, config.seed)
+        noisy |= ifd >= 1.0  # the instruction does not help predict the response: examined last, as IFD does
+    else:
+        order_key = within_cluster_key(efficiency, config.within, config.seed)
     if sampled is not None:
         order_key = exact_first(order_key, sampled.exact)
-    noisy = np.zeros(len(labels), dtype=bool)
     if config.drop_original_loss_above is not None:  # references the original model itself cannot predict
         loss_original = (ctx.table["loss_original"] if sampled is not None
                          else ctx.pair_scores()["loss_original"]).to_numpy(np.float64)
         with np.errstate(invalid="ignore"):  # (sampled: known only where scored exactly)
-            noisy = loss_original > np.nanquantile(loss_original, config.drop_original_loss_above)
-        order_key = np.where(noisy, -np.inf, order_key)  # examined only after every other member
+            noisy |= loss_original > np.nanquantile(loss_original, config.drop_original_loss_above)
+    order_key = np.where(noisy, -np.inf, order_key)  # examined only after every other member
     members = [np.flatnonzero(labels == c) for c in range(k)]
     ranked = [m[rank_within(order_key[m])] for m in members]  # per cluster, best first
 
@@ -178,7 +188,7 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
     order = [i for c in cluster_order for i in chosen[c]]
     details = {
         "k": k, "cluster_method": config.cluster_method, "allocation": config.allocation, "within": config.within,
-        "original_loss_filtered": int(noisy.sum()), "allocation_fallback": allocation.fallback,
+        "rank": config.rank, "examined_last": int(noisy.sum()), "allocation_fallback": allocation.fallback,
         "clusters": per_cluster, "eigenvalues": [float(v) for v in clusters.eigenvalues[: min(k + 8, 66)]],
         "ccg": {"enabled": config.ccg, "rule": config.ccg_rule,
                 "specific_concepts": None if specific is None else len(specific),
