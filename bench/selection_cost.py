@@ -3,7 +3,9 @@
 Cost model (forward-token passes; a training token costs ``--train-factor`` forward passes: forward plus
 backward, 3 by the usual 1 + 2 rule):
 
-- exhaustive scoring: 2 models x N records x L tokens;
+- exhaustive scoring: 2 models x N records x L tokens; the default ranking (``rank: ifd``) adds IFD's two
+  passes of the pruned model (prompt + response, then the response alone): N x (2L - prompt) (mode
+  ``exhaustive+ifd``);
 - sampled scoring: 2 x (pilot + oversample x B) x L, with pilot = sum over K clusters of
   max(pilot_min, pilot x size) and B the budget (embedding with MiniLM, 22M parameters, is counted too, and
   is negligible next to a 7B or 70B model); with ``--confirm-tokens N`` the confirmation pass reads only
@@ -46,6 +48,7 @@ def main():
     recovery = args.train_factor * args.epochs * budget * length
     confirm_length = length if args.confirm_tokens is None else min(length, args.prompt_tokens + args.confirm_tokens)
     modes = {"exhaustive": 2 * n * length + embed,
+             "exhaustive+ifd": 2 * n * length + n * (2 * length - args.prompt_tokens) + embed,
              "sampled": 2 * (pilot * length + args.oversample * budget * confirm_length) + embed}
     measured = None
     if args.measured:
@@ -54,7 +57,7 @@ def main():
         score_tps = selection["cost"]["model_forward_tokens"] / selection["timings"]["score"]  # model-token passes
         measured = {"train_tokens_per_s": train_tps, "score_model_tokens_per_s": round(score_tps, 1)}
     for mode, passes in modes.items():
-        row = {"mode": mode, "records": n, "budget": int(budget), "scored_records": int(n if mode == "exhaustive"
+        row = {"mode": mode, "records": n, "budget": int(budget), "scored_records": int(n if mode.startswith("exhaustive")
                                                                                      else pilot + args.oversample * budget),
                "selection_forward_tokens": passes, "recovery_forward_token_equivalents": recovery,
                "selection_over_recovery": round(passes / recovery, 3)}

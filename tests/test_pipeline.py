@@ -63,15 +63,13 @@ def test_demo_config_is_valid():
 
     config = parse_config(yaml.safe_load(demo_config_text()))
     arms = {arm["name"]: arm for arm in config.arms}
-    assert list(arms) == ["paser", "random", "random-kd"] and config.baselines == ["random", "random-kd"]
+    assert list(arms) == ["paser", "random"] and config.baselines == ["random"]
     assert config.select["budget"] == 0.2 and config.prune["method"] == "wanda" and config.prune["sparsity"] == 0.5
-    # the default recipe: mass allocation, sampled inside clusters, rare-concept CCG, distilled from the original
+    # the default recipe: the pool's cluster shares, each filled by highest IFD, rare-concept CCG, NLL LoRA
     default = _select_config(config, "pruned/", arms["paser"], 0, "out/")
-    assert (default.allocation, default.within, default.ccg_rule) == ("mass", "sample", "specific")
-    assert {k: _arm_recover(config, arms["paser"], 0)[k] for k in ("loss", "teacher")} == {
-        "loss": "mix", "teacher": config.model}
-    assert _arm_recover(config, arms["random"], 0)["loss"] == "nll"
-    assert _arm_recover(config, arms["random-kd"], 0)["loss"] == "mix"
+    assert (default.allocation, default.within, default.rank, default.ccg_rule) == ("size", "top", "ifd", "specific")
+    assert _arm_recover(config, arms["paser"], 0) == _arm_recover(config, arms["random"], 0)  # same training
+    assert _arm_recover(config, arms["paser"], 0)["loss"] == "nll"
 
 
 def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):

@@ -18,7 +18,9 @@ def pool(tmp_path):
 
 
 def config(tmp_path, original, pruned, data, **overrides):
-    return select_config(tmp_path, original, pruned, data, **({"budget": 30, "batch_size": 16, "max_length": 64} | overrides))
+    # the paper's IES ranking unless a test asks for IFD: the ablation switches are measured against it
+    return select_config(tmp_path, original, pruned, data, **({"budget": 30, "batch_size": 16, "max_length": 64,
+                                                               "rank": "ies"} | overrides))
 
 
 def test_random_loads_no_model(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, monkeypatch):
@@ -131,7 +133,9 @@ def test_dsir_selects_toward_the_target(tmp_path, tiny_model_dir, tiny_pruned_di
 def test_ablation_switches_change_only_their_part(tmp_path, tiny_model_dir, tiny_pruned_dir, pool):
     def run(**kw):
         out = tmp_path / "_".join(f"{k}-{v}" for k, v in kw.items()) if kw else tmp_path / "base"
-        return run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, budget=40, out=out, **kw))
+        # against the paper's CDS allocation: the ablations the paper names are switched off one at a time
+        return run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, budget=40, out=out,
+                                    **({"allocation": "cds"} | kw)))
 
     base = run()
     labels = base.scores["cluster"].to_numpy()
@@ -272,7 +276,7 @@ def test_sampled_scoring_scores_a_pilot_and_the_likely_picks_only(tmp_path, tiny
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:150]))
     common = dict(original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), data=str(data), budget=15, dtype="fp32",
-                  batch_size=8, clusters=3, ccg=False)
+                  batch_size=8, clusters=3, ccg=False, rank="ies", allocation="mass", within="sample")
     exhaustive = run_selection(SelectConfig(**common, out=tmp_path / "ex")).scores
     monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache2"))  # nothing scored yet
     result = run_selection(SelectConfig(**common, scoring="sampled", pilot=0.1, pilot_min=5, out=tmp_path / "sa"))
@@ -314,7 +318,8 @@ def test_sampled_confirmation_on_first_tokens(tmp_path, tiny_model_dir, tiny_pru
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:150]))
     common = dict(original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), data=str(data), budget=15, dtype="fp32",
-                  batch_size=8, clusters=3, ccg=False, scoring="sampled", pilot=0.1, pilot_min=5)
+                  batch_size=8, clusters=3, ccg=False, scoring="sampled", pilot=0.1, pilot_min=5, rank="ies",
+                  allocation="mass", within="sample")
     monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
     whole = run_selection(SelectConfig(**common, out=tmp_path / "whole"))
     short = run_selection(SelectConfig(**common, confirm_tokens=3, out=tmp_path / "short"))
@@ -358,7 +363,7 @@ def test_sampled_scoring_with_a_perfect_predictor_draws_what_exhaustive_draws(tm
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:150]))
     common = dict(original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), data=str(data), budget=15, dtype="fp32",
-                  batch_size=8, clusters=3, ccg=False, allocation="size", within="sample", seed=3)
+                  batch_size=8, clusters=3, ccg=False, allocation="size", within="sample", rank="ies", seed=3)
     exhaustive = run_selection(SelectConfig(**common))
     truth = exhaustive.scores["jsd"].to_numpy()
 

@@ -59,7 +59,7 @@ HASHED_FIELDS = {
 }
 
 
-INTRODUCED_AS = {"select": {"within": "top", "ccg_rule": "paper"}}  # defaults until the study (docs/fidelity.md)
+INTRODUCED_AS = {"select": {"within": "top", "ccg_rule": "paper", "rank": "ies"}}  # defaults before the study
 
 
 def _hashed(section: str, settings: dict[str, Any]) -> dict[str, Any]:

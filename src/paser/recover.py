@@ -63,7 +63,7 @@ class RecoverConfig:
     group_by_length: bool = True  # micro-batches of similar lengths (less padding: faster steps)
     adapter: str = "lora"  # lora | full (every weight, pruned positions kept at zero)
     sparse_lora: str = "masked"  # masked: the LoRA update keeps the pruned zeros while training | off: re-mask after merge
-    loss: str = "auto"  # auto: mix when the original model is known, else nll | nll | kd | mix (see resolve_loss)
+    loss: str = "nll"  # nll (reference answers) | kd | mix | auto: mix when the original model is known, else nll
     teacher: str | None = None  # kd/mix: the teacher, the original model (``paser run`` passes its ``model``)
     kd_temperature: float = 1.0
     kd_alpha: float = 0.5  # mix: alpha * kd + (1 - alpha) * nll
@@ -119,11 +119,10 @@ def recorded_original(model: str | Path) -> str | None:
 
 
 def resolve_loss(config: RecoverConfig) -> RecoverConfig:
-    """``loss: auto`` made concrete. In the recovery study (docs/fidelity.md, Wanda 50%) distilling the original
-    model's next-token distributions (``mix``: half KD, half NLL) recovered more WikiText-2 perplexity than NLL
-    alone on random and on PASER selections (seed 0; held-out response perplexity unchanged on the random one);
-    so ``auto`` is ``mix`` whenever the original is known (``--teacher``, or recorded by ``paser prune`` in the
-    pruned folder), else ``nll``."""
+    """``loss: auto`` made concrete: ``mix`` whenever the original is known (``--teacher``, or recorded by
+    ``paser prune`` in the pruned folder), else ``nll``. Distilling the original (``mix``: half KD, half NLL)
+    recovered more WikiText-2 perplexity than NLL on Wanda 50% in the recovery study (docs/fidelity.md) but
+    cost held-out response perplexity on 2:4 and with the IFD selection, so the default is ``nll``."""
     if config.loss != "auto":
         return config
     teacher = config.teacher or recorded_original(config.model)

@@ -64,7 +64,7 @@ class SelectConfig:
     dtype: str = "auto"  # auto: bf16 on GPUs and bf16-capable CPUs, else fp32
     ccg: bool = True
     concepts_per_sample: int = 5
-    allocation: str = "mass"  # mass | cds (the paper) | size (see paser.allocate)
+    allocation: str = "size"  # size (the pool's cluster shares) | mass | cds (the paper) | blend (see paser.allocate)
     score: str = "jsd"  # jsd | loss_gap | pruned_loss (see paser.score)
     seed: int = 0
     template: str = "auto"
@@ -83,8 +83,8 @@ class SelectConfig:
     dsir_buckets: int = 10_000  # dsir: hash buckets for unigram + bigram features
     ccg_rule: str = "specific"  # specific: rare concepts only, no cluster emptied | paper: any two known concepts never seen together conflict (see strategies.paser)
     ccg_max_df: float = 0.02  # specific rule: concepts in at most this share of the pool's records
-    within: str = "sample"  # sample: drawn in proportion to IES inside a cluster | top: best IES first (the paper)
-    rank: str = "ies"  # paser, inside a cluster: ies (JSD / log cost, the paper) | ifd (IFD under ifd_model, IFD >= 1 last)
+    within: str = "top"  # top: best first (the paper) | sample: drawn in proportion to the rank score, seeded
+    rank: str = "ifd"  # paser, inside a cluster: ifd (IFD under ifd_model, IFD >= 1 last) | ies (JSD / log cost, the paper)
     drop_original_loss_above: float | None = None  # examine last the records above this quantile of original loss
     resident: str = "both"  # both models in memory | one: the original's top-k stored first, then the pruned alone
     topk: int = 64  # resident one: log-probabilities kept per position (the rest is one tail bucket)
@@ -121,7 +121,8 @@ class SelectConfig:
         if self.rank not in ("ies", "ifd"):
             raise ConfigError(f"rank must be ies or ifd, not '{self.rank}'")
         if self.rank == "ifd" and self.scoring == "sampled":
-            raise ConfigError("rank ifd needs every record's IFD: use it with scoring exhaustive")
+            raise ConfigError("scoring sampled predicts JSD, which ranks by IES: add --rank ies (rank: ies), or "
+                              "score exhaustively for the default IFD ranking")
         if self.scoring not in ("exhaustive", "sampled"):
             raise ConfigError(f"scoring must be exhaustive or sampled, not '{self.scoring}'")
         if self.scoring == "sampled" and self.method != "paser":

@@ -2,16 +2,17 @@
 
 - ``paser``: capability clusters (diffusion map + NMF on MiniLM embeddings), per-cluster budgets from the
   clusters' degradation, IES ranking inside a cluster (score / log cost), and the concept-consistency graph.
-- Defaults (the recipe that won the recovery study, docs/fidelity.md): ``allocation="mass"`` (n_k in
-  proportion to a cluster's size x mean JSD, its total degradation; the paper's ``cds`` ignores size and
-  starved the largest clusters), ``within="sample"`` (drawn in proportion to IES, seeded, instead of the top
-  IES, which piles the budget onto outliers), and ``ccg_rule="specific"``: only *specific* concepts
-  (document frequency at most ``ccg_max_df`` of the pool) conflict, and no cluster rejects more candidates
-  than its quota, so the filter cannot erase a capability (the paper's rule emptied a 54-record tool-call
-  cluster of the study slice). ``--recipe paper`` restores ``cds``, ``top`` and the paper's rule;
-  ``allocation="size"`` is the paper's "without CDS" ablation.
-- ``rank="ifd"``: inside a cluster, order by Instruction-Following Difficulty (see ``model_scores``) instead
-  of IES; records with IFD >= 1 are examined last. The budgets still follow the clusters' JSD.
+- Defaults (the recipe that won the recovery study, docs/fidelity.md): ``allocation="size"`` (every
+  capability cluster keeps its share of the pool: the damage-driven rules drifted from the pool's mix and
+  lost held-out response perplexity), ``rank="ifd"`` with ``within="top"`` (inside a cluster, the records
+  with the highest Instruction-Following Difficulty under the pruned model, see ``model_scores``; IFD >= 1
+  last), and ``ccg_rule="specific"``: only *specific* concepts (document frequency at most ``ccg_max_df``
+  of the pool) conflict, and no cluster rejects more candidates than its quota, so the filter cannot erase
+  a capability (the paper's rule emptied a 54-record tool-call cluster of the study slice).
+  ``--recipe paper`` restores ``cds``, ``rank="ies"`` (JSD / log cost), ``top`` and the paper's rule.
+- Other rules: ``allocation="mass"`` (size x mean JSD, a cluster's total degradation), ``"blend"``, and
+  ``"size"`` with ``rank="ies"`` (the paper's "without CDS" ablation); ``within="sample"`` draws in
+  proportion to the rank score (seeded) instead of taking the top.
 - ``drop_original_loss_above=q`` examines last the records whose reference the original model predicts
   worst (loss above the pool's q-quantile: noisy or unlearnable).
 - Without the semantic-structural clustering: ``cluster_method="random"`` (the same K, random
