@@ -114,8 +114,9 @@ def ies(score: np.ndarray, cost_tokens: np.ndarray) -> np.ndarray:
 
 
 def within_cluster_key(efficiency: np.ndarray, within: str, seed: int) -> np.ndarray:
-    """The order inside a cluster: ``top`` ranks by IES; ``sample`` draws without replacement in proportion
-    to IES (Gumbel top-k on log IES), so the budget is not spent only on a cluster's extreme scores."""
+    """The order inside a cluster from its rank score (IES or IFD): ``top`` ranks by the score; ``sample`` draws
+    without replacement in proportion to it (Gumbel top-k on its log), so the budget is not spent only on a
+    cluster's extreme scores."""
     if within == "top":
         return efficiency
     with np.errstate(divide="ignore"):

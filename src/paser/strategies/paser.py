@@ -100,14 +100,14 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
     cost = ctx.table["prompt_tokens"].to_numpy() + ctx.table["response_tokens"].to_numpy()
     ctx.table["score"] = degradation
     efficiency = ies(degradation, cost)
-    noisy = np.zeros(len(labels), dtype=bool)  # examined last in its cluster
-    if config.rank == "ifd":  # budgets still follow the damage; inside a cluster, the hardest-to-follow first
+    examined_last = np.zeros(len(labels), dtype=bool)  # in its cluster, after every other member
+    if config.rank == "ifd":  # the budgets are the allocation rule's; inside a cluster, the hardest-to-follow first
         from .model_scores import ifd_scores
 
         ifd = ifd_scores(ctx, config.ifd_model)[0]
         ctx.table["ifd"] = ifd
         order_key = within_cluster_key(ifd, config.within, config.seed)
-        noisy |= ifd >= 1.0  # the instruction does not help predict the response: examined last, as IFD does
+        examined_last |= ifd >= 1.0  # the instruction does not help predict the response: examined last, as IFD does
     else:
         order_key = within_cluster_key(efficiency, config.within, config.seed)
     if sampled is not None:
@@ -116,8 +116,8 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
         loss_original = (ctx.table["loss_original"] if sampled is not None
                          else ctx.pair_scores()["loss_original"]).to_numpy(np.float64)
         with np.errstate(invalid="ignore"):  # (sampled: known only where scored exactly)
-            noisy |= loss_original > np.nanquantile(loss_original, config.drop_original_loss_above)
-    order_key = np.where(noisy, -np.inf, order_key)  # examined only after every other member
+            examined_last |= loss_original > np.nanquantile(loss_original, config.drop_original_loss_above)
+    order_key = np.where(examined_last, -np.inf, order_key)
     members = [np.flatnonzero(labels == c) for c in range(k)]
     ranked = [m[rank_within(order_key[m])] for m in members]  # per cluster, best first
 
@@ -189,7 +189,7 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
     order = [i for c in cluster_order for i in chosen[c]]
     details = {
         "k": k, "cluster_method": config.cluster_method, "allocation": config.allocation, "within": config.within,
-        "rank": config.rank, "examined_last": int(noisy.sum()), "allocation_fallback": allocation.fallback,
+        "rank": config.rank, "examined_last": int(examined_last.sum()), "allocation_fallback": allocation.fallback,
         "clusters": per_cluster, "eigenvalues": [float(v) for v in clusters.eigenvalues[: min(k + 8, 66)]],
         "ccg": {"enabled": config.ccg, "rule": config.ccg_rule,
                 "specific_concepts": None if specific is None else len(specific),
