@@ -243,7 +243,7 @@ def test_shipped_compare_config_is_valid(tmp_path):
     names = [a["name"] for a in config.arms]
     assert names[:2] == ["random", "paser"] and config.baseline == "random" and config.seeds == [0, 1, 2]
     assert {"ifd", "perplexity", "loss_gap", "dsir", "nuggets", "paser-no-ccg", "paser-no-cds",
-            "paser-random-clusters", "paser-kmeans-raw"} <= set(names)
+            "paser-random-clusters", "paser-kmeans-raw", "paser-size-ifd"} <= set(names)
     assert config.data["sample"]["n"] == 2000 and config.select["budget"] == 0.2
     write_fixtures(tmp_path)  # another evaluation set: every task file the config names
     text = tmp_path / "other.txt"

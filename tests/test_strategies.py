@@ -36,6 +36,7 @@ def test_random_loads_no_model(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, 
                                  out=tmp_path / "o3"))
     assert result.indices == again.indices != other.indices and len(set(result.indices)) == 30
     assert result.summary["cost"]["model_forward_tokens"] == 0
+    assert result.summary["score"] is None  # selection.json names no score it did not use
 
 
 def _direct_response_loss(model, ids, n_prompt):
@@ -128,6 +129,7 @@ def test_dsir_selects_toward_the_target(tmp_path, tiny_model_dir, tiny_pruned_di
     result = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, method="dsir", target=str(target)))
     skills = [r.raw["skill"] for r in result.records]
     assert skills.count("capitals") > 30 / 11 * 2  # far above its share of a uniform sample
+    assert result.summary["score"].startswith("log importance weight")
 
 
 def test_ablation_switches_change_only_their_part(tmp_path, tiny_model_dir, tiny_pruned_dir, pool):
@@ -251,6 +253,7 @@ def test_rank_ifd_keeps_the_allocation_and_takes_each_clusters_highest_ifd(tmp_p
     ifd = by_ifd.scores["ifd"].to_numpy()
     np.testing.assert_allclose(ifd, ifd_only.scores["ifd"].to_numpy())  # the IFD baseline's own scores
     assert by_ifd.summary["rank"] == "ifd" and by_ifd.summary["examined_last"] == int((ifd >= 1).sum())
+    assert by_ifd.summary["score"] == "jsd" and ifd_only.summary["score"] == "IFD under the pruned model"
     # the clusters and their budgets are IES's; only the order inside a cluster changed
     np.testing.assert_array_equal(by_ifd.scores["cluster"], by_ies.scores["cluster"])
     assert [c["budget"] for c in by_ifd.summary["clusters"]] == [c["budget"] for c in by_ies.summary["clusters"]]

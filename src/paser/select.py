@@ -218,7 +218,7 @@ def run_selection(config: SelectConfig) -> SelectionResult:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "method": config.method, "n_records": len(records), "budget": budget, "n_selected": len(positions),
         "skipped_records": skipped.summary(),
-        "scores_from_cache": ctx.info.get("scores_from_cache"), "score": config.score,
+        "scores_from_cache": ctx.info.get("scores_from_cache"), "score": None,  # the strategy names its score
         "cost": {**ctx.cost, "seconds": None},
         "score_all": _describe(score) if score is not None else {},
         "score_selected": _describe(score[positions]) if score is not None else {},

@@ -98,5 +98,6 @@ class DSIR(Strategy):
         ctx.table["dsir_log_weight"] = weights
         ctx.table["score"] = weights
         return gumbel_top_k(weights, ctx.budget, config.seed), {
+            "score": "log importance weight (hashed n-grams, target over pool)",
             "target": config.target, "target_texts": len(texts), "target_sources": config.target_sources,
             "buckets": config.dsir_buckets}

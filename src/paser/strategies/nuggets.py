@@ -106,5 +106,6 @@ class Nuggets(Strategy):
         ctx.table["nuggets"] = scores
         ctx.table["score"] = scores
         return top_k(scores, ctx.budget, ~np.isnan(scores)), {
+            "score": "share of anchors whose response loss drops with the record as a one-shot demonstration",
             "anchors": len(anchors), "anchor_source": config.anchor_data or "pool (seeded sample)",
             "candidates_scored": len(candidates), "one_shot_evaluations": passes}

@@ -188,7 +188,7 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
         })
     order = [i for c in cluster_order for i in chosen[c]]
     details = {
-        "k": k, "cluster_method": config.cluster_method, "allocation": config.allocation, "within": config.within,
+        "score": config.score, "k": k, "cluster_method": config.cluster_method, "allocation": config.allocation, "within": config.within,
         "rank": config.rank, "examined_last": int(examined_last.sum()), "allocation_fallback": allocation.fallback,
         "clusters": per_cluster, "eigenvalues": [float(v) for v in clusters.eigenvalues[: min(k + 8, 66)]],
         "ccg": {"enabled": config.ccg, "rule": config.ccg_rule,
