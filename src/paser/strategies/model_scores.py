@@ -71,6 +71,6 @@ class IFD(Strategy):
         eligible = ifd < 1.0
         chosen = top_k(ifd, ctx.budget, eligible)
         admitted = int(sum(not eligible[i] for i in chosen))
-        return chosen, {"score": f"IFD under the {which} model", "ifd_model": which, "ifd_below_1": int(eligible.sum()),
-                        "admitted_with_ifd_at_least_1": admitted,
+        return chosen, {"score": f"IFD under the {which} model", "ifd_model": which,
+                        "ifd_below_1": int(eligible.sum()), "admitted_with_ifd_at_least_1": admitted,
                         "ifd": {"mean": float(np.mean(ifd)), "median": float(np.median(ifd))}}

@@ -188,8 +188,8 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
         })
     order = [i for c in cluster_order for i in chosen[c]]
     details = {
-        "score": config.score, "k": k, "cluster_method": config.cluster_method, "allocation": config.allocation, "within": config.within,
-        "rank": config.rank, "examined_last": int(examined_last.sum()), "allocation_fallback": allocation.fallback,
+        "score": config.score, "k": k, "cluster_method": config.cluster_method, "allocation": config.allocation,
+        "within": config.within, "rank": config.rank, "examined_last": int(examined_last.sum()), "allocation_fallback": allocation.fallback,
         "clusters": per_cluster, "eigenvalues": [float(v) for v in clusters.eigenvalues[: min(k + 8, 66)]],
         "ccg": {"enabled": config.ccg, "rule": config.ccg_rule,
                 "specific_concepts": None if specific is None else len(specific),
