@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from paser.errors import ConfigError
 from paser.allocate import ALLOCATION_RULES, allocate, apportion, ies, rank_within, register_allocation
 
 clusters = st.integers(1, 12).flatmap(lambda k: st.tuples(
@@ -80,8 +81,8 @@ def test_new_rule_is_a_few_lines():
     try:
         assert allocate(np.array([50, 50, 50]), np.array([0.1, 0.2, 0.3]), 9, "uniform_test").budgets.tolist() == [3, 3, 3]
     finally:
-        del ALLOCATION_RULES["uniform_test"]
-    with pytest.raises(ValueError, match="unknown allocation rule"):
+        ALLOCATION_RULES.unregister("uniform_test")
+    with pytest.raises(ConfigError, match="unknown allocation rule"):
         allocate(np.array([1]), np.array([1.0]), 1, "uniform_test")
 
 

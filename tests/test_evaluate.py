@@ -52,23 +52,24 @@ def test_all_task_formats_on_a_tiny_model(tmp_path, tiny_model_dir):
 
 
 def test_two_models_share_tasks_and_tokenised_text(tmp_path, tiny_model_dir, tiny_pruned_dir, monkeypatch):
-    import paser.evaluate as ev
+    import paser.evaluate.text_perplexity as text_module
+    import paser.evaluate.zero_shot as task_module
 
     fixtures = write_fixtures(tmp_path / "tasks", rows=4)
     text = tmp_path / "wiki.txt"
     text.write_text(" ".join(WORDS * 20))
     calls = {"load_tasks": 0, "text_windows": 0}
 
-    def spy(name):
-        real = getattr(ev, name)
+    def spy(module, name):
+        real = getattr(module, name)
 
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return real(*args, **kwargs)
-        monkeypatch.setattr(ev, name, wrapper)
+        monkeypatch.setattr(module, name, wrapper)
 
-    spy("load_tasks")
-    spy("text_windows")
+    spy(task_module, "load_tasks")
+    spy(text_module, "text_windows")
     results = run_evaluation(EvaluateConfig(models=[str(tiny_model_dir), str(tiny_pruned_dir)], tasks=["arc_easy"],
                                             task_dir=fixtures, ppl=[str(text)], ppl_seqlen=32, limit=3,
                                             labels=["dense", "pruned"], out=tmp_path / "r.json"))

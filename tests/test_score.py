@@ -8,6 +8,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import softmax
 
 from paser.data import PromptFormatter, load_records
+from paser.errors import ConfigError
 from paser.score import (SCORERS, ScoreConfig, collate, get_scorer, jsd_and_nll, length_buckets, score_batch,
                          score_records)
 
@@ -132,5 +133,5 @@ def test_scorers_are_interchangeable():
     assert get_scorer("loss_gap")(table).tolist() == [0.5, 0.0]
     assert get_scorer("pruned_loss")(table).tolist() == [1.5, 1.0]
     assert set(SCORERS) == {"jsd", "loss_gap", "pruned_loss"}
-    with pytest.raises(ValueError, match="unknown scorer"):
+    with pytest.raises(ConfigError, match="unknown scorer"):
         get_scorer("nope")

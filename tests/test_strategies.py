@@ -173,7 +173,7 @@ def test_paired_bootstrap_matches_hand_computation():
     results = {"models": {label: {"tasks": {"arc_easy": {"items": {"acc": v}}}, "perplexity": {},
                                   "response_perplexity": {}} for label, v in items.items()}}
     arms = {"random": {0: "r0", 1: "r1"}, "paser": {0: "p0", 1: "p1"}}
-    out = compare_arms(results, arms, "random", {"arc_easy": "acc"}, replicates=500, seed=7)
+    out = compare_arms(results, arms, "random", replicates=500, seed=7)
     got = out["arms"]["paser"]["metrics"]["arc_easy (acc)"]
 
     # by hand, drawing in the documented order: item weights, then one seed draw shared by both arms

@@ -21,15 +21,11 @@ from typing import Callable
 
 import numpy as np
 
+from .registry import Registry
+
 AllocationRule = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (sizes, cds) -> weights
-ALLOCATION_RULES: dict[str, AllocationRule] = {}
-
-
-def register_allocation(name: str) -> Callable[[AllocationRule], AllocationRule]:
-    def add(rule: AllocationRule) -> AllocationRule:
-        ALLOCATION_RULES[name] = rule
-        return rule
-    return add
+ALLOCATION_RULES: Registry[AllocationRule] = Registry("allocation rule")
+register_allocation = ALLOCATION_RULES.register
 
 
 @register_allocation("cds")
@@ -96,11 +92,10 @@ ZERO_CDS = 1e-6
 
 def allocate(sizes: np.ndarray, cds: np.ndarray, budget: int, rule: str = "cds") -> Allocation:
     """Split ``budget`` over clusters with the named rule (see module docstring)."""
-    if rule not in ALLOCATION_RULES:
-        raise ValueError(f"unknown allocation rule '{rule}'; choose one of {', '.join(ALLOCATION_RULES)}")
+    rule_weights = ALLOCATION_RULES.get(rule)
     sizes = np.asarray(sizes, dtype=np.int64)
     cds = np.asarray(cds, dtype=np.float64)
-    weights = ALLOCATION_RULES[rule](sizes, cds)
+    weights = rule_weights(sizes, cds)
     fallback = None
     if not np.any(weights[sizes > 0] > 0) or np.all(cds[sizes > 0] <= ZERO_CDS):
         fallback = f"every cluster's degradation is 0 (identical models?): '{rule}' replaced by cluster size"

@@ -5,7 +5,9 @@ per-record NLL sums with token counts) and which evaluated model belongs to whic
 
 A metric is computed from per-item parts: perplexities as ``exp(sum NLL / sum tokens)`` over windows or
 held-out records, accuracies as the mean score over questions, the mean accuracy as the mean over tasks,
-and the share of the perplexity gap recovered as ``(ppl_pruned - ppl_arm) / (ppl_pruned - ppl_dense)``.
+the share of the perplexity gap recovered as ``(ppl_pruned - ppl_arm) / (ppl_pruned - ppl_dense)`` and the
+share of the pruned model's KL to the original removed likewise. Each registered measurement declares its
+metrics (:class:`paser.evaluate.Metric`: components, aggregation, higher-is-better).
 
 The interval of ``arm - baseline`` is a paired bootstrap over seeds and evaluation items: each replicate
 draws the seeds with replacement (one draw shared by both arms when they ran the same seeds, so seed s of
@@ -16,73 +18,41 @@ and pruned references). The 95% interval is the 2.5th to 97.5th percentile of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .evaluate.base import Metric
+
 BOOTSTRAP_REPLICATES = 2000
 
 
-@dataclass(frozen=True)
-class Metric:
-    """One comparable figure. ``parts``: (kind, name, item key) of each component in a model's results."""
-
-    name: str
-    kind: str  # "ppl" | "acc" | "gap"
-    parts: tuple[tuple[str, str, str], ...]
-    higher_is_better: bool
-
-
-def _component(entry: dict, part: tuple[str, str, str]) -> tuple[np.ndarray, np.ndarray]:
+def _component(entry: dict, part: tuple[str, str, str, str | None]) -> tuple[np.ndarray, np.ndarray]:
     """(numerator, denominator) item arrays of one component of one model."""
-    kind, name, key = part
-    items = entry[kind][name]["items"]
-    if kind == "tasks":
-        values = np.asarray(items[key], dtype=np.float64)
-        return values, np.ones_like(values)
-    return np.asarray(items["nll"], dtype=np.float64), np.asarray(items["tokens"], dtype=np.float64)
+    key, name, numerator, denominator = part
+    items = entry[key][name]["items"]
+    values = np.asarray(items[numerator], dtype=np.float64)
+    return values, (np.ones_like(values) if denominator is None else np.asarray(items[denominator], dtype=np.float64))
 
 
-def metrics_of(results: dict, table_metric: dict[str, str]) -> list[Metric]:
-    """The metrics every model in ``results`` has per-item values for."""
-    first = next(iter(results["models"].values()))
-    out: list[Metric] = []
-    for path, value in first.get("perplexity", {}).items():
-        if "items" in value:
-            out.append(Metric(f"ppl {_short(path)}", "ppl", (("perplexity", path, "nll"),), False))
-            out.append(Metric(f"ppl gap recovered {_short(path)}", "gap", (("perplexity", path, "nll"),), True))
-    for source, value in first.get("response_perplexity", {}).items():
-        if "items" in value:
-            out.append(Metric(f"response ppl {_short(source)}", "ppl", (("response_perplexity", source, "nll"),),
-                              False))
-    tasks = [t for t, v in first.get("tasks", {}).items() if v.get("items")]
-    for task in tasks:
-        out.append(Metric(f"{task} ({table_metric.get(task, 'acc')})", "acc",
-                          (("tasks", task, table_metric.get(task, "acc")),), True))
-    if len(tasks) > 1:
-        out.append(Metric("mean acc", "acc", tuple(("tasks", t, table_metric.get(t, "acc")) for t in tasks), True))
-    return out
+def metrics_of(results: dict) -> list[Metric]:
+    """The comparable figures of every registered measurement that ``results`` holds per-item values for."""
+    from .evaluate import MEASUREMENTS
 
-
-def _short(path: str) -> str:
-    return path.replace("\\", "/").rsplit("/", 1)[-1]
+    return [metric for _, measurement in MEASUREMENTS.items() for metric in measurement.metrics(results)]
 
 
 def _value(metric: Metric, num: list[np.ndarray], den: list[np.ndarray], ref: dict | None = None) -> np.ndarray:
     """Metric value(s) from per-component sums (arrays broadcast over bootstrap replicates)."""
-    ratios = [n / d for n, d in zip(num, den)]
-    if metric.kind == "acc":
-        return np.mean(ratios, axis=0)
-    ppl = np.exp(ratios[0])
-    if metric.kind == "ppl":
-        return ppl
-    return (ref["pruned"] - ppl) / (ref["pruned"] - ref["dense"])  # gap recovered
+    value = metric.figure([n / d for n, d in zip(num, den)])
+    if not metric.share_of_gap:
+        return value
+    return (ref["pruned"] - value) / (ref["pruned"] - ref["dense"])
 
 
-def compare_arms(results: dict, arms: dict[str, dict[int, str]], baseline: str, table_metric: dict[str, str],
-                 references: dict[str, str] | None = None, replicates: int = BOOTSTRAP_REPLICATES,
+def compare_arms(results: dict, arms: dict[str, dict[int, str]], baseline: str, references: dict[str, str] | None = None, replicates: int = BOOTSTRAP_REPLICATES,
                  seed: int = 0) -> dict[str, Any]:
     """Per arm and metric: mean and std over seeds, and the paired-bootstrap difference against ``baseline``.
 
@@ -92,7 +62,7 @@ def compare_arms(results: dict, arms: dict[str, dict[int, str]], baseline: str, 
     if baseline not in arms:
         raise ValueError(f"baseline arm '{baseline}' is not among the arms ({', '.join(arms)})")
     models = results["models"]
-    metrics = [m for m in metrics_of(results, table_metric) if m.kind != "gap" or references]
+    metrics = [m for m in metrics_of(results) if not m.share_of_gap or references]
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"baseline": baseline, "replicates": replicates, "metrics": [m.name for m in metrics],
                            "higher_is_better": {m.name: m.higher_is_better for m in metrics}, "arms": {}}
@@ -107,8 +77,9 @@ def compare_arms(results: dict, arms: dict[str, dict[int, str]], baseline: str, 
         def full(components, ref=None):
             return float(_value(metric, [n.sum() for n, _ in components], [d.sum() for _, d in components], ref))
 
-        ref_full = {k: float(_value(Metric("", "ppl", metric.parts, False), [n.sum() for n, _ in c],
-                                    [d.sum() for _, d in c])) for k, c in ref_parts.items()}
+        plain = replace(metric, share_of_gap=False)  # the references' own figures
+        ref_full = {k: float(_value(plain, [n.sum() for n, _ in c], [d.sum() for _, d in c]))
+                    for k, c in ref_parts.items()}
         # one multinomial weight matrix per component: the same resampled items for every model
         weights = [rng.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float64) for n in sizes]
 
@@ -116,8 +87,8 @@ def compare_arms(results: dict, arms: dict[str, dict[int, str]], baseline: str, 
             return ([w @ n for w, (n, _) in zip(weights, components)], [w @ d for w, (_, d) in zip(weights, components)])
 
         ref_boot = None
-        if metric.kind == "gap":
-            ref_boot = {k: np.exp(np.divide(*[x[0] for x in replicated(c)])) for k, c in ref_parts.items()}
+        if metric.share_of_gap:
+            ref_boot = {k: _value(plain, *replicated(c)) for k, c in ref_parts.items()}
         boot = {label: _value(metric, *replicated(c), ref_boot) for label, c in parts.items()}
         base_seeds = sorted(arms[baseline])
         for arm, seeds in arms.items():

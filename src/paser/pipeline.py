@@ -93,8 +93,8 @@ def _section_spec() -> dict[str, tuple[type, set[str], dict[str, Any]]]:
         "select": (SelectConfig, {"original", "pruned", "data", "out", "method", "columns", "duplicates", "limit",
                                   "cache_dir", "dtype", "bad_records"}, {"methods": ["paser", "random"]}),
         "recover": (RecoverConfig, {"model", "data", "out", "resume", "limit", "dtype", "bad_records"}, {}),
-        "evaluate": (EvaluateConfig, {"models", "out", "labels", "dtype"},
-                     {"skip_missing_task_dir": False, "skip_missing_ppl": False}),
+        "evaluate": (EvaluateConfig, {"models", "out", "labels", "dtype", "fidelity_to"},
+                     {"skip_missing_task_dir": False, "skip_missing_ppl": False, "fidelity": True}),
     }
 
 
@@ -454,6 +454,8 @@ def _evaluate_kwargs(config: PipelineConfig, models: list[str], out: str | Path,
         if missing and files is not None:
             log.warning("perplexity text(s) %s skipped: not found", ", ".join(missing))
         settings["ppl"] = [path for path in settings["ppl"] if path not in missing]
+    # fidelity to the original (the config's model) on the perplexity texts' windows, unless turned off
+    settings["fidelity_to"] = config.model if settings.pop("fidelity") and settings["ppl"] else None
     return {**settings, "models": models, "out": out, "labels": labels, "dtype": config.dtype}
 
 
@@ -538,14 +540,13 @@ def write_comparison(directory: Path, arm_labels: dict[str, dict[int, str]], bas
     import json
 
     from .compare import compare_arms, comparison_files, comparison_stem, comparison_table
-    from .evaluate import TABLE_METRIC
 
     results = json.loads((directory / "results.json").read_text())
     for stale in comparison_files(directory, ".json") + comparison_files(directory, ".md"):
         stale.unlink()
     headline = None
     for i, baseline in enumerate(baselines):
-        comparison = compare_arms(results, arm_labels, baseline, TABLE_METRIC, references)
+        comparison = compare_arms(results, arm_labels, baseline, references)
         if not comparison["metrics"]:
             return None
         comparison["costs"] = costs

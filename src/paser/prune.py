@@ -31,8 +31,8 @@ import torch
 
 from .cache import atomic_dir, write_json
 from .data import pad_right
-from .evaluate import perplexity
 from .errors import ConfigError
+from .score import perplexity
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ records, the prompt template and the dtype; an interrupted run resumes from its 
 
 Scorers (in the spirit of Torch-Pruning's ``Importance`` objects) turn that table into one number per
 sample: ``jsd`` (PASER), ``loss_gap`` (pruned minus original response loss), ``pruned_loss``. Add one by
-subclassing :class:`SampleScorer` and registering it in :data:`SCORERS`.
+subclassing :class:`SampleScorer` and registering it with ``@SCORERS.register(name)``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from . import faults
 from .cache import checkpoint_seconds, stable_hash, write_parquet
 from .data import Encoded, pad_right
+from .registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -178,26 +179,87 @@ def score_table(encoded: Sequence[Encoded], values: dict[str, np.ndarray]) -> pd
     })[SCORE_COLUMNS]
 
 
-@torch.no_grad()
-def summed_nll(model: Any, ids: torch.Tensor, attention: torch.Tensor, predicts: torch.Tensor,
-               targets: torch.Tensor, chunk_rows: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: the summed NLL of ``targets`` predicted at the ``predicts`` positions, and their count.
-
-    One decoder pass; the LM head runs only at the predicting positions, ``chunk_rows`` at a time, so
-    full-vocabulary logits are never formed for the whole batch (evaluation and scoring share this)."""
+def model_pass(model: Any, ids: torch.Tensor, attention: torch.Tensor, predicts: torch.Tensor):
+    """The public model-pass helper: one decoder pass, hidden states at the ``predicts`` positions (rows in
+    batch order), and a function giving the LM head's logits for a slice of those rows. Callers run the head
+    ``chunk_rows`` rows at a time, so full-vocabulary logits are never formed for a whole batch."""
     device = next(model.parameters()).device
     decoder, head, softcap = _decoder_and_head(model)
     states = decoder(input_ids=ids.to(device), attention_mask=attention.to(device)).last_hidden_state
     hidden = states[predicts.to(states.device)]
+    return hidden, lambda rows: _head(head, hidden[rows], softcap)
+
+
+def per_row_sums(values: torch.Tensor, predicts: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per batch row: the sum of ``values`` (one per predicting position, in row order) and their count."""
+    counts = predicts.sum(1)
+    segment = torch.repeat_interleave(torch.arange(len(predicts)), counts)
+    sums = torch.zeros(len(predicts), dtype=torch.float64).index_add_(0, segment, values.double().cpu())
+    return sums.numpy(), counts.numpy()
+
+
+@torch.no_grad()
+def summed_nll(model: Any, ids: torch.Tensor, attention: torch.Tensor, predicts: torch.Tensor,
+               targets: torch.Tensor, chunk_rows: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the summed NLL of ``targets`` predicted at the ``predicts`` positions, and their count
+    (evaluation and scoring share this)."""
+    hidden, logits_of = model_pass(model, ids, attention, predicts)
     nll = torch.empty(hidden.shape[0], dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_rows):
         sl = slice(start, start + chunk_rows)
-        logits = _head(head, hidden[sl], softcap).float()
+        logits = logits_of(sl).float()
         nll[sl] = torch.nn.functional.cross_entropy(logits, targets[sl].to(logits.device), reduction="none").cpu()
-    counts = predicts.sum(1)
-    segment = torch.repeat_interleave(torch.arange(len(ids)), counts)
-    sums = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, segment, nll.double())
-    return sums.numpy(), counts.numpy()
+    return per_row_sums(nll, predicts)
+
+
+@torch.no_grad()
+def fidelity_sums(original: Any, model: Any, ids: torch.Tensor, attention: torch.Tensor, predicts: torch.Tensor,
+                  chunk_rows: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, over the ``predicts`` positions: the summed KL(original || model) of the next-token
+    distributions (exact, over the whole vocabulary), how many positions the two models' top-1 tokens agree,
+    and the position count. One decoder pass of each model."""
+    hidden_p, logits_p = model_pass(original, ids, attention, predicts)
+    hidden_q, logits_q = model_pass(model, ids, attention, predicts)
+    kl = torch.empty(hidden_p.shape[0], dtype=torch.float32)
+    agree = torch.empty(hidden_p.shape[0], dtype=torch.float32)
+    for start in range(0, hidden_p.shape[0], chunk_rows):
+        sl = slice(start, start + chunk_rows)
+        log_p = logits_p(sl).float().log_softmax(-1)
+        log_q = logits_q(sl).float().to(log_p.device).log_softmax(-1)
+        kl[sl] = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).cpu()
+        agree[sl] = (log_p.argmax(-1) == log_q.argmax(-1)).float().cpu()
+    kl_sums, counts = per_row_sums(kl, predicts)
+    agree_sums, _ = per_row_sums(agree, predicts)
+    return kl_sums, agree_sums, counts
+
+
+@torch.no_grad()
+def sequence_nll(model: Any, sequences: Sequence[Sequence[int]], batch_size: int = 8,
+                 progress: bool = False) -> tuple[list[float], list[int]]:
+    """Per sequence: the summed NLL of its predicted tokens and their count (perplexity's per-item parts)."""
+    sums: list[float] = []
+    counts: list[int] = []
+    starts = range(0, len(sequences), batch_size)
+    for start in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
+        ids, mask = pad_right(sequences[start:start + batch_size], 0)
+        batch_sums, batch_counts = summed_nll(model, ids, mask, next_token_positions(mask),
+                                              ids[:, 1:][mask[:, 1:].bool()])
+        sums.extend(batch_sums.tolist())
+        counts.extend(batch_counts.tolist())
+    return sums, counts
+
+
+def next_token_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that predict a real next token (position t predicts token t + 1)."""
+    predicts = torch.zeros_like(mask, dtype=torch.bool)
+    predicts[:, :-1] = mask[:, 1:].bool()
+    return predicts
+
+
+def perplexity(model: Any, sequences: Sequence[Sequence[int]], batch_size: int = 8, progress: bool = False) -> float:
+    """exp(mean NLL) over every predicted token of the sequences (right-padded batches)."""
+    nll, count = sequence_nll(model, sequences, batch_size, progress)
+    return math.exp(sum(nll) / max(sum(count), 1))
 
 
 def response_loss_batch(model: Any, encoded: Sequence[Encoded], pad_id: int, chunk_rows: int = 128) -> np.ndarray:
@@ -313,38 +375,32 @@ class SampleScorer:
         raise NotImplementedError
 
 
+SCORERS: Registry[SampleScorer] = Registry("scorer")
+
+
+@SCORERS.register("jsd")
 class JSDScore(SampleScorer):
     """PASER's: mean response-token JSD between the original and the pruned model."""
-
-    name = "jsd"
 
     def __call__(self, table: pd.DataFrame) -> np.ndarray:
         return table["jsd"].to_numpy(dtype=np.float64)
 
 
+@SCORERS.register("loss_gap")
 class LossGapScore(SampleScorer):
     """How much worse the pruned model predicts the reference response (nats/token), floored at 0."""
-
-    name = "loss_gap"
 
     def __call__(self, table: pd.DataFrame) -> np.ndarray:
         return np.maximum(table["loss_pruned"].to_numpy(np.float64) - table["loss_original"].to_numpy(np.float64), 0.0)
 
 
+@SCORERS.register("pruned_loss")
 class PrunedLossScore(SampleScorer):
     """The pruned model's response loss alone (a difficulty score that ignores the original)."""
-
-    name = "pruned_loss"
 
     def __call__(self, table: pd.DataFrame) -> np.ndarray:
         return table["loss_pruned"].to_numpy(np.float64)
 
 
-SCORERS: dict[str, SampleScorer] = {s.name: s for s in (JSDScore(), LossGapScore(), PrunedLossScore())}
-
-
 def get_scorer(name: str) -> SampleScorer:
-    try:
-        return SCORERS[name]
-    except KeyError:
-        raise ValueError(f"unknown scorer '{name}'; choose one of {', '.join(SCORERS)}") from None
+    return SCORERS.get(name)

@@ -22,6 +22,7 @@ from .. import distributed
 from ..cache import atomic_path, entry_lock, stable_hash
 from ..data import Encoded, Record
 from ..embed import texts_fingerprint
+from ..registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +37,17 @@ class Strategy:
         raise NotImplementedError
 
 
-STRATEGIES: dict[str, Strategy] = {}
+STRATEGIES: Registry[Strategy] = Registry("selection method")
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make a strategy available to ``paser select --method NAME`` and ``paser run`` arms."""
-    STRATEGIES[cls.name] = cls()
-    return cls
+    """Class decorator: make a strategy available to ``paser select --method NAME`` and ``paser run`` arms
+    (its ``name`` is the registered name)."""
+    return STRATEGIES.register(cls.name)(cls)
 
 
 def get_strategy(name: str) -> Strategy:
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"unknown selection method '{name}'; choose one of {', '.join(STRATEGIES)}") from None
+    return STRATEGIES.get(name)
 
 
 def data_fingerprint(records: Sequence[Record]) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -31,32 +32,55 @@ from ..allocate import allocate, apportion, ies, rank_within, within_cluster_key
 from ..ccg import ConceptGraph, extract_concepts
 from ..cluster import ClusterResult
 from ..score import get_scorer
+from ..registry import Registry
 from .base import SelectionContext, Strategy, register
 from .sampled import exact_first, sampled_scores
 
 log = logging.getLogger(__name__)
 
-CLUSTER_METHODS = ("nmf", "kmeans", "random", "kmeans-raw")
+CLUSTER_METHODS: Registry[Callable[[SelectionContext], ClusterResult]] = Registry("cluster method")
 
 
-def capability_clusters(ctx: SelectionContext, method: str) -> ClusterResult:
-    """The clustering PASER allocates over; ``random`` and ``kmeans-raw`` keep the diffusion map's K."""
-    if method in ("nmf", "kmeans"):
-        return ctx.clusters(method)
+@CLUSTER_METHODS.register("nmf")
+def nmf_clusters(ctx: SelectionContext) -> ClusterResult:
+    """PASER's: diffusion map of the embeddings, NMF spectral clustering."""
+    return ctx.clusters("nmf")
+
+
+@CLUSTER_METHODS.register("kmeans")
+def kmeans_clusters(ctx: SelectionContext) -> ClusterResult:
+    """k-means on the diffusion coordinates."""
+    return ctx.clusters("kmeans")
+
+
+@CLUSTER_METHODS.register("random")
+def random_clusters(ctx: SelectionContext) -> ClusterResult:
+    """The ablation without clustering: the diffusion map's K, each record assigned at random."""
+    k = ctx.clusters("nmf").k
+    return _numbered_by_size(ctx, np.random.default_rng(ctx.config.seed).integers(0, k, size=len(ctx.records)))
+
+
+@CLUSTER_METHODS.register("kmeans-raw")
+def kmeans_raw_clusters(ctx: SelectionContext) -> ClusterResult:
+    """k-means on the raw embeddings (no diffusion map), with the diffusion map's K."""
+    from sklearn.cluster import KMeans
+
+    k = ctx.clusters("nmf").k
+    return _numbered_by_size(ctx, KMeans(n_clusters=k, n_init=4, random_state=ctx.config.seed).fit_predict(ctx.embeddings()))
+
+
+def _numbered_by_size(ctx: SelectionContext, labels: np.ndarray) -> ClusterResult:
     reference = ctx.clusters("nmf")
     k = reference.k
-    if method == "random":
-        labels = np.random.default_rng(ctx.config.seed).integers(0, k, size=len(ctx.records))
-    elif method == "kmeans-raw":
-        from sklearn.cluster import KMeans
-
-        labels = KMeans(n_clusters=k, n_init=4, random_state=ctx.config.seed).fit_predict(ctx.embeddings())
-    else:
-        raise ValueError(f"unknown cluster method '{method}' ({', '.join(CLUSTER_METHODS)})")
     sizes = np.bincount(labels, minlength=k)
     relabel = np.empty(k, dtype=np.int64)
     relabel[np.argsort(-sizes, kind="stable")] = np.arange(k)  # numbered by decreasing size, like the others
     return ClusterResult(relabel[labels], k, reference.eigenvalues, reference.coordinates)
+
+
+def capability_clusters(ctx: SelectionContext, method: str) -> ClusterResult:
+    """The clustering PASER allocates over (a registered cluster method)."""
+    return CLUSTER_METHODS.get(method)(ctx)
 
 
 def specific_concepts(ctx: SelectionContext) -> frozenset[str]:

@@ -1,0 +1,105 @@
+"""Fidelity to the original model: how close a pruned or recovered model's next-token distributions are to
+the uncompressed model it came from (Dutta et al. 2024, arXiv 2407.09141: KL and flips, not accuracy alone).
+
+On every window of the perplexity texts (``ppl``, ``ppl_seqlen``, ``ppl_windows``: the same windows as text
+perplexity), at every position:
+
+- mean per-token ``KL(original || model)`` over the whole vocabulary (exact; both models resident, one decoder
+  pass each; lower is better; the original against itself is 0);
+- top-1 agreement: the share of positions where both models' most likely next token is the same;
+- in comparisons, the **share of the pruned model's KL that a model removed**,
+  ``(KL_pruned - KL_model) / (KL_pruned - KL_original)`` with the dense and pruned models as references.
+
+Per-window sums (KL, agreements, positions) are kept, so the paired bootstrap resamples windows like it does
+for perplexity. Settings: ``fidelity_to`` (the original model; ``paser run`` passes its ``model``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..errors import ConfigError
+from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, first, measured_items, short_name
+from .text_perplexity import evaluation_windows, sharded_nll
+
+
+@MEASUREMENTS.register("fidelity")
+class Fidelity(Measurement):
+    """KL to the original and top-1 agreement on the perplexity texts' windows."""
+
+    key = "fidelity"
+
+    def enabled(self, config: Any) -> bool:
+        return bool(config.fidelity_to)
+
+    def validate(self, config: Any) -> None:
+        if not config.ppl:
+            raise ConfigError("fidelity to the original is measured on the perplexity texts: give --ppl as well")
+
+    def prepare(self, ctx: EvalContext) -> list[str]:
+        return list(ctx.config.ppl)
+
+    def settings(self, ctx: EvalContext, item: str) -> dict[str, Any]:
+        from ..cache import file_fingerprint
+        from ..models import model_fingerprint
+
+        return {"original": model_fingerprint(ctx.config.fidelity_to), "file": file_fingerprint(item),
+                "seqlen": ctx.config.ppl_seqlen, "windows": ctx.config.ppl_windows}
+
+    def _original(self, ctx: EvalContext, model: LoadedModel) -> Any:
+        if self.name not in ctx.inputs:
+            from .. import distributed
+            from ..models import check_compatible, load_model
+
+            original, tokenizer = load_model(ctx.config.fidelity_to, dtype=ctx.dtype, device=distributed.device())
+            check_compatible(model.tokenizer, tokenizer, original, model.model)
+            ctx.inputs[self.name] = original.eval()
+        return ctx.inputs[self.name]
+
+    def measure(self, ctx: EvalContext, model: LoadedModel, item: str) -> dict[str, Any]:
+        from ..data import pad_right
+        from ..score import fidelity_sums, next_token_positions
+
+        t0 = time.perf_counter()
+        original = self._original(ctx, model)
+        windows = evaluation_windows(ctx, model, item)
+        batch = max(1, ctx.config.batch_size // 4)
+
+        def sums(part: list[list[int]]) -> tuple[list[tuple[float, float]], list[int]]:
+            rows: list[tuple[float, float]] = []
+            counts: list[int] = []
+            for start in range(0, len(part), batch):
+                ids, mask = pad_right(part[start:start + batch], 0)
+                kl, agree, count = fidelity_sums(original, model.model, ids, mask, next_token_positions(mask))
+                rows += list(zip(kl.tolist(), agree.tolist()))
+                counts += count.tolist()
+            return rows, counts
+
+        pairs, tokens = sharded_nll(sums, windows)
+        kl = [p[0] for p in pairs]
+        agree = [p[1] for p in pairs]
+        total = max(sum(tokens), 1)
+        return {"kl": sum(kl) / total, "top1_agreement": sum(agree) / total, "windows": len(windows),
+                "seconds": round(time.perf_counter() - t0, 2),
+                "items": {"kl": kl, "agree": agree, "tokens": tokens}}
+
+    def results_info(self, ctx: EvalContext, items: list[str]) -> dict[str, Any]:
+        return {"fidelity_to": ctx.config.fidelity_to, "fidelity_files": items}
+
+    def columns(self, results: dict) -> list[str]:
+        files = results.get("fidelity_files") or []
+        return [c for p in files for c in (f"KL to original {short_name(p)}", f"top-1 agree {short_name(p)}")]
+
+    def cells(self, results: dict, entry: dict) -> list[str]:
+        return [c for p in results.get("fidelity_files") or []
+                for c in (f"{entry['fidelity'][p]['kl']:.4f}", f"{100 * entry['fidelity'][p]['top1_agreement']:.2f}")]
+
+    def metrics(self, results: dict) -> list[Metric]:
+        out = []
+        for path in measured_items(results, self.key):
+            name = short_name(path)
+            out.append(Metric(f"KL removed {name}", ((self.key, path, "kl", "tokens"),), True, first, share_of_gap=True))
+            out.append(Metric(f"KL to original {name}", ((self.key, path, "kl", "tokens"),), False, first))
+            out.append(Metric(f"top-1 agree {name}", ((self.key, path, "agree", "tokens"),), True, first))
+        return out
