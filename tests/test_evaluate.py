@@ -76,7 +76,8 @@ def test_two_models_share_tasks_and_tokenised_text(tmp_path, tiny_model_dir, tin
     assert calls == {"load_tasks": 1, "text_windows": 1}
     assert list(results["models"]) == ["dense", "pruned"]
     assert results["models"]["pruned"]["tasks"]["arc_easy"]["n"] == 3
-    assert results["models"]["dense"]["perplexity"][str(text)]["ppl"] != results["models"]["pruned"]["perplexity"][str(text)]["ppl"]
+    ppl = {label: results["models"][label]["perplexity"][str(text)]["ppl"] for label in ("dense", "pruned")}
+    assert ppl["dense"] != ppl["pruned"]
     lines = results["table"].splitlines()
     assert lines[2].startswith("| dense |") and lines[3].startswith("| pruned |")
 
@@ -162,3 +163,41 @@ def test_arc_easy_matches_lm_eval_command_line(tmp_path):
     assert ours["n"] == 50
     assert ours["acc"] == pytest.approx(theirs["acc,none"], abs=1e-9)
     assert ours["acc_norm"] == pytest.approx(theirs["acc_norm,none"], abs=1e-9)
+
+
+def test_fidelity_is_the_exact_kl_to_the_original(tmp_path, tiny_model_dir, tiny_pruned_dir):
+    """KL(original || model) and top-1 agreement per window equal a direct full-vocabulary computation; the
+    original against itself is 0 and 1; the comparison's 'KL removed' is 0 for the pruned model and 1 for it."""
+    from paser.compare import compare_arms
+    from paser.evaluate import text_windows
+    from paser.models import load_model
+
+    text = tmp_path / "wiki.txt"
+    text.write_text(" ".join(WORDS * 20))
+    results = run_evaluation(EvaluateConfig(models=[str(tiny_model_dir), str(tiny_pruned_dir)], tasks=[],
+                                            ppl=[str(text)], ppl_seqlen=32, ppl_windows=3, batch_size=8,
+                                            fidelity_to=str(tiny_model_dir), labels=["dense", "pruned"],
+                                            out=tmp_path / "r.json"))
+    dense = results["models"]["dense"]["fidelity"][str(text)]
+    pruned = results["models"]["pruned"]["fidelity"][str(text)]
+    assert dense["kl"] == pytest.approx(0.0, abs=1e-6) and dense["top1_agreement"] == 1.0
+    original, tokenizer = load_model(str(tiny_model_dir), dtype="fp32")
+    model, _ = load_model(str(tiny_pruned_dir), dtype="fp32")
+    windows = text_windows(tokenizer, text.read_text(), 32)[:3]
+    with torch.no_grad():
+        ids = torch.tensor(windows)
+        log_p = original(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
+        log_q = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    agree = (log_p.argmax(-1) == log_q.argmax(-1)).float()
+    assert pruned["items"]["kl"] == pytest.approx(kl.sum(1).tolist(), rel=1e-4)
+    assert pruned["items"]["agree"] == agree.sum(1).tolist()
+    assert pruned["items"]["tokens"] == [31, 31, 31]
+    assert pruned["kl"] == pytest.approx(kl.mean().item(), rel=1e-4) and pruned["kl"] > 0
+    assert "KL to original wiki.txt" in results["table"]
+    arms = {"a": {0: "pruned"}, "b": {0: "dense"}}
+    comparison = compare_arms(results, arms, "a", references={"dense": "dense", "pruned": "pruned"}, replicates=50)
+    removed = comparison["arms"]
+    assert removed["a"]["metrics"]["KL removed wiki.txt"]["mean"] == pytest.approx(0.0)
+    assert removed["b"]["metrics"]["KL removed wiki.txt"]["mean"] == pytest.approx(1.0)
+    assert comparison["higher_is_better"]["KL to original wiki.txt"] is False

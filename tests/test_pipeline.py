@@ -3,6 +3,7 @@ import json
 import pytest
 import yaml
 
+from paser.cache import stable_hash
 from paser.errors import ConfigError
 from paser.pipeline import demo_config_text, load_config, parse_config, run_pipeline
 from tests_helpers import write_fixtures
@@ -203,7 +204,8 @@ def test_arms_seeds_sampled_data_and_comparison(tmp_path, tiny_model_dir):
     for skill in set(in_pool):  # stratified: each source keeps its share of the pool, to within rounding
         share = 66 * in_pool.count(skill) / len(in_pool)
         assert abs(sum(r["skill"] == skill for r in rows["slice"]) - share) < 1
-    sel = {k: [json.loads(l)["paser"]["index"] for l in (out / "select" / k / "selected.jsonl").read_text().splitlines()]
+    sel = {k: [json.loads(line)["paser"]["index"]
+               for line in (out / "select" / k / "selected.jsonl").read_text().splitlines()]
            for k in ("random/s0", "random/s1")}
     assert sel["random/s0"] != sel["random/s1"]  # the seed drives random selection
     logs = {k: json.loads((out / "recover" / k / "train_log.json").read_text()) for k in ("paser/s0", "paser/s1",
@@ -276,10 +278,63 @@ def test_study_config_recipes_and_set_overrides(tmp_path):
     assert arms["kd"]["recover"] == {"loss": "kd"} and all(a["method"] == "full" for a in recovery.arms)
 
 
-def test_a_changed_default_redoes_stages_and_the_old_value_keeps_their_hashes():
-    from paser.pipeline import _hashed
+def test_stage_hashes_come_from_every_declared_field_and_the_objects_versions(tmp_path, monkeypatch):
+    """A changed default, a new field or a bumped ``version`` of a registered object changes a stage's hash;
+    no hand-kept list decides what counts."""
+    import dataclasses
 
-    before = _hashed("select", {"budget": 0.2, "within": "top", "ccg_rule": "paper"})
-    assert before == {"budget": 0.2}  # what select hashed before these options existed: finished runs are kept
-    after = _hashed("select", {"budget": 0.2, "within": "sample", "ccg_rule": "specific"})  # today's defaults
-    assert after == {"budget": 0.2, "within": "sample", "ccg_rule": "specific"}
+    from paser.pipeline import _declared
+    from paser.select import SelectConfig
+    from paser.strategies import get_strategy
+
+    defaults = {f.name: getattr(SelectConfig(original="-", pruned="-", data="-", out="-", budget=0.2), f.name)
+                for f in dataclasses.fields(SelectConfig)}
+    base = _declared(defaults, {"method": "1"})
+    assert base["settings"]["within"] == defaults["within"]  # defaults are hashed, not only overrides
+    changed_default = _declared({**defaults, "within": "top" if defaults["within"] != "top" else "sample"},
+                                {"method": "1"})
+    assert stable_hash(changed_default) != stable_hash(base)
+    assert stable_hash(_declared(defaults, {"method": "2"})) != stable_hash(base)
+    paser_strategy = get_strategy("paser")
+    config = SelectConfig(original="-", pruned="-", data="-", out="-", budget=0.2, rank="ies", scoring="sampled")
+    monkeypatch.setattr(type(paser_strategy), "version", 7)
+    assert paser_strategy.cache_version(config).startswith("7+sampled")
+
+
+def test_evaluation_data_replaced_before_validation_and_bad_set_values(tmp_path):
+    """--task-dir applies before the tasks are validated, so a task whose file is only in the new folder is
+    accepted; a --set value that is not YAML is one ConfigError, not a traceback."""
+    from paser.pipeline import load_config
+
+    write_fixtures(tmp_path / "tasks")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("evaluate:\n  task_dir: nowhere\n  tasks: [arc_easy]\n")
+    config = load_config(config_file, ["evaluate.tasks=[hellaswag]"], task_dir=str(tmp_path / "tasks"))
+    assert config.evaluate["tasks"] == ["hellaswag"] and config.evaluate["task_dir"] == str(tmp_path / "tasks")
+    with pytest.raises(ConfigError, match=r"--set select.budget=\[: the value is not valid YAML"):
+        load_config(config_file, ["select.budget=["])
+    assert config.evaluate["fidelity"] is True  # on by default: the run's model is the original
+
+
+def test_every_config_field_is_a_cli_option_or_declared_config_only():
+    """The CLI is tested against the library configs it builds: a new field needs its option, or a place in its
+    config's CONFIG_ONLY with the reason beside it."""
+    import dataclasses
+
+    from typer.main import get_command
+
+    from paser.cli import app
+    from paser.evaluate import EvaluateConfig
+    from paser.prune import PruneConfig
+    from paser.recover import RecoverConfig
+    from paser.select import SelectConfig
+
+    commands = get_command(app).commands
+    renamed = {"labels": "label"}  # repeatable option, one value each
+    for command, cls in (("prune", PruneConfig), ("select", SelectConfig), ("recover", RecoverConfig),
+                         ("evaluate", EvaluateConfig)):
+        options = {p.name for p in commands[command].params}
+        missing = {f.name for f in dataclasses.fields(cls)} - cls.CONFIG_ONLY
+        missing = {name for name in missing if renamed.get(name, name) not in options}
+        assert not missing, f"paser {command} lacks options for {sorted(missing)}"
+        assert not cls.CONFIG_ONLY & options, f"{cls.__name__}.CONFIG_ONLY names fields paser {command} offers"

@@ -230,3 +230,27 @@ def test_masked_lora_merge_is_exact_in_bf16_too(tmp_path, sparse_tiny):
     # one rounding of the effective weight, as the forward pass did it: the merged model is the trained one
     assert masked["merge_max_logit_diff"] <= 0.05 * plain["merge_max_logit_diff"]
     assert masked["zeros_after_merge"] == masked["zeros_kept"]
+
+
+def test_a_new_objective_is_one_registered_class(tmp_path, sparse_tiny, tiny_model_dir):
+    """The recovery trainer asks the objective for the loss: a throw-away objective registered here trains."""
+    from paser.objectives import OBJECTIVES, Objective
+
+    assert OBJECTIVES.names() == ("nll", "kd", "mix")
+
+    @OBJECTIVES.register("quarter_mix_test")
+    class QuarterMix(Objective):
+        needs_teacher = True
+
+        def loss(self, terms, config):
+            return 0.25 * terms["kd"] + 0.75 * terms["nll"]
+
+    try:
+        log = run_recovery(small_config(tmp_path, sparse_tiny, epochs=1, loss="quarter_mix_test",
+                                        teacher=str(tiny_model_dir)))
+    finally:
+        OBJECTIVES.unregister("quarter_mix_test")
+    for p in log["loss_curve"]:
+        assert p["loss"] == pytest.approx(0.25 * p["kd"] + 0.75 * p["nll"], rel=2e-3)
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        small_config(tmp_path, sparse_tiny, loss="quarter_mix_test").validate()

@@ -136,3 +136,32 @@ def test_embedded_model_and_pruned_copy(tmp_path, embedded):
     assert jsd.between(0, np.log(2)).all() and jsd.mean() > 0.01  # 50% pruning visibly changes predictions
     # the selection prefers damaged samples: selected mean JSD above the pool's
     assert result.summary["degradation_selected"]["mean"] > result.summary["degradation"]["mean"] * 0.9
+
+
+@pytest.mark.parametrize("method", ["random", "paser", "ifd", "full"])
+def test_token_budget_stops_at_the_tokens_and_reports_them(tmp_path, tiny_model_dir, tiny_pruned_dir, method):
+    """--budget-tokens: the selection's training tokens are within the budget and, for a method that takes a
+    record budget, one more record's worth would not have fit; selection.json reports records and tokens."""
+    import json
+
+    data = write_demo_data(tmp_path / "pool.jsonl", 120)
+    config = select_config(tmp_path, tiny_model_dir, tiny_pruned_dir, data, method=method, budget=None,
+                           budget_tokens=0.25, clusters=3, batch_size=16, max_length=64, out=tmp_path / method)
+    result = run_selection(config)
+    tokens = result.summary["tokens"]
+    assert tokens["budget"] == round(0.25 * tokens["pool"])
+    assert 0 < tokens["selected"] <= tokens["budget"]
+    if method != "full":  # the record budget found is the largest whose selection fits
+        assert result.summary["budget"] == result.summary["token_search"]["record_budget"] == len(result.positions)
+        assert tokens["selected"] > 0.8 * tokens["budget"]
+    written = json.loads((tmp_path / method / "selection.json").read_text())
+    assert written["tokens"]["selected"] == tokens["selected"]
+    by_records = run_selection(select_config(tmp_path, tiny_model_dir, tiny_pruned_dir, data, method=method,
+                                             budget=10, clusters=3, batch_size=16, max_length=64))
+    assert by_records.summary["tokens"]["budget"] is None and by_records.summary["tokens"]["selected"] > 0
+
+
+def test_a_budget_is_required(tmp_path, tiny_model_dir, tiny_pruned_dir):
+    data = write_demo_data(tmp_path / "pool.jsonl", 20)
+    with pytest.raises(ConfigError, match="give a budget"):
+        select_config(tmp_path, tiny_model_dir, tiny_pruned_dir, data, budget=None).validate()

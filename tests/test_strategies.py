@@ -379,3 +379,30 @@ def test_sampled_scoring_with_a_perfect_predictor_draws_what_exhaustive_draws(tm
     sampled = run_selection(SelectConfig(**common, scoring="sampled", pilot=0.05, pilot_min=2, oversample=1))
     assert sampled.summary["sampling"]["scored_exactly"] < 150
     assert sorted(sampled.indices) == sorted(exhaustive.indices)
+
+
+def test_concept_filter_refills_in_the_ranks_order(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, monkeypatch):
+    """When the filter rejected more than the budget can spare, the rejected records come back in the order
+    the selection ranked them (IFD with --rank ifd), not by IES."""
+    import paser.strategies.paser as paser_strategy
+
+    records = list(load_records(pool))
+    flagged = set(range(0, len(records), 2))  # every other record "conflicts"
+    by_text = {f"{r.user_text}\n{r.output}": i for i, r in enumerate(records)}
+    monkeypatch.setattr(paser_strategy, "extract_concepts",
+                        lambda text, n: frozenset({"conflict"}) if by_text[text] in flagged else frozenset())
+    monkeypatch.setattr(paser_strategy.ConceptGraph, "conflict",
+                        lambda self, concepts: ("conflict", "conflict") if "conflict" in concepts else None)
+    budget = len(records) - len(flagged) // 2  # every unflagged record, and half the flagged ones
+    result = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, budget=budget, clusters=4,
+                                  ccg=True, ccg_rule="paper", rank="ifd", allocation="size"))
+    assert result.summary["ccg"]["admitted_despite_conflict"] == len(flagged) // 2
+    ifd = result.scores["ifd"].to_numpy()
+    ies = result.scores["ies"].to_numpy()
+    key = np.where(ifd < 1, ifd, -np.inf)
+    candidates = np.array(sorted(flagged))
+    expected = set(candidates[np.lexsort((candidates, -key[candidates]))][: len(flagged) // 2].tolist())
+    admitted = set(result.positions) & flagged
+    assert admitted == expected
+    by_ies = set(candidates[np.lexsort((candidates, -ies[candidates]))][: len(flagged) // 2].tolist())
+    assert by_ies != expected  # the test tells the two orders apart

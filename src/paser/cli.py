@@ -64,6 +64,7 @@ def prune(
     calib_data: str = typer.Option("demo", help="Calibration data: any instruction source paser reads (formatted records packed into full windows), or a plain .txt file."),
     calib_samples: int = typer.Option(128, help="Number of calibration samples."),
     seq_len: int = typer.Option(256, help="Calibration sequence length in tokens."),
+    heldout_samples: int = typer.Option(32, help="Further windows of the calibration source, not calibrated on, for the perplexity before/after."),
     out: Path = typer.Option(..., help="Output directory (a plain Hugging Face model directory)."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
@@ -77,7 +78,8 @@ def prune(
     from .prune import PruneConfig, run_prune
 
     report = run_prune(PruneConfig(model=model, out=out, method=method, sparsity=sparsity, pattern=pattern,
-                                   calib_data=calib_data, calib_samples=calib_samples, seq_len=seq_len, seed=seed))
+                                   calib_data=calib_data, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
+                                   heldout_samples=heldout_samples))
     typer.echo(f"{report['method']}: sparsity {report['achieved_sparsity']:.4f} of decoder linear weights; "
                f"perplexity {report['perplexity_before']:.2f} -> {report['perplexity_after']:.2f}; "
                f"{report['seconds']:.0f}s -> {out}")
@@ -89,7 +91,8 @@ def select(
     original: str = typer.Option(..., help="Original (dense) model spec."),
     pruned: str = typer.Option(..., help="Pruned model spec (must share the original's tokenizer)."),
     data: str = typer.Option(..., help="Instruction data: .jsonl/.json/.csv/.parquet, a hub dataset name, or 'demo'."),
-    budget: float = typer.Option(..., help="Records to select: a count, or a fraction of the data when below 1."),
+    budget: Optional[float] = typer.Option(None, help="Records to select: a count, or a fraction of the data when below 1."),
+    budget_tokens: Optional[float] = typer.Option(None, help="Training tokens to select instead (prompt + response within --max-length, what recovery trains on): a count, or a fraction of the pool's tokens when below 1. The method selects as for the largest record budget whose records fit."),
     out: Path = typer.Option(..., help="Output directory: selected.jsonl, selection.json, scores.parquet."),
     method: str = typer.Option("paser", help="paser | random (seeded, loads no model) | full | perplexity | loss_gap | ifd | nuggets | dsir."),
     clusters: Optional[int] = typer.Option(None, help="Number of clusters K (default: eigengap rule within [2, 64])."),
@@ -98,6 +101,7 @@ def select(
     allocation: str = typer.Option("size", help="Budget rule across clusters: size (each capability cluster keeps its share of the pool) | mass (size x mean JSD: a cluster's total degradation) | cds (the paper: mean JSD whatever the size) | blend (half size, half mass)."),
     score: str = typer.Option("jsd", help="Degradation score: jsd (paper) | loss_gap | pruned_loss."),
     max_length: int = typer.Option(256, help="Tokens per sample (prompt + response) when scoring."),
+    template: str = typer.Option("auto", help="Prompt template: auto (the tokenizer's chat template when it has one, else alpaca) | chat | alpaca."),
     batch_size: int = typer.Option(16, help="Samples per scoring batch (length-bucketed)."),
     dtype: str = typer.Option("auto", help="auto | bf16 | fp32 for the model passes (auto: bf16 only where the hardware has native bf16; JSD itself is always fp32)."),
     ccg: bool = typer.Option(True, "--ccg/--no-ccg", help="Concept-consistency filter (negative-transfer mitigation)."),
@@ -137,9 +141,9 @@ def select(
     from .recipes import recipe_settings
 
     settings = dict(
-        original=original, pruned=pruned, data=data, budget=budget, out=out, method=method, clusters=clusters,
+        original=original, pruned=pruned, data=data, budget=budget, budget_tokens=budget_tokens, out=out, method=method, clusters=clusters,
         cluster_method=cluster_method, embedder=embedder, allocation=allocation, score=score,
-        max_length=max_length, batch_size=batch_size, dtype=dtype, ccg=ccg, ccg_rule=ccg_rule, within=within,
+        max_length=max_length, template=template, batch_size=batch_size, dtype=dtype, ccg=ccg, ccg_rule=ccg_rule, within=within,
         rank=rank, seed=seed, columns=columns,
         duplicates=duplicates, limit=limit, bad_records=bad_records, ifd_model=ifd_model, anchors=anchors,
         anchor_data=anchor_data, nuggets_candidates=nuggets_candidates, target=target, resident=resident, topk=topk,
@@ -172,7 +176,10 @@ def _print_selection(summary: dict, out: Path) -> None:
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
     cached = summary["scores_from_cache"]
     scores = "" if cached is None else f" (scores from cache: {cached})"
-    console.print(f"{summary['method']}: selected {summary['n_selected']} of {summary['n_records']} records "
+    tokens = summary["tokens"]
+    within = f" (budget {tokens['budget']:,})" if tokens["budget"] is not None else ""
+    console.print(f"{summary['method']}: selected {summary['n_selected']} of {summary['n_records']} records, "
+                  f"{tokens['selected']:,} of {tokens['pool']:,} training tokens{within} "
                   f"-> {out}/selected.jsonl{scores}; {timings}")
 
 
@@ -187,8 +194,9 @@ def recover(
     lora_r: int = typer.Option(8, help="LoRA rank."),
     lora_alpha: int = typer.Option(16, help="LoRA alpha."),
     lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),
-    targets: str = typer.Option("all-linear", help="LoRA target modules (peft syntax), e.g. all-linear or q_proj,v_proj."),
+    lora_targets: str = typer.Option("all-linear", help="LoRA target modules (peft syntax), e.g. all-linear or q_proj,v_proj."),
     cutoff_len: int = typer.Option(256, help="Maximum tokens per example."),
+    template: str = typer.Option("auto", help="Prompt template: auto (the tokenizer's chat template when it has one, else alpaca) | chat | alpaca."),
     batch_size: int = typer.Option(64, help="Effective batch size (micro-batch x gradient accumulation)."),
     micro_batch_size: int = typer.Option(4, help="Examples per forward pass."),
     dtype: str = typer.Option("auto", help="auto (bf16 only where the hardware has native bf16) | bf16 | fp32."),
@@ -200,8 +208,14 @@ def recover(
     bad_records: str = typer.Option("skip", help="skip: leave out unusable records, count them in train_log.json | error: stop at the first."),
     adapter: str = typer.Option("lora", help="lora | full (every weight trains; pruned positions stay zero)."),
     sparse_lora: str = typer.Option("masked", help="masked: the LoRA update is masked to the pruned layer's non-zeros while training, so the merged model is the trained one | off: plain LoRA, zeros re-applied after the merge."),
-    loss: str = typer.Option("nll", help="nll (the reference answers) | kd (distil the teacher's next-token distributions) | mix (half each, --kd-alpha) | auto: mix when the original model is known (--teacher, or the model paser prune started from, recorded in MODEL/prune_report.json), else nll."),
-    teacher: Optional[str] = typer.Option(None, help="kd/mix/auto: the teacher model spec (the original, dense model; default: the one recorded by paser prune)."),
+    targets: str = typer.Option("reference", help="What to train toward: reference (the data's answers) | original (the original model's own answers to the prompts, generated once and cached; needs the original: --teacher or the one paser prune recorded)."),
+    target_max_new_tokens: Optional[int] = typer.Option(None, help="original targets: new tokens at most (default: --cutoff-len)."),
+    target_do_sample: bool = typer.Option(False, "--target-do-sample", help="original targets: sample (--target-temperature, --target-top-p) instead of greedy decoding."),
+    target_temperature: float = typer.Option(1.0, help="original targets with --target-do-sample: temperature."),
+    target_top_p: float = typer.Option(1.0, help="original targets with --target-do-sample: nucleus top-p."),
+    target_batch_size: int = typer.Option(16, help="original targets: prompts per generation batch."),
+    loss: str = typer.Option("nll", help="nll (the targets' answers) | kd (distil the teacher's next-token distributions) | mix (half each, --kd-alpha) | auto: mix when the original model is known (--teacher, or the model paser prune started from, recorded in MODEL/prune_report.json), else nll."),
+    teacher: Optional[str] = typer.Option(None, help="The original, dense model: kd/mix/auto's teacher and original targets' author (default: the one recorded by paser prune)."),
     kd_temperature: float = typer.Option(1.0, help="kd/mix: softmax temperature of both distributions."),
     kd_alpha: float = typer.Option(0.5, help="mix: alpha * kd + (1 - alpha) * nll."),
     kd_positions: str = typer.Option("response", help="kd/mix: response | all (prompt positions too)."),
@@ -211,7 +225,8 @@ def recover(
     group_by_length: bool = typer.Option(True, "--group-by-length/--no-group-by-length", help="Batch records of similar length (less padding); off: a seeded random order, identical for any number of processes."),
     recipe: Optional[str] = typer.Option(None, help="A named recipe whose settings override the options: paper (NLL LoRA, zeros re-applied after the merge)."),
 ) -> None:
-    """Recover a pruned model on selected data: LoRA (or all weights), NLL or distillation from the original.
+    """Recover a pruned model on selected data: LoRA (or all weights), NLL or distillation from the original,
+    on the data's answers or the original model's own.
 
     Writes OUT/adapter (peft), OUT/merged (a plain model directory that keeps every pruned zero) and
     OUT/train_log.json (loss curve per term, tokens/s, seconds per step, peak memory, and
@@ -223,12 +238,14 @@ def recover(
 
     settings = dict(
         model=model, data=data, out=out, epochs=epochs, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, targets=targets, cutoff_len=cutoff_len, batch_size=batch_size,
+        lora_dropout=lora_dropout, lora_targets=lora_targets, cutoff_len=cutoff_len, template=template, batch_size=batch_size,
         micro_batch_size=micro_batch_size, dtype=dtype, resume=resume, warmup_ratio=warmup_ratio,
         save_steps=save_steps, seed=seed, limit=limit, bad_records=bad_records, adapter=adapter,
         sparse_lora=sparse_lora, loss=loss, teacher=teacher, kd_temperature=kd_temperature, kd_alpha=kd_alpha,
         kd_positions=kd_positions, teacher_cache=teacher_cache, teacher_topk=teacher_topk,
-        group_by_length=group_by_length, fsdp=fsdp)
+        group_by_length=group_by_length, fsdp=fsdp, targets=targets, target_max_new_tokens=target_max_new_tokens,
+        target_do_sample=target_do_sample, target_temperature=target_temperature, target_top_p=target_top_p,
+        target_batch_size=target_batch_size)
     train_log = run_recovery(RecoverConfig(**{**settings, **(recipe_settings(recipe, "recover") if recipe else {})}))
     from . import distributed
 
@@ -252,14 +269,18 @@ def evaluate(
     ppl_seqlen: int = typer.Option(1024, help="Perplexity window length in tokens (capped at the model's maximum)."),
     response_ppl: list[str] = typer.Option([], help="Instruction data whose response perplexity to measure (repeatable), e.g. demo-heldout."),
     response_ppl_limit: Optional[int] = typer.Option(None, help="Use the first N records of each --response-ppl source."),
+    response_max_length: int = typer.Option(512, help="--response-ppl: tokens per record at most (prompt + response)."),
+    ppl_windows: Optional[int] = typer.Option(None, help="--ppl: the first N windows of each text (default: all)."),
+    bad_records: str = typer.Option("skip", help="--response-ppl sources: skip unusable records (reported) | error: stop at the first."),
     demo_skills: bool = typer.Option(False, help="Exact-match accuracy per skill on the built-in held-out demo set."),
     demo_questions: Optional[int] = typer.Option(None, help="Held-out demo questions per skill (default: all 40)."),
+    fidelity_to: Optional[str] = typer.Option(None, "--fidelity-to", help="The original model: per-token KL(original || model) and top-1 agreement on the --ppl windows (exact over the vocabulary; both models resident)."),
     batch_size: int = typer.Option(8, help="Batch size."),
     dtype: str = typer.Option("auto", help="auto (bf16 only where the hardware has native bf16) | bf16 | fp32."),
     label: list[str] = typer.Option([], help="Display name per model, in order (default: the model specs)."),
     out: Path = typer.Option(Path("results.json"), help="Results file; a markdown table is written beside it (.md)."),
 ) -> None:
-    """Evaluate models side by side: zero-shot tasks (lm-eval), perplexity, demo skills.
+    """Evaluate models side by side: zero-shot tasks (lm-eval), perplexity, demo skills, fidelity to the original.
 
     Each model is loaded once; tasks and tokenised text are built once for all models. Writes
     results.json (metrics with stderr and n, versions, dtype, limit, wall time per task) and results.md.
@@ -270,7 +291,8 @@ def evaluate(
         models=list(models), tasks=[t.strip() for t in tasks.split(",") if t.strip()], task_dir=task_dir,
         limit=limit, ppl=[str(p) for p in ppl], ppl_seqlen=ppl_seqlen, response_ppl=list(response_ppl),
         response_ppl_limit=response_ppl_limit, demo_skills=demo_skills, demo_questions=demo_questions,
-        batch_size=batch_size, dtype=dtype,
+        fidelity_to=fidelity_to, batch_size=batch_size, dtype=dtype, response_max_length=response_max_length,
+        ppl_windows=ppl_windows, bad_records=bad_records,
         labels=list(label) or None, out=out))
     from . import distributed
 
@@ -298,14 +320,12 @@ def run(
     arm when the config's baseline lists several). Writes OUT/run.json and OUT/report.html and prints
     the tables.
     """
-    from .pipeline import load_config, run_pipeline, with_arms, with_evaluation_data
+    from .pipeline import load_config, run_pipeline, with_arms
 
-    pipeline_config = load_config(config, set_values)
+    pipeline_config = load_config(config, set_values, task_dir=str(task_dir) if task_dir else None,
+                                  ppl=[str(p) for p in ppl])
     if arms:
         pipeline_config = with_arms(pipeline_config, [a.strip() for a in arms.split(",") if a.strip()])
-    if task_dir is not None or ppl:
-        pipeline_config = with_evaluation_data(pipeline_config, str(task_dir) if task_dir else None,
-                                               [str(p) for p in ppl])
     _finish_run(run_pipeline(pipeline_config, out=out, from_stage=from_stage))
 
 

@@ -52,8 +52,8 @@ def _value(metric: Metric, num: list[np.ndarray], den: list[np.ndarray], ref: di
     return (ref["pruned"] - value) / (ref["pruned"] - ref["dense"])
 
 
-def compare_arms(results: dict, arms: dict[str, dict[int, str]], baseline: str, references: dict[str, str] | None = None, replicates: int = BOOTSTRAP_REPLICATES,
-                 seed: int = 0) -> dict[str, Any]:
+def compare_arms(results: dict, arms: dict[str, dict[int, str]], baseline: str, references: dict[str, str] | None = None,
+                 replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0) -> dict[str, Any]:
     """Per arm and metric: mean and std over seeds, and the paired-bootstrap difference against ``baseline``.
 
     ``arms``: arm -> {seed: model label in results}; ``references``: {"dense": label, "pruned": label} for

@@ -1,4 +1,4 @@
-"""Recovery objectives: the reference answers' NLL, distillation from the original model, or a mix.
+"""The trainer of recovery objectives that need the original model (:mod:`paser.objectives`): ``kd`` and ``mix``.
 
 ``kd`` is the forward KL from the teacher's next-token distribution to the student's, at response
 positions (``positions="all"``: every real position), with temperature T (scaled by T^2, as usual):
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .objectives import Objective
 from .teacher import TopK, bucketed_kl
 
 IGNORE_INDEX = -100
@@ -33,19 +34,18 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, position
     return kl.mean() * temperature ** 2
 
 
-def trainer_class(loss: str) -> type:
-    """The Trainer for an objective: the stock one for ``nll``, :class:`DistillTrainer` otherwise."""
+def trainer_class(objective: Objective) -> type:
+    """The Trainer for an objective: the stock one when it needs no teacher (its loss is the NLL),
+    :class:`DistillTrainer` otherwise, which computes the terms and asks the objective for the loss."""
     from transformers import Trainer
 
-    if loss == "nll":
+    if not objective.needs_teacher:
         return Trainer
 
     class DistillTrainer(Trainer):
-        def __init__(self, *args: Any, teacher: Any, loss: str, temperature: float, alpha: float, positions: str,
-                     **kwargs: Any) -> None:
+        def __init__(self, *args: Any, teacher: Any, objective: Objective, settings: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.teacher, self.objective = teacher, loss
-            self.temperature, self.alpha, self.kd_positions = temperature, alpha, positions
+            self.teacher, self.objective, self.settings = teacher, objective, settings
             self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean: let the Trainer average
             self._terms: dict[str, list[float]] = {"nll": [], "kd": []}
 
@@ -64,11 +64,11 @@ def trainer_class(loss: str) -> type:
                                  torch.from_numpy(self.teacher.ids[rows]).to(device),
                                  torch.from_numpy(self.teacher.log_tail[rows]).to(device), logits[response]).mean()
             else:
-                positions = response if self.kd_positions == "response" else mask[:, 1:].bool()
+                positions = response if self.settings.kd_positions == "response" else mask[:, 1:].bool()
                 with torch.no_grad():
                     teacher_logits = self.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
-                kd = kd_loss(logits, teacher_logits, positions, self.temperature)
-            loss = kd if self.objective == "kd" else self.alpha * kd + (1 - self.alpha) * nll
+                kd = kd_loss(logits, teacher_logits, positions, self.settings.kd_temperature)
+            loss = self.objective.loss({"nll": nll, "kd": kd}, self.settings)
             self._terms["nll"].append(nll.item())
             self._terms["kd"].append(kd.item())
             return (loss, outputs) if return_outputs else loss

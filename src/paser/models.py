@@ -175,7 +175,8 @@ def load_model(spec: str | Path, dtype: str = "auto", device: str | None = None,
     """Load ``(model, tokenizer)`` for a spec; the model is in eval mode on ``device`` (default CPU), or spread
     over the GPUs (and CPU memory) by accelerate's big-model loading with ``device_map="auto"``.
 
-    ``dtype`` is ``auto`` (bf16 where the hardware runs it natively, else fp32), ``fp32``, ``bf16`` or ``fp16``. Pass ``tokenizer=False`` to get ``(model, None)``.
+    ``dtype`` is ``auto`` (bf16 where the hardware runs it natively, else fp32), ``fp32``, ``bf16`` or ``fp16``.
+    Pass ``tokenizer=False`` to get ``(model, None)``.
     """
     from transformers import AutoModelForCausalLM
 

@@ -37,44 +37,11 @@ STAGES = ("data", "prune", "select", "recover", "evaluate")
 
 
 # ------------------------------------------------------------------------------------------- config
-# The fields each stage hashed in full when these hashes were introduced. A field added since enters a stage's
-# hash only when it is set away from the value that reproduces the behaviour from before it existed (its first
-# default, or the value in INTRODUCED_AS where the default has changed since), so a new option does not redo
-# finished runs and a changed default does.
-HASHED_FIELDS = {
-    "prune": frozenset({"calib_data", "calib_samples", "heldout_samples", "method", "pattern", "seed", "seq_len",
-                        "sparsity"}),
-    "select": frozenset({"allocation", "anchor_data", "anchors", "bad_records", "batch_size", "budget", "cache_dir",
-                         "ccg", "cluster_method", "clusters", "columns", "concepts_per_sample", "dsir_buckets",
-                         "dtype", "duplicates", "embedder", "ifd_model", "limit", "max_length", "method",
-                         "nuggets_candidates", "score", "seed", "target", "target_limit", "target_sources",
-                         "template"}),
-    "recover": frozenset({"adapter", "bad_records", "batch_size", "cutoff_len", "epochs", "group_by_length",
-                          "kd_alpha", "kd_positions", "kd_temperature", "lora_alpha", "lora_dropout", "lora_r",
-                          "loss", "lr", "micro_batch_size", "save_steps", "seed", "sparse_lora", "targets",
-                          "teacher", "template", "warmup_ratio"}),
-    "evaluate": frozenset({"bad_records", "batch_size", "demo_questions", "demo_skills", "dtype", "labels", "limit",
-                           "ppl", "ppl_seqlen", "ppl_windows", "response_max_length", "response_ppl",
-                           "response_ppl_limit", "task_dir", "tasks"}),
-}
-
-
-INTRODUCED_AS = {"select": {"within": "top", "ccg_rule": "paper", "rank": "ies"}}  # defaults before the study
-
-
-def _hashed(section: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` as they enter a stage hash (see :data:`HASHED_FIELDS`)."""
-    from .evaluate import EvaluateConfig
-    from .prune import PruneConfig
-    from .recover import RecoverConfig
-    from .select import SelectConfig
-
-    cls = {"prune": PruneConfig, "select": SelectConfig, "recover": RecoverConfig, "evaluate": EvaluateConfig}[section]
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else
-                (f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-                for f in dataclasses.fields(cls)} | INTRODUCED_AS.get(section, {})
-    return {k: v for k, v in settings.items()
-            if k in HASHED_FIELDS[section] or k not in defaults or v != defaults[k]}
+def _declared(settings: dict[str, Any], versions: dict[str, Any]) -> dict[str, Any]:
+    """A stage's settings as they enter its hash: every declared field with its value (defaults included, so a
+    changed default redoes the stage) and the ``version`` of each registered object that reads them (so a change
+    of behaviour under the same settings does too). Nothing is kept by hand."""
+    return {"settings": settings, "versions": versions}
 
 
 def _section_fields(cls: type, wired: set[str]) -> dict[str, dataclasses.Field]:
@@ -268,9 +235,12 @@ def shipped_config_text(name: str) -> str:
     return resources.files("paser").joinpath("configs", f"{name}.yaml").read_text(encoding="utf-8")
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = (), task_dir: str | None = None,
+                ppl: Sequence[str] = ()) -> PipelineConfig:
     """Read and validate a YAML config; a bare shipped name (``demo``, ``compare``, ``study``) reads the
-    shipped one. ``overrides``: ``SECTION.KEY=VALUE`` or ``KEY=VALUE`` (VALUE read as YAML), applied first."""
+    shipped one. ``overrides``: ``SECTION.KEY=VALUE`` or ``KEY=VALUE`` (VALUE read as YAML), applied first;
+    then ``task_dir`` and ``ppl`` replace the evaluation data (``paser run --task-dir / --ppl``), so what is
+    validated is the config that will run."""
     import yaml
 
     path = Path(path)
@@ -293,9 +263,21 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
         target = raw.setdefault(section, {}) if section else raw
         if not isinstance(target, dict):
             raise ConfigError(f"--set {item}: '{section}' is not a section")
-        parsed = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
         # YAML 1.1 reads 2:4 as a base-60 number; an N:M pattern is meant
         target[field_name] = value if isinstance(parsed, int) and ":" in value else parsed
+    if task_dir is not None or ppl:
+        evaluate = raw.get("evaluate") or {}
+        if not isinstance(evaluate, dict):
+            raise ConfigError(f"{where}: section 'evaluate' must be a mapping")
+        if task_dir is not None:
+            evaluate.update(task_dir=str(task_dir), skip_missing_task_dir=False)
+        if ppl:
+            evaluate["ppl"] = [str(p) for p in ppl]
+        raw["evaluate"] = evaluate
     return parse_config(raw, where=where + (f" with --set {' '.join(overrides)}" if overrides else ""))
 
 
@@ -407,11 +389,15 @@ def _arm_key(arm: dict, seed: int) -> str:
 
 
 def _arm_recover(config: PipelineConfig, arm: dict, seed: int) -> dict[str, Any]:
+    from .objectives import OBJECTIVES
+    from .targets import TARGETS
+
     settings = {**config.recover, **arm["recover"], "seed": seed}
     if settings["loss"] == "auto":
         settings["loss"] = "mix"  # the pipeline always knows the original model (paser.recover.resolve_loss)
-    if settings["loss"] != "nll" and not settings.get("teacher"):
-        settings["teacher"] = config.model  # distillation's teacher: the original model
+    needs_original = OBJECTIVES.get(settings["loss"]).needs_teacher or TARGETS.get(settings["targets"]).needs_original
+    if needs_original and not settings.get("teacher"):
+        settings["teacher"] = config.model  # distillation's teacher and the targets' author: the original model
     return settings
 
 
@@ -645,10 +631,13 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
     """Run (or resume) the pipeline; returns what ``OUT/run.json`` holds (under a launcher, on rank 0; the other
     processes take part in scoring, training and evaluation and return an empty dict)."""
     from .evaluate import EvaluateConfig, run_evaluation
-    from .prune import PruneConfig, run_prune
+    from .objectives import OBJECTIVES
+    from .prune import PRUNING_METHODS, PruneConfig, run_prune
+    from .targets import TARGETS
     from .recover import RecoverConfig, run_recovery
     from .report import build_report
     from .select import run_selection
+    from .strategies import get_strategy
 
     if from_stage is not None and from_stage not in STAGES:
         raise ConfigError(f"--from must be one of {', '.join(STAGES)}, not '{from_stage}'")
@@ -686,7 +675,8 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
     else:
         directory = out / "prune"
         prune_settings = {**config.prune, "calib_data": _resolve(config.prune["calib_data"], files)}
-        inputs = {"model": model_id, "prune": _hashed("prune", config.prune),
+        inputs = {"model": model_id,
+                  "prune": _declared(config.prune, {"method": PRUNING_METHODS.get(config.prune["method"]).version}),
                   "calibration": data_hash if config.prune["calib_data"] == CALIBRATION else None}
         with runner.stage("prune", directory, inputs) as notes:
             if notes is not None and main:
@@ -704,13 +694,11 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
             key = _arm_key(arm, seed)
             directory = out / "select" / key
             select_config = _select_config(config, pruned, arm, seed, directory, files.get("slice"))
+            select_settings = {k: v for k, v in dataclasses.asdict(select_config).items()
+                               if k not in ("out", "original", "pruned", "data")}
             inputs = {"model": model_id, "pruned": prune_hash, "data": data_hash,
-                      "select": _hashed("select", {k: v for k, v in dataclasses.asdict(select_config).items()
-                                                   if k not in ("out", "original", "pruned", "data")})}
-            if select_config.scoring == "sampled":
-                from .strategies.sampled import BEHAVIOUR_VERSION
-
-                inputs["sampled_scoring"] = BEHAVIOUR_VERSION
+                      "select": _declared(select_settings,
+                                          {"method": get_strategy(select_config.method).cache_version(select_config)})}
             with runner.stage("select", directory, inputs) as notes:
                 if notes is not None:
                     summary = run_selection(select_config).summary
@@ -722,8 +710,9 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
 
             directory = out / "recover" / key
             settings = _arm_recover(config, arm, seed)
-            inputs = {"pruned": prune_hash, "selection": select_hash, "recover": _hashed("recover", settings),
-                      "dtype": config.dtype}
+            inputs = {"pruned": prune_hash, "selection": select_hash, "dtype": config.dtype,
+                      "recover": _declared(settings, {"objective": OBJECTIVES.get(settings["loss"]).version,
+                                                      "targets": TARGETS.get(settings["targets"]).version})}
             with runner.stage("recover", directory, inputs) as notes:
                 if notes is not None:
                     run_recovery(RecoverConfig(model=pruned, data=str(out / "select" / key / "selected.jsonl"),
@@ -739,11 +728,13 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
     models = [config.model, pruned, *recovered.values()]
     labels = ["dense", prune_label, *(label for arm in config.arms for label in arm_labels[arm["name"]].values())]
     evaluate_kwargs = _evaluate_kwargs(config, models, directory / "results.json", labels, files)
+    evaluate_config = EvaluateConfig(**evaluate_kwargs)
     inputs = {"model": model_id, "pruned": prune_hash, "recovered": recover_hashes, "data": data_hash,
-              "evaluate": _hashed("evaluate", {k: v for k, v in evaluate_kwargs.items() if k not in ("models", "out")})}
+              "evaluate": _declared({k: v for k, v in evaluate_kwargs.items() if k not in ("models", "out")},
+                                    {m.name: m.version for m in evaluate_config.measurements()})}
     with runner.stage("evaluate", directory, inputs) as notes:
         if notes is not None:
-            run_evaluation(EvaluateConfig(**evaluate_kwargs))
+            run_evaluation(evaluate_config)
     if not main:
         return {}
     if config.baseline and len(config.arms) > 1:

@@ -25,18 +25,18 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
 from .cache import atomic_dir, write_json
 from .data import pad_right
 from .errors import ConfigError
+from .registry import Registry
 from .score import perplexity
 
 log = logging.getLogger(__name__)
 
-METHODS = ("wanda", "sparsegpt", "magnitude", "taylor")
 TAYLOR_BATCH = 4  # calibration sequences per backward pass
 CALIBRATION_BATCH = 8  # sequences per llmcompressor calibration pass (all windows have the same length)
 TAYLOR_MODEL_TYPES = ("llama", "mistral", "qwen2")  # gated MLP + (grouped-query) attention, one width per config
@@ -45,6 +45,8 @@ TAYLOR_MODEL_TYPES = ("llama", "mistral", "qwen2")  # gated MLP + (grouped-query
 @dataclass
 class PruneConfig:
     """Pruning settings; defaults are the CLI's."""
+
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset()  # every field is a ``paser prune`` option
 
     model: str
     out: str | Path
@@ -69,13 +71,13 @@ class PruneConfig:
         return n, m
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, not '{self.method}'")
+        method = PRUNING_METHODS.get(self.method)
         if not 0 < self.sparsity < 1:
             raise ConfigError(f"sparsity must be in (0, 1), not {self.sparsity}")
         nm = self.nm()
-        if nm and self.method == "taylor":
-            raise ConfigError("an N:M pattern applies to unstructured methods (wanda, sparsegpt, magnitude), not taylor")
+        if nm and method.structured:
+            unstructured = ", ".join(n for n, m in PRUNING_METHODS.items() if not m.structured)
+            raise ConfigError(f"an N:M pattern applies to unstructured methods ({unstructured}), not {self.method}")
         if nm and not math.isclose(self.sparsity, nm[0] / nm[1]):
             raise ConfigError(f"pattern {self.pattern} means sparsity {nm[0] / nm[1]:g}, but --sparsity is {self.sparsity:g}")
         if self.calib_samples < 1 or self.seq_len < 8:
@@ -224,30 +226,93 @@ def calibration_sequences(source: str, tokenizer: Any, count: int, seq_len: int)
     return [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:count]
 
 
-def _llmcompressor_prune(model: Any, tokenizer: Any, config: PruneConfig, calibration: list[list[int]]) -> Any:
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.pruning import WandaPruningModifier
-    from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+class PruningMethod:
+    """A pruning method: ``prune`` returns the pruned model and, for structured methods, what was removed."""
 
-    structure = config.pattern or "0:0"  # llmcompressor's spelling of "unstructured"
-    cls = WandaPruningModifier if config.method == "wanda" else SparseGPTModifier
-    modifier = cls(sparsity=config.sparsity, mask_structure=structure, ignore=["re:.*lm_head"])
-    dataset = Dataset.from_dict({"input_ids": calibration, "attention_mask": [[1] * len(s) for s in calibration]})
-    return oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=modifier,
-                   num_calibration_samples=len(calibration), max_seq_length=config.seq_len,
-                   batch_size=CALIBRATION_BATCH, shuffle_calibration_samples=False)
+    name = "base"
+    structured = False  # parameters physically removed (no N:M pattern), or zeros inside unchanged shapes
+    version = 1
+
+    def check(self, config: PruneConfig) -> None:
+        """Checks that need only the model's config (before any model loads)."""
+
+    def prune(self, model: Any, tokenizer: Any, config: PruneConfig, calibration: list[list[int]]) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def save(self, model: Any, directory: Any) -> None:
+        model.save_pretrained(directory)
+
+
+PRUNING_METHODS: Registry[PruningMethod] = Registry("pruning method")
+
+
+class _OneShot(PruningMethod):
+    """llmcompressor's one-shot modifiers (calibrated on ``calibration``; ``lm_head`` left dense)."""
+
+    def modifier(self) -> type:
+        raise NotImplementedError
+
+    def prune(self, model: Any, tokenizer: Any, config: PruneConfig, calibration: list[list[int]]) -> tuple[Any, Any]:
+        from datasets import Dataset
+        from llmcompressor import oneshot
+
+        structure = config.pattern or "0:0"  # llmcompressor's spelling of "unstructured"
+        modifier = self.modifier()(sparsity=config.sparsity, mask_structure=structure, ignore=["re:.*lm_head"])
+        dataset = Dataset.from_dict({"input_ids": calibration, "attention_mask": [[1] * len(s) for s in calibration]})
+        return oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=modifier,
+                       num_calibration_samples=len(calibration), max_seq_length=config.seq_len,
+                       batch_size=CALIBRATION_BATCH, shuffle_calibration_samples=False), None
+
+    def save(self, model: Any, directory: Any) -> None:
+        model.save_pretrained(directory, save_compressed=False)  # plain dense tensors, not a compressed format
+
+
+@PRUNING_METHODS.register("wanda")
+class Wanda(_OneShot):
+    def modifier(self) -> type:
+        from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+        return WandaPruningModifier
+
+
+@PRUNING_METHODS.register("sparsegpt")
+class SparseGPT(_OneShot):
+    def modifier(self) -> type:
+        from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+
+        return SparseGPTModifier
+
+
+@PRUNING_METHODS.register("magnitude")
+class Magnitude(PruningMethod):
+    def prune(self, model: Any, tokenizer: Any, config: PruneConfig, calibration: list[list[int]]) -> tuple[Any, Any]:
+        return magnitude_prune_(model, config.sparsity, config.nm()), None
+
+
+@PRUNING_METHODS.register("taylor")
+class Taylor(PruningMethod):
+    structured = True
+
+    def check(self, config: PruneConfig) -> None:
+        from transformers import AutoConfig
+
+        from .models import resolve_spec
+
+        check_taylor_supported(AutoConfig.from_pretrained(resolve_spec(config.model).location), config.model)
+
+    def prune(self, model: Any, tokenizer: Any, config: PruneConfig, calibration: list[list[int]]) -> tuple[Any, Any]:
+        batches = [calibration[i:i + TAYLOR_BATCH] for i in range(0, len(calibration), TAYLOR_BATCH)]
+        structure = taylor_prune_(model, batches, config.sparsity)
+        return model, structure
 
 
 def run_prune(config: PruneConfig) -> dict:
     """Prune ``config.model`` and write the model directory and ``prune_report.json``; returns the report."""
-    from .models import load_model, resolve_spec
+    from .models import load_model
 
     config.validate()
-    if config.method == "taylor":  # architecture check before the model loads
-        from transformers import AutoConfig
-
-        check_taylor_supported(AutoConfig.from_pretrained(resolve_spec(config.model).location), config.model)
+    method = PRUNING_METHODS.get(config.method)
+    method.check(config)  # e.g. the architecture, before the model loads
     started = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype="fp32")
     torch.manual_seed(config.seed)
@@ -257,19 +322,16 @@ def run_prune(config: PruneConfig) -> dict:
         raise ConfigError(f"calibration source '{config.calib_data}' gave {len(sequences)} sequences; "
                           f"need more than {config.heldout_samples} (held out for perplexity)")
     calibration, heldout = sequences[:-config.heldout_samples], sequences[-config.heldout_samples:]
+    if len(calibration) < config.calib_samples:
+        log.warning("calibration source '%s' gave %d windows of %d tokens for calibration (%d asked; %d more held out "
+                    "for perplexity): pruning is calibrated on %d", config.calib_data, len(calibration), config.seq_len,
+                    config.calib_samples, len(heldout), len(calibration))
     params_before = sum(p.numel() for p in model.parameters())
     sizes_before = {name: m.weight.numel() for name, m in decoder_linears(model).items()}
     ppl_before = perplexity(model, heldout)
 
     t0 = time.perf_counter()
-    structure = None
-    if config.method == "magnitude":
-        magnitude_prune_(model, config.sparsity, config.nm())
-    elif config.method == "taylor":
-        batches = [calibration[i:i + TAYLOR_BATCH] for i in range(0, len(calibration), TAYLOR_BATCH)]
-        structure = taylor_prune_(model, batches, config.sparsity)
-    else:
-        model = _llmcompressor_prune(model, tokenizer, config, calibration)
+    model, structure = method.prune(model, tokenizer, config, calibration)
     prune_seconds = time.perf_counter() - t0
     ppl_after = perplexity(model, heldout)
 
@@ -298,10 +360,7 @@ def run_prune(config: PruneConfig) -> dict:
     }
     out = Path(config.out)
     with atomic_dir(out) as tmp:
-        if config.method in ("magnitude", "taylor"):
-            model.save_pretrained(tmp)
-        else:  # llmcompressor wraps save_pretrained; ask for plain dense tensors, not a compressed format
-            model.save_pretrained(tmp, save_compressed=False)
+        method.save(model, tmp)
         tokenizer.save_pretrained(tmp)
         write_json(Path(tmp) / "prune_report.json", report)
     return report

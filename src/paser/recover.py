@@ -20,7 +20,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -29,6 +29,8 @@ from .cache import atomic_dir, stable_hash, write_json
 from .data import BAD_RECORD_POLICIES, Encoded, PromptFormatter, encode_records, load_records, pad_right
 from .errors import ConfigError
 from .models import check_compatible, load_model, resolve_dtype_name
+from .objectives import OBJECTIVES
+from .targets import TARGETS
 from .sparsity import apply_masks, sparsity_masks
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ IGNORE_INDEX = -100
 class RecoverConfig:
     """LoRA recovery settings; defaults are the CLI's."""
 
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset()  # every field is a ``paser recover`` option
+
     model: str
     data: str
     out: str | Path
@@ -48,7 +52,7 @@ class RecoverConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    targets: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
+    lora_targets: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
     cutoff_len: int = 256
     batch_size: int = 64  # effective batch (micro_batch_size x gradient accumulation)
     micro_batch_size: int = 4
@@ -63,8 +67,14 @@ class RecoverConfig:
     group_by_length: bool = True  # micro-batches of similar lengths (less padding: faster steps)
     adapter: str = "lora"  # lora | full (every weight, pruned positions kept at zero)
     sparse_lora: str = "masked"  # masked: the LoRA update keeps the pruned zeros while training | off: re-mask after merge
-    loss: str = "nll"  # nll (reference answers) | kd | mix | auto: mix when the original model is known, else nll
-    teacher: str | None = None  # kd/mix: the teacher, the original model (``paser run`` passes its ``model``)
+    loss: str = "nll"  # nll (the targets' answers) | kd | mix | auto: mix when the original model is known, else nll
+    teacher: str | None = None  # the original model: kd/mix's teacher, original targets' author (``paser run``: its model)
+    targets: str = "reference"  # reference: the data's answers | original: the original model's own (paser.targets)
+    target_max_new_tokens: int | None = None  # original targets: new tokens at most (None: cutoff_len)
+    target_do_sample: bool = False  # original targets: sample instead of greedy decoding
+    target_temperature: float = 1.0
+    target_top_p: float = 1.0
+    target_batch_size: int = 16  # prompts per generation batch
     kd_temperature: float = 1.0
     kd_alpha: float = 0.5  # mix: alpha * kd + (1 - alpha) * nll
     kd_positions: str = "response"  # response | all (prompt positions too)
@@ -74,10 +84,17 @@ class RecoverConfig:
 
     def validate(self) -> None:
         for name, allowed in (("adapter", ("lora", "full")), ("sparse_lora", ("masked", "off")),
-                              ("loss", ("auto", "nll", "kd", "mix")), ("kd_positions", ("response", "all"))):
+                              ("loss", ("auto", *OBJECTIVES.names())), ("kd_positions", ("response", "all")),
+                              ("targets", TARGETS.names())):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
-        if self.loss in ("kd", "mix") and not self.teacher:
+        if TARGETS.get(self.targets).needs_original and not self.teacher and recorded_original(self.model) is None:
+            raise ConfigError(f"targets '{self.targets}' needs the original model (--teacher)")
+        if (self.target_max_new_tokens is not None and self.target_max_new_tokens < 1) or self.target_batch_size < 1 \
+                or not self.target_temperature > 0 or not 0 < self.target_top_p <= 1:
+            raise ConfigError("target_max_new_tokens and target_batch_size must be >= 1, target_temperature positive "
+                              "and target_top_p in (0, 1]")
+        if self.loss != "auto" and OBJECTIVES.get(self.loss).needs_teacher and not self.teacher:
             raise ConfigError(f"loss '{self.loss}' needs a teacher model (--teacher, the original model)")
         if self.teacher_cache not in ("none", "topk"):
             raise ConfigError(f"teacher_cache must be none or topk, not '{self.teacher_cache}'")
@@ -116,6 +133,15 @@ def recorded_original(model: str | Path) -> str | None:
         log.warning("%s names the original model %s, which is not there: no teacher", report, original)
         return None
     return str(original)
+
+
+def resolve_original(config: RecoverConfig) -> RecoverConfig:
+    """``loss: auto`` made concrete (:func:`resolve_loss`), and the original model filled in where the targets need
+    it and ``--teacher`` is not given (the model ``paser prune`` recorded)."""
+    config = resolve_loss(config)
+    if TARGETS.get(config.targets).needs_original and not config.teacher:
+        config = replace(config, teacher=recorded_original(config.model))
+    return config
 
 
 def resolve_loss(config: RecoverConfig) -> RecoverConfig:
@@ -215,7 +241,7 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
     from .distill import trainer_class
 
     config.validate()
-    config = resolve_loss(config)
+    config = resolve_original(config)
     out = Path(config.out)
     # validated before any model loads
     records = load_records(config.data, limit=config.limit, bad_records=config.bad_records)
@@ -224,14 +250,16 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
     set_seed(config.seed)
     model, tokenizer = load_model(config.model, dtype=dtype)
     formatter = PromptFormatter(tokenizer, template=config.template, max_length=config.cutoff_len)
+    records, target_info = TARGETS.get(config.targets).build(records, config, tokenizer, dtype)
     records, encoded = encode_records(formatter, records, config.bad_records, skipped)
     masks = sparsity_masks(model)
     masked = config.adapter == "lora" and config.sparse_lora == "masked" and bool(masks)
     log.info("%d records; %d sparse linear layers keep their zeros (%s)", len(encoded), len(masks),
              "full-parameter, gradients masked" if config.adapter == "full"
              else "masked LoRA: exact" if masked else "LoRA, re-masked after the merge")
+    objective = OBJECTIVES.get(config.loss)
     teacher = None
-    if config.loss != "nll":
+    if objective.needs_teacher:
         teacher, teacher_tokenizer = load_model(config.teacher or config.model, dtype=dtype)
         check_compatible(tokenizer, teacher_tokenizer, model, teacher)
         teacher.eval().requires_grad_(False)
@@ -240,8 +268,8 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
 
     def trainable(base: Any) -> Any:
         if config.adapter == "lora":
-            targets: Any = (config.targets if config.targets == "all-linear"
-                            else [t.strip() for t in config.targets.split(",")])
+            targets: Any = (config.lora_targets if config.lora_targets == "all-linear"
+                            else [t.strip() for t in config.lora_targets.split(",")])
             return get_peft_model(base, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, targets,
                                                     masked))
         base.requires_grad_(True)
@@ -263,13 +291,11 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
         fsdp=True if config.fsdp else None, fsdp_config={"version": 2} if config.fsdp else None,
     )
     extra = [_keep_zeros(masks)] if config.adapter == "full" and masks else []
-    trainer = trainer_class(config.loss)(
+    trainer = trainer_class(objective)(
         model=model, args=args, train_dataset=_Examples(encoded, with_record=config.teacher_cache == "topk"),
         data_collator=lambda f: collate_for_training(f, tokenizer.pad_token_id),
         callbacks=[*callbacks, *extra, _report_saves()],
-        **({} if config.loss == "nll" else {"teacher": teacher, "loss": config.loss,
-                                             "temperature": config.kd_temperature, "alpha": config.kd_alpha,
-                                             "positions": config.kd_positions}))
+        **({"teacher": teacher, "objective": objective, "settings": config} if objective.needs_teacher else {}))
     resume_from = _checkpoint_to_resume(config, checkpoints, encoded, dtype) if distributed.is_main() else None
     resume_from = distributed.all_gather(resume_from)[0]  # every rank resumes from rank 0's choice
     t0 = time.perf_counter()
@@ -312,6 +338,7 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
         "zeros_kept": int(sum(m.sum().item() for m in masks.values())), "zeros_after_merge": zeros_after,
         "sparse_lora": "masked" if masked else "off", "merge_max_logit_diff": merge_diff,
         "resumed_from": resume_from, "processes": distributed.world_size(), "skipped_records": skipped.summary(),
+        "targets": target_info, "trained_tokens": trained_tokens,
     }
     write_json(out / "train_log.json", train_log)
     distributed.barrier()

@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -50,10 +50,20 @@ METHODS = tuple(STRATEGIES)
 class SelectConfig:
     """Everything ``paser select`` needs; defaults are the documented CLI defaults."""
 
+    # Fields with no ``paser select`` option (YAML and the Python API only), each for a reason: the cache root has
+    # $PASER_CACHE; the rest are fine settings of one method that the study configs set.
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"cache_dir", "ccg_max_df", "concepts_per_sample",
+                                                        "drop_original_loss_above", "dsir_buckets", "target_limit",
+                                                        "target_sources"})
+
     original: str
     pruned: str
     data: str
-    budget: float  # a record count, or a fraction of the data when below 1
+    budget: float | None = None  # a record count, or a fraction of the data when below 1
+    # training tokens (prompt + response within max_length, what recovery trains on): a count, or a fraction of the
+    # pool's tokens when below 1; when given, the method selects as it would for the largest record budget whose
+    # selection fits, and ``budget`` is not used
+    budget_tokens: float | None = None
     out: str | Path | None = None
     method: str = "paser"  # a registered strategy: paser | random | full | perplexity | loss_gap | ifd | nuggets | dsir
     clusters: int | None = None  # None: eigengap rule
@@ -81,7 +91,9 @@ class SelectConfig:
     target_sources: list[str] | None = None  # dsir: only target records whose 'source' field is listed
     target_limit: int | None = None  # dsir: at most this many target texts
     dsir_buckets: int = 10_000  # dsir: hash buckets for unigram + bigram features
-    ccg_rule: str = "specific"  # specific: rare concepts only, no cluster emptied | paper: any two known concepts never seen together conflict (see strategies.paser)
+    # specific: rare concepts only, no cluster emptied | paper: any two known concepts never seen together conflict
+    # (see strategies.paser)
+    ccg_rule: str = "specific"
     ccg_max_df: float = 0.02  # specific rule: concepts in at most this share of the pool's records
     within: str = "top"  # top: best first (the paper) | sample: drawn in proportion to the rank score, seeded
     rank: str = "ifd"  # paser, inside a cluster: ifd (IFD under ifd_model, IFD >= 1 last) | ies (JSD / log cost, the paper)
@@ -99,10 +111,16 @@ class SelectConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, not '{self.method}'")
-        if not self.budget > 0:
-            raise ConfigError(f"budget must be positive (a count, or a fraction below 1), not {self.budget}")
-        if self.budget >= 1 and self.budget != int(self.budget):
-            raise ConfigError(f"budget {self.budget} is neither a fraction below 1 nor a whole count")
+        if self.budget is None and self.budget_tokens is None:
+            raise ConfigError("give a budget: records (--budget) or training tokens (--budget-tokens)")
+        for name in ("budget", "budget_tokens"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not value > 0:
+                raise ConfigError(f"{name} must be positive (a count, or a fraction below 1), not {value}")
+            if value >= 1 and value != int(value):
+                raise ConfigError(f"{name} {value} is neither a fraction below 1 nor a whole count")
         if self.allocation not in ALLOCATION_RULES:
             raise ConfigError(f"allocation must be one of {', '.join(ALLOCATION_RULES)}, not '{self.allocation}'")
         if self.score not in SCORERS:
@@ -155,6 +173,10 @@ class SelectConfig:
         count = round(self.budget * n_records) if self.budget < 1 else int(self.budget)
         return max(1, min(count, n_records))
 
+    def token_budget(self, pool_tokens: int) -> int:
+        count = round(self.budget_tokens * pool_tokens) if self.budget_tokens < 1 else int(self.budget_tokens)
+        return max(1, min(count, pool_tokens))
+
 
 @dataclass
 class SelectionResult:
@@ -193,9 +215,13 @@ def run_selection(config: SelectConfig) -> SelectionResult:
     timings["tokenize"] = time.perf_counter() - t0
     if not records:
         raise DataError(config.data, None, None, f"no usable records ({skipped.describe()})")
-    budget = config.budget_count(len(records))
-    if config.budget >= 1 and config.budget > len(records):
-        log.warning("budget %d exceeds the %d records: selecting all", int(config.budget), len(records))
+    record_tokens = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+    if config.budget_tokens is None:
+        budget = config.budget_count(len(records))
+        if config.budget >= 1 and config.budget > len(records):
+            log.warning("budget %d exceeds the %d records: selecting all", int(config.budget), len(records))
+    else:
+        budget = max(1, min(len(records), round(config.token_budget(int(record_tokens.sum())) / record_tokens.mean())))
 
     table = pd.DataFrame({
         "index": [r.index for r in records],  # positions in the input file, so outputs join back
@@ -207,7 +233,12 @@ def run_selection(config: SelectConfig) -> SelectionResult:
     ctx = SelectionContext(config, records, encoded, tokenizer, formatter.fingerprint,
                            resolve_dtype_name(config.dtype), budget, cache, table, timings)
     t0 = time.perf_counter()
-    positions, details = get_strategy(config.method).select(ctx)
+    strategy = get_strategy(config.method)
+    if config.budget_tokens is None:
+        positions, details = strategy.select(ctx)
+    else:
+        positions, details = select_within_tokens(strategy, ctx, record_tokens,
+                                                  config.token_budget(int(record_tokens.sum())))
     timings["strategy"] = time.perf_counter() - t0
     selected = np.zeros(len(records), dtype=bool)
     selected[positions] = True
@@ -216,7 +247,11 @@ def run_selection(config: SelectConfig) -> SelectionResult:
     score = ctx.table["score"].to_numpy(np.float64) if "score" in ctx.table else None
     summary = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        "method": config.method, "n_records": len(records), "budget": budget, "n_selected": len(positions),
+        "method": config.method, "n_records": len(records), "budget": ctx.budget, "n_selected": len(positions),
+        "tokens": {"budget": config.token_budget(int(record_tokens.sum())) if config.budget_tokens is not None else None,
+                   "selected": int(record_tokens[positions].sum()), "pool": int(record_tokens.sum()),
+                   "selected_response": int(ctx.table["response_tokens"].to_numpy()[positions].sum()),
+                   "per_record": "prompt + response tokens within max_length (what recovery trains on)"},
         "skipped_records": skipped.summary(),
         "scores_from_cache": ctx.info.get("scores_from_cache"), "score": None,  # the strategy names its score
         "cost": {**ctx.cost, "seconds": None},
@@ -243,6 +278,49 @@ def run_selection(config: SelectConfig) -> SelectionResult:
         write_json(Path(config.out) / "selection.json", summary)
     distributed.barrier()  # the outputs exist for every process
     return result
+
+
+def select_within_tokens(strategy: Any, ctx: SelectionContext, record_tokens: np.ndarray, token_budget: int
+                         ) -> tuple[list[int], dict[str, Any]]:
+    """The strategy's selection for the largest record budget whose records hold at most ``token_budget`` training
+    tokens (bisection over the record budget from ``ctx.budget``, the pool's mean-length guess; every signal is
+    cached after the first call, so each step reruns only the strategy's ranking and allocation). A strategy that
+    ignores the record budget (``full``) is cut to the longest prefix of its order that fits. ``ctx.budget`` ends
+    as the record budget used, and the strategy's table columns are those of that run."""
+    tokens_at: dict[int, int] = {}
+    last: list[Any] = [None, None, None, None]  # budget, positions, details, cost of the latest run
+    start_cost = dict(ctx.cost)
+    searched = {k: 0 for k in start_cost}
+
+    def run(budget: int) -> int:
+        if budget not in tokens_at or last[0] != budget:
+            ctx.budget = budget
+            before = dict(ctx.cost)
+            positions, details = strategy.select(ctx)
+            cost = {k: ctx.cost[k] - before[k] for k in before}
+            for k, v in cost.items():
+                searched[k] += v
+            last[:] = [budget, list(positions), details, cost]
+            tokens_at[budget] = int(record_tokens[last[1]].sum())
+        return tokens_at[budget]
+
+    low, high = 1, len(record_tokens)  # the answer lies in [low, high]; budget 1 is taken even when it is over
+    guess = min(max(ctx.budget, low), high)
+    while low < high:
+        middle = guess if guess is not None else (low + high + 1) // 2
+        guess = None
+        if run(middle) <= token_budget:
+            low = middle
+        else:
+            high = middle - 1
+    run(low)
+    _, positions, details, cost = last
+    # the selection's cost is one run's (signals are cached after the first); the search's own total is reported
+    ctx.cost.update({k: start_cost[k] + cost[k] for k in start_cost})
+    fits = int(np.searchsorted(np.cumsum(record_tokens[positions]), token_budget, side="right"))
+    positions = positions[:max(fits, 1)]
+    return positions, {**details, "token_search": {"record_budgets_tried": len(tokens_at), "record_budget": low,
+                                                   "all_runs_cost": searched}}
 
 
 def _describe(values: np.ndarray) -> dict[str, float]:

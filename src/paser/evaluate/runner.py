@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import faults
 from ..cache import package_versions, stable_hash, write_json, write_text
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvaluateConfig:
     """What to measure; defaults are the CLI's."""
+
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset()  # every field is a ``paser evaluate`` option (labels: --label)
 
     models: list[str]
     out: str | Path = "results.json"

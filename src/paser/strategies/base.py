@@ -32,6 +32,11 @@ class Strategy:
 
     name = "base"
     description = ""
+    version = 1  # bumped when the same settings select differently: cached pipeline selections are redone
+
+    def cache_version(self, config: Any) -> str:
+        """What enters the pipeline's select-stage hash besides the settings (``version`` by default)."""
+        return str(self.version)
 
     def select(self, ctx: "SelectionContext") -> tuple[list[int], dict[str, Any]]:
         raise NotImplementedError

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -185,8 +185,9 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
                 fill(c, len(chosen[c]) + int(extra[c]))
     overridden = 0
     if (short := ctx.budget - sum(map(len, chosen))) > 0:
-        # Every candidate was examined: admit the best-IES rejected ones so exactly B come out.
-        pool = sorted((i for rej in rejected for i, _ in rej), key=lambda i: (-efficiency[i], i))[:short]
+        # Every candidate was examined: admit the rejected ones first in the order they were ranked in
+        # (IES or IFD, as --rank says) so exactly B come out.
+        pool = sorted((i for rej in rejected for i, _ in rej), key=lambda i: (-order_key[i], i))[:short]
         for i in pool:
             chosen[int(labels[i])].append(i)
         overridden = len(pool)
@@ -213,7 +214,8 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
     order = [i for c in cluster_order for i in chosen[c]]
     details = {
         "score": config.score, "k": k, "cluster_method": config.cluster_method, "allocation": config.allocation,
-        "within": config.within, "rank": config.rank, "examined_last": int(examined_last.sum()), "allocation_fallback": allocation.fallback,
+        "within": config.within, "rank": config.rank, "examined_last": int(examined_last.sum()),
+        "allocation_fallback": allocation.fallback,
         "clusters": per_cluster, "eigenvalues": [float(v) for v in clusters.eigenvalues[: min(k + 8, 66)]],
         "ccg": {"enabled": config.ccg, "rule": config.ccg_rule,
                 "specific_concepts": None if specific is None else len(specific),
@@ -247,3 +249,8 @@ class Paser(Strategy):
 
     def select(self, ctx: SelectionContext) -> tuple[list[int], dict]:
         return select_paser(ctx)
+
+    def cache_version(self, config: Any) -> str:
+        from .sampled import BEHAVIOUR_VERSION
+
+        return f"{self.version}+sampled{BEHAVIOUR_VERSION}" if config.scoring == "sampled" else str(self.version)

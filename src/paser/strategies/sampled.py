@@ -163,10 +163,12 @@ def sampled_scores(ctx: SelectionContext, labels: np.ndarray, k: int,
     confirm_seconds = time.perf_counter() - t0
     score = np.where(exact, score, predicted)
     info = {
-        "scoring": "sampled", "pilot": int(len(pilot)), "confirmed": int(len(confirm)), "scored_exactly": int((exact & ~prefix).sum()),
+        "scoring": "sampled", "pilot": int(len(pilot)), "confirmed": int(len(confirm)),
+        "scored_exactly": int((exact & ~prefix).sum()),
         "scored_prefix": int(prefix.sum()),
         "records": n, "scored_fraction": round(float(exact.mean()), 4), "oversample": config.oversample,
-        "max_scored": config.max_scored, "confirm_tokens": config.confirm_tokens, "predictor": "ridge(embedding, log token counts)",
+        "max_scored": config.max_scored, "confirm_tokens": config.confirm_tokens,
+        "predictor": "ridge(embedding, log token counts)",
         "predictor_heldout_spearman": held_out, "pilot_seconds": round(pilot_seconds, 2),
         "confirm_seconds": round(confirm_seconds, 2),
         "cds_stderr": [None if np.isnan(v) else float(v) for v in stderr],

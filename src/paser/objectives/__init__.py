@@ -1,0 +1,8 @@
+"""Recovery objectives as registered objects (:mod:`paser.objectives.base`): ``nll``, ``kd``, ``mix``."""
+
+from . import nll  # noqa: F401  (registration, in this order)
+from . import kd  # noqa: F401
+from . import mix  # noqa: F401
+from .base import OBJECTIVES, Objective
+
+__all__ = ["OBJECTIVES", "Objective"]

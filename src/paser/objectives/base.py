@@ -1,0 +1,38 @@
+"""What a recovery objective is, and the registry they join.
+
+An objective turns the per-micro-batch loss terms into the loss the optimizer follows: ``nll`` (the
+reference answers' cross-entropy), ``kd`` (forward KL from the original model, the teacher) or any mix.
+It declares whether it needs the teacher; the trainer computes only the terms asked for and logs each.
+Full-parameter vs LoRA is an adapter choice beside it (``RecoverConfig.adapter``).
+
+A new objective is one module in this package plus its import in ``__init__``::
+
+    @OBJECTIVES.register("reverse_kd")
+    class ReverseKD(Objective):
+        needs_teacher = True
+        def loss(self, terms, config): return terms["kd"]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..registry import Registry
+
+
+class Objective:
+    """A recovery loss. ``needs_teacher``: the original model's next-token distributions are computed (live or
+    from its stored top-k); ``version`` enters the recovery's checkpoint key."""
+
+    name = "base"
+    needs_teacher = False
+    version = 1
+
+    def loss(self, terms: dict[str, torch.Tensor], config: Any) -> torch.Tensor:
+        """The loss from the terms (``nll``; ``kd`` when a teacher is needed) and the recovery settings."""
+        raise NotImplementedError
+
+
+OBJECTIVES: Registry[Objective] = Registry("recovery objective")

@@ -1,0 +1,35 @@
+"""What a training target is, and the registry they join.
+
+A target decides what recovery trains each selected prompt toward: ``reference`` (the data set's own answer)
+or ``original`` (the original model's own answer to the prompt, generated once and cached). ``build`` returns
+the records with their ``output`` replaced and a JSON summary of what it did and cost (``train_log.json``).
+
+A new target is one module in this package plus its import in ``__init__``::
+
+    @TARGETS.register("my_target")
+    class MyTarget(Target):
+        def build(self, records, settings, tokenizer, dtype): return records, {"targets": "my_target"}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..data import Record
+from ..registry import Registry
+
+
+class Target:
+    """Training targets for selected prompts. ``needs_original``: it reads the original model (``teacher`` in
+    the recovery settings, or the model ``paser prune`` recorded); ``version`` enters the recovery's cache key."""
+
+    name = "base"
+    needs_original = False
+    version = 1
+
+    def build(self, records: Sequence[Record], settings: Any, tokenizer: Any, dtype: str
+              ) -> tuple[list[Record], dict[str, Any]]:
+        raise NotImplementedError
+
+
+TARGETS: Registry[Target] = Registry("training target")

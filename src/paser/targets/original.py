@@ -1,0 +1,116 @@
+"""``original``: self-distilled targets, the original model's own answers to the selected prompts.
+
+Recovery restores what pruning took from *this* model, so it trains toward what the original model says
+(Self-Data Distillation, Thangarasa et al. 2024, arXiv 2410.09982) rather than toward answers other models
+and people wrote. The original (``teacher``, or the model ``paser prune`` recorded) answers each prompt in the
+training template:
+
+- greedy by default (``target_do_sample`` with ``target_temperature`` / ``target_top_p`` to sample), at most
+  ``target_max_new_tokens`` new tokens (default ``cutoff_len``, so the training cutoff, not generation, decides
+  where a long answer ends);
+- batched (``target_batch_size``), with a progress bar;
+- cached per prompt under ``$PASER_CACHE/targets/``, keyed by the original's weights, the dtype and the generation
+  settings: a killed run resumes where it stopped, and another selection that shares prompts reuses them;
+- an **empty** answer (the original ends at once) keeps the record's reference answer, since an empty target
+  teaches nothing but to stop; a **truncated** one (no end token within the limit) is kept as it is, and the
+  end-of-sequence token is still appended in training like for every target. Both are counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..cache import cache_root, stable_hash
+from ..data import PromptFormatter, Record
+from ..errors import ConfigError
+from .base import TARGETS, Target
+
+log = logging.getLogger(__name__)
+
+
+def _read_answers(path: Path) -> dict[str, dict[str, Any]]:
+    """Answers stored so far, by prompt key (a line cut by a kill is ignored)."""
+    answers: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                answers[row["prompt"]] = row
+            except (ValueError, KeyError, TypeError):
+                continue
+    return answers
+
+
+@TARGETS.register("original")
+class OriginalAnswers(Target):
+    needs_original = True
+
+    def build(self, records: Sequence[Record], settings: Any, tokenizer: Any, dtype: str
+              ) -> tuple[list[Record], dict[str, Any]]:
+        from .. import distributed
+        from ..generate import generate
+        from ..models import check_compatible, load_model, model_fingerprint
+
+        original_spec = settings.teacher
+        if not original_spec:
+            raise ConfigError("targets 'original' needs the original model (--teacher, or a pruned folder whose "
+                              "prune_report.json names it)")
+        max_new = settings.target_max_new_tokens or settings.cutoff_len
+        generation = {"max_new_tokens": max_new, "do_sample": settings.target_do_sample,
+                      "temperature": settings.target_temperature, "top_p": settings.target_top_p,
+                      "template": settings.template}
+        formatter = PromptFormatter(tokenizer, template=settings.template, max_length=None)
+        prompts = [formatter.prompt_ids(r) for r in records]
+        keys = [stable_hash(p) for p in prompts]
+        store = cache_root() / "targets" / stable_hash("original-answers-v1", model_fingerprint(original_spec), dtype,
+                                                       generation) / "answers.jsonl"
+        answers = _read_answers(store)
+        missing = sorted({k: i for i, k in enumerate(keys) if k not in answers}.values())
+        t0 = time.perf_counter()
+        if missing and distributed.is_main():
+            log.info("targets: the original model answers %d prompts (%d cached)", len(missing),
+                     len(records) - len(missing))
+            model, original_tokenizer = load_model(original_spec, dtype=dtype, device=distributed.device())
+            check_compatible(tokenizer, original_tokenizer, None, None)
+            store.parent.mkdir(parents=True, exist_ok=True)
+            if settings.target_do_sample:
+                import torch
+
+                torch.manual_seed(settings.seed)
+
+            def keep(indices: list[int], batch: list[Any]) -> None:
+                rows = [{"prompt": keys[missing[i]], "text": a.text, "tokens": a.tokens, "finished": a.finished}
+                        for i, a in zip(indices, batch)]
+                with store.open("a", encoding="utf-8") as handle:  # one whole line per answer: resumable
+                    handle.write("".join(json.dumps(r) + "\n" for r in rows))
+                for row in rows:
+                    answers[row["prompt"]] = row
+
+            generate(model.eval(), tokenizer, [prompts[i] for i in missing], max_new, settings.target_batch_size,
+                     settings.target_do_sample, settings.target_temperature, settings.target_top_p, progress=True,
+                     on_batch=keep)
+            del model
+        distributed.barrier()
+        if not distributed.is_main():
+            answers = _read_answers(store)
+        seconds = time.perf_counter() - t0
+        out, empty, truncated, tokens = [], 0, 0, 0
+        for record, key in zip(records, keys):
+            answer = answers[key]
+            if not answer["text"].strip():
+                empty += 1
+                out.append(record)
+                continue
+            truncated += not answer["finished"]
+            tokens += answer["tokens"]
+            out.append(replace(record, output=answer["text"]))
+        return out, {"targets": "original", "original": str(original_spec), "generation": generation,
+                     "generated_records": len(missing), "cached_records": len(records) - len(missing),
+                     "generated_tokens": int(sum(answers[keys[i]]["tokens"] for i in missing)),
+                     "target_tokens": tokens, "generation_seconds": round(seconds, 2),
+                     "empty_kept_reference": empty, "truncated": truncated, "cache": str(store)}
