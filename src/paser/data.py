@@ -585,3 +585,49 @@ def pad_right(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[torch
         ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention[row, :len(seq)] = 1
     return ids, attention
+
+
+def sample_data(data: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """Write ``slice.jsonl`` (``data.sample``: n records, seeded, stratified by a field when present) and,
+    from the records the slice leaves, ``heldout.jsonl`` and ``calibration.jsonl``; returns counts."""
+    import json
+    import random
+
+    from .cache import write_jsonl
+
+    columns = ColumnMap.parse(data["columns"]) if data["columns"] else None
+    records = load_records(data["source"], columns, duplicates="drop", bad_records=data["bad_records"])
+    sample = data["sample"]
+    rng = random.Random(sample.get("seed", 0))
+    field_name = sample.get("stratify")
+
+    def draw(pool: list, n: int) -> list:
+        groups: dict[Any, list] = {}
+        for r in pool:
+            groups.setdefault(r.raw.get(field_name) if field_name else None, []).append(r)
+        n = min(n, len(pool))
+        quotas = {g: n * len(m) / len(pool) for g, m in groups.items()}
+        counts = {g: int(q) for g, q in quotas.items()}
+        for g in sorted(groups, key=lambda g: (-(quotas[g] - counts[g]), str(g)))[: n - sum(counts.values())]:
+            counts[g] += 1  # largest remainder, so the slice has exactly n records
+        chosen = [r for g in sorted(groups, key=str) for r in rng.sample(groups[g], counts[g])]
+        return sorted(chosen, key=lambda r: r.index)
+
+    picked = draw(records, sample["n"])
+    rest = [r for r in records if r.index not in {p.index for p in picked}]
+    out: dict[str, Any] = {"slice": len(picked), "skipped_records": records.skipped.total}
+    write_jsonl(directory / "slice.jsonl", (r.raw for r in picked))
+    for key in ("heldout", "calibration"):
+        if data[key]:
+            part = draw(rest, data[key])
+            taken = {r.index for r in part}
+            rest = [r for r in rest if r.index not in taken]
+            write_jsonl(directory / f"{key}.jsonl", (r.raw for r in part))
+            out[key] = len(part)
+    if field_name:
+        counts: dict[str, int] = {}
+        for r in picked:
+            counts[str(r.raw.get(field_name))] = counts.get(str(r.raw.get(field_name)), 0) + 1
+        out["slice_by_" + field_name] = counts
+    (directory / "sample.json").write_text(json.dumps(out, indent=2))
+    return out

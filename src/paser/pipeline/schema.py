@@ -1,37 +1,19 @@
-"""``paser run``: one YAML config drives prune -> select -> recover -> evaluate, resumably.
-
-The config has the sections ``model``, ``prune`` (or ``pruned``: an already pruned model), ``data``,
-``select``, ``recover`` and ``evaluate``. Each section takes the fields of the library config it feeds
-(:class:`~paser.prune.PruneConfig`, :class:`~paser.select.SelectConfig`,
-:class:`~paser.recover.RecoverConfig`, :class:`~paser.evaluate.EvaluateConfig`) except those the pipeline
-wires itself (models, data and output paths); everything is validated before any stage runs, and an
-unknown key or a bad value is named with its section.
-
-Every stage writes into ``OUT/<stage>/`` (``select`` and ``recover`` one folder per method) and records
-the hash of its inputs (its own settings plus the hashes of the stages it reads) in ``stage.json``. A
-rerun skips stages whose hash is unchanged and redoes the ones downstream of a change; ``from_stage``
-forces a stage and everything after it. An interrupted recovery resumes from its last checkpoint.
-``OUT/run.json`` records per-stage wall time, peak memory and cache hits; ``OUT/report.html`` is rebuilt
-at the end.
-"""
+"""The ``paser run`` config: its schema (sections fed to the library configs, arms, seeds, baselines), validation
+before any stage runs, the shipped configs, and the wiring from a config to each stage's library config."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-from . import distributed, faults
-from .cache import file_fingerprint, stable_hash, write_json, write_text
-from .errors import ConfigError, PaserError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
+
 
 STAGES = ("data", "prune", "select", "recover", "evaluate")
 
@@ -50,10 +32,10 @@ def _section_fields(cls: type, wired: set[str]) -> dict[str, dataclasses.Field]:
 
 def _section_spec() -> dict[str, tuple[type, set[str], dict[str, Any]]]:
     """Section -> (library config class, fields the pipeline wires, extra pipeline-only keys with defaults)."""
-    from .evaluate import EvaluateConfig
-    from .prune import PruneConfig
-    from .recover import RecoverConfig
-    from .select import SelectConfig
+    from ..evaluate import EvaluateConfig
+    from ..prune import PruneConfig
+    from ..recover import RecoverConfig
+    from ..select import SelectConfig
 
     return {
         "prune": (PruneConfig, {"model", "out"}, {}),
@@ -134,8 +116,8 @@ def _check_section(name: str, values: Any, cls: type, wired: set[str], extra: di
 
 def parse_config(raw: Any, where: str = "<config>") -> PipelineConfig:
     """Validate a config mapping (as read from YAML); raises :class:`ConfigError` naming the bad key."""
-    from .models import DEFAULT_MODEL
-    from .select import METHODS as SELECT_METHODS
+    from ..models import DEFAULT_MODEL
+    from ..select import METHODS as SELECT_METHODS
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the config must be a mapping of sections")
@@ -205,9 +187,9 @@ def parse_config(raw: Any, where: str = "<config>") -> PipelineConfig:
 
 def _semantic_checks(config: PipelineConfig) -> None:
     """Each library config's own validate(), so bad values fail before the first stage."""
-    from .evaluate import EvaluateConfig
-    from .prune import PruneConfig
-    from .recover import RecoverConfig
+    from ..evaluate import EvaluateConfig
+    from ..prune import PruneConfig
+    from ..recover import RecoverConfig
 
     checks = []
     if config.prune is not None:
@@ -225,7 +207,7 @@ def _semantic_checks(config: PipelineConfig) -> None:
             raise ConfigError(f"{config.source}: {section}: {exc}") from None
 
 
-SHIPPED_CONFIGS = ("demo", "compare", "study", "recovery")
+SHIPPED_CONFIGS = ("demo", "compare", "study", "recovery", "tokens")
 
 
 def shipped_config_text(name: str) -> str:
@@ -318,7 +300,7 @@ def _parse_arms(raw_arms: Any, select: dict, recover: dict, seeds: list[int], sp
     """Arms from ``arms:`` (or the ``select.methods`` shorthand), each with validated overrides and seeds."""
     import re
 
-    from .select import METHODS as SELECT_METHODS
+    from ..select import METHODS as SELECT_METHODS
 
     if raw_arms is None:
         raw_arms = [{"name": m, "method": m} for m in select["methods"]]
@@ -333,7 +315,7 @@ def _parse_arms(raw_arms: Any, select: dict, recover: dict, seeds: list[int], sp
                 raise ConfigError(f"{where}: arms[{i}]: unknown key '{key}' (known: {', '.join(sorted(ARM_KEYS))})")
         recipe = arm.get("recipe")
         if recipe is not None:  # a named recipe's settings, under the arm's own overrides
-            from .recipes import recipe_settings
+            from ..recipes import recipe_settings
 
             rs, rr = recipe_settings(recipe, "select"), recipe_settings(recipe, "recover")
             arm = {**arm, "method": arm.get("method") or rs.pop("method"),
@@ -389,8 +371,8 @@ def _arm_key(arm: dict, seed: int) -> str:
 
 
 def _arm_recover(config: PipelineConfig, arm: dict, seed: int) -> dict[str, Any]:
-    from .objectives import OBJECTIVES
-    from .targets import TARGETS
+    from ..objectives import OBJECTIVES
+    from ..targets import TARGETS
 
     settings = {**config.recover, **arm["recover"], "seed": seed}
     if settings["loss"] == "auto":
@@ -403,7 +385,7 @@ def _arm_recover(config: PipelineConfig, arm: dict, seed: int) -> dict[str, Any]
 
 def _select_config(config: PipelineConfig, pruned: str, arm: dict, seed: int, out: str | Path,
                    data_source: str | None = None) -> Any:
-    from .select import SelectConfig
+    from ..select import SelectConfig
 
     settings = {k: v for k, v in config.select.items() if k != "methods"}
     settings.update(arm["select"], seed=seed)
@@ -445,316 +427,3 @@ def _evaluate_kwargs(config: PipelineConfig, models: list[str], out: str | Path,
     return {**settings, "models": models, "out": out, "labels": labels, "dtype": config.dtype}
 
 
-def _data_identity(config: PipelineConfig) -> Any:
-    source = config.data["source"]
-    path = Path(source)
-    return file_fingerprint(path) if path.is_file() else source
-
-
-def _model_identity(spec: str) -> str:
-    from .models import model_fingerprint
-
-    return model_fingerprint(spec)
-
-
-def sample_data(data: dict[str, Any], directory: Path) -> dict[str, Any]:
-    """Write ``slice.jsonl`` (``data.sample``: n records, seeded, stratified by a field when present) and,
-    from the records the slice leaves, ``heldout.jsonl`` and ``calibration.jsonl``; returns counts."""
-    import json
-    import random
-
-    from .cache import write_jsonl
-    from .data import ColumnMap, load_records
-
-    columns = ColumnMap.parse(data["columns"]) if data["columns"] else None
-    records = load_records(data["source"], columns, duplicates="drop", bad_records=data["bad_records"])
-    sample = data["sample"]
-    rng = random.Random(sample.get("seed", 0))
-    field_name = sample.get("stratify")
-
-    def draw(pool: list, n: int) -> list:
-        groups: dict[Any, list] = {}
-        for r in pool:
-            groups.setdefault(r.raw.get(field_name) if field_name else None, []).append(r)
-        n = min(n, len(pool))
-        quotas = {g: n * len(m) / len(pool) for g, m in groups.items()}
-        counts = {g: int(q) for g, q in quotas.items()}
-        for g in sorted(groups, key=lambda g: (-(quotas[g] - counts[g]), str(g)))[: n - sum(counts.values())]:
-            counts[g] += 1  # largest remainder, so the slice has exactly n records
-        chosen = [r for g in sorted(groups, key=str) for r in rng.sample(groups[g], counts[g])]
-        return sorted(chosen, key=lambda r: r.index)
-
-    picked = draw(records, sample["n"])
-    rest = [r for r in records if r.index not in {p.index for p in picked}]
-    out: dict[str, Any] = {"slice": len(picked), "skipped_records": records.skipped.total}
-    write_jsonl(directory / "slice.jsonl", (r.raw for r in picked))
-    for key in ("heldout", "calibration"):
-        if data[key]:
-            part = draw(rest, data[key])
-            taken = {r.index for r in part}
-            rest = [r for r in rest if r.index not in taken]
-            write_jsonl(directory / f"{key}.jsonl", (r.raw for r in part))
-            out[key] = len(part)
-    if field_name:
-        counts: dict[str, int] = {}
-        for r in picked:
-            counts[str(r.raw.get(field_name))] = counts.get(str(r.raw.get(field_name)), 0) + 1
-        out["slice_by_" + field_name] = counts
-    (directory / "sample.json").write_text(json.dumps(out, indent=2))
-    return out
-
-
-def _read_cost(directory: Path) -> dict:
-    import json
-
-    try:
-        return json.loads((directory / "selection.json").read_text()).get("cost", {})
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-def _mean_cost(costs: list[dict]) -> dict:
-    keys = {k for c in costs for k in c}
-    return {k: sum(c.get(k) or 0 for c in costs) / max(len(costs), 1) for k in keys}
-
-
-def write_comparison(directory: Path, arm_labels: dict[str, dict[int, str]], baselines: list[str],
-                     references: dict[str, str], costs: dict[str, dict]) -> dict | None:
-    """``comparison.json`` and ``comparison.md`` beside the evaluation results (see :mod:`paser.compare`),
-    against the first baseline; ``comparison-vs-<arm>.json`` / ``.md`` against each further one. Returns the
-    headline comparison. Every earlier comparison file is removed first, so none outlives its run."""
-    import json
-
-    from .compare import compare_arms, comparison_files, comparison_stem, comparison_table
-
-    results = json.loads((directory / "results.json").read_text())
-    for stale in comparison_files(directory, ".json") + comparison_files(directory, ".md"):
-        stale.unlink()
-    headline = None
-    for i, baseline in enumerate(baselines):
-        comparison = compare_arms(results, arm_labels, baseline, references)
-        if not comparison["metrics"]:
-            return None
-        comparison["costs"] = costs
-        stem = comparison_stem(baseline, headline=i == 0)
-        write_json(directory / f"{stem}.json", comparison)
-        write_text(directory / f"{stem}.md", comparison_table(comparison, costs))
-        headline = headline or comparison
-    return headline
-
-
-class _PeakMemory:
-    """Peak resident memory of this process while a stage runs (sampled every 0.2 s)."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._process = psutil.Process()
-        self.peak = self._process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.2):
-            self.peak = max(self.peak, self._process.memory_info().rss)
-
-    def __enter__(self) -> "_PeakMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
-
-
-@dataclass
-class StageRecord:
-    stage: str
-    dir: str
-    hash: str
-    skipped: bool
-    seconds: float = 0.0
-    peak_rss_gb: float | None = None
-    cache: dict[str, Any] = field(default_factory=dict)
-    earlier_run: dict[str, Any] | None = None  # for a skipped stage: the run that made its outputs
-
-
-class _Runner:
-    def __init__(self, config: PipelineConfig, out: Path, from_stage: str | None):
-        self.config = config
-        self.out = out
-        self.forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
-        self.records: list[StageRecord] = []
-
-    def _marker(self, directory: Path) -> dict[str, Any]:
-        import json
-
-        try:
-            return json.loads((directory / "stage.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-
-    @contextmanager
-    def stage(self, stage: str, directory: Path, inputs: dict[str, Any]) -> Iterator[dict[str, Any] | None]:
-        """Yields None when the stage is up to date (skip), else a dict for cache notes; then marks it done."""
-        digest = stable_hash(inputs)
-        marker = distributed.all_gather(self._marker(directory))[0]  # rank 0's view decides for every process
-        name = directory.relative_to(self.out).as_posix()
-        if stage not in self.forced and marker.get("hash") == digest and marker.get("status") == "done":
-            log.info("%s: up to date, skipped", name)
-            earlier = {k: marker.get(k) for k in ("seconds", "peak_rss_gb", "finished")}
-            self.records.append(StageRecord(name, str(directory), digest, True, cache={"stage": "hit"},
-                                            earlier_run=earlier))
-            yield None
-            return
-        resumable = marker.get("hash") == digest and marker.get("status") == "running"
-        directory.mkdir(parents=True, exist_ok=True)
-        if distributed.is_main():
-            write_json(directory / "stage.json", {"hash": digest, "status": "running", "inputs": inputs})
-        log.info("%s: running", name)
-        notes: dict[str, Any] = {"stage": "miss", "resumed": resumable}
-        t0 = time.perf_counter()
-        with _PeakMemory() as memory:
-            yield notes
-        seconds, peak = round(time.perf_counter() - t0, 2), round(memory.peak / 1024**3, 3)
-        if distributed.is_main():
-            write_json(directory / "stage.json", {"hash": digest, "status": "done", "inputs": inputs,
-                                                  "seconds": seconds, "peak_rss_gb": peak,
-                                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        distributed.barrier()  # the stage's outputs exist for every process
-        self.records.append(StageRecord(name, str(directory), digest, False, seconds, peak, notes))
-        faults.reached("run.stage_done")
-
-
-def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_stage: str | None = None) -> dict:
-    """Run (or resume) the pipeline; returns what ``OUT/run.json`` holds (under a launcher, on rank 0; the other
-    processes take part in scoring, training and evaluation and return an empty dict)."""
-    from .evaluate import EvaluateConfig, run_evaluation
-    from .objectives import OBJECTIVES
-    from .prune import PRUNING_METHODS, PruneConfig, run_prune
-    from .targets import TARGETS
-    from .recover import RecoverConfig, run_recovery
-    from .report import build_report
-    from .select import run_selection
-    from .strategies import get_strategy
-
-    if from_stage is not None and from_stage not in STAGES:
-        raise ConfigError(f"--from must be one of {', '.join(STAGES)}, not '{from_stage}'")
-    if config.threads is not None:
-        from .runtime import configure_threads
-
-        configure_threads(config.threads)
-    out = Path(out or config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    runner = _Runner(config, out, from_stage)
-    main = distributed.is_main()  # under a launcher: rank 0 alone prunes and writes the run's files
-    if main:
-        write_text(out / "config.yaml", _yaml(config.as_dict()))
-
-    model_id = _model_identity(config.model)
-    data_id = _data_identity(config)
-    files: dict[str, str] = {}
-    data_hash = stable_hash("source", data_id, config.data)
-    if config.data["sample"] is not None:  # a fixed slice of the source, plus held-out and calibration records
-        directory = out / "data"
-        with runner.stage("data", directory, {"data": data_id, "settings": config.data}) as notes:
-            if notes is not None and main:
-                notes.update(sample_data(config.data, directory))
-        data_hash = runner.records[-1].hash
-        files = {"slice": str(directory / "slice.jsonl")}
-        for key, token in (("heldout", HELDOUT), ("calibration", CALIBRATION)):
-            if config.data[key]:
-                files[token] = str(directory / f"{key}.jsonl")
-
-    # prune (or take the given pruned model)
-    if config.pruned is not None:
-        pruned, prune_hash = config.pruned, stable_hash("given", _model_identity(config.pruned))
-        prune_label = "pruned"
-    else:
-        directory = out / "prune"
-        prune_settings = {**config.prune, "calib_data": _resolve(config.prune["calib_data"], files)}
-        inputs = {"model": model_id,
-                  "prune": _declared(config.prune, {"method": PRUNING_METHODS.get(config.prune["method"]).version}),
-                  "calibration": data_hash if config.prune["calib_data"] == CALIBRATION else None}
-        with runner.stage("prune", directory, inputs) as notes:
-            if notes is not None and main:
-                run_prune(PruneConfig(model=config.model, out=directory, **prune_settings))
-        pruned, prune_hash = str(directory), runner.records[-1].hash
-        prune_label = f"pruned ({config.prune['method']} {config.prune.get('pattern') or format(config.prune['sparsity'], 'g')})"
-
-    # select and recover, per arm and seed
-    recovered: dict[str, str] = {}
-    recover_hashes = {}
-    arm_labels: dict[str, dict[int, str]] = {}
-    costs: dict[str, list[dict]] = {}
-    for arm in config.arms:
-        for seed in arm["seeds"]:
-            key = _arm_key(arm, seed)
-            directory = out / "select" / key
-            select_config = _select_config(config, pruned, arm, seed, directory, files.get("slice"))
-            select_settings = {k: v for k, v in dataclasses.asdict(select_config).items()
-                               if k not in ("out", "original", "pruned", "data")}
-            inputs = {"model": model_id, "pruned": prune_hash, "data": data_hash,
-                      "select": _declared(select_settings,
-                                          {"method": get_strategy(select_config.method).cache_version(select_config)})}
-            with runner.stage("select", directory, inputs) as notes:
-                if notes is not None:
-                    summary = run_selection(select_config).summary
-                    notes.update(scores_from_cache=summary["scores_from_cache"],
-                                 embeddings_from_cache=summary.get("embeddings_from_cache"),
-                                 clusters_from_cache=summary.get("clusters_from_cache"))
-            select_hash = runner.records[-1].hash
-            costs.setdefault(arm["name"], []).append(_read_cost(directory))
-
-            directory = out / "recover" / key
-            settings = _arm_recover(config, arm, seed)
-            inputs = {"pruned": prune_hash, "selection": select_hash, "dtype": config.dtype,
-                      "recover": _declared(settings, {"objective": OBJECTIVES.get(settings["loss"]).version,
-                                                      "targets": TARGETS.get(settings["targets"]).version})}
-            with runner.stage("recover", directory, inputs) as notes:
-                if notes is not None:
-                    run_recovery(RecoverConfig(model=pruned, data=str(out / "select" / key / "selected.jsonl"),
-                                               out=directory, dtype=config.dtype,
-                                               bad_records=config.data["bad_records"], **settings))
-            recovered[key] = str(directory / "merged")
-            recover_hashes[key] = runner.records[-1].hash
-            shown = key if len(arm["seeds"]) > 1 else arm["name"]  # a one-seed arm's label is its name
-            arm_labels.setdefault(arm["name"], {})[seed] = f"{prune_label} + {shown}"
-
-    # evaluate everything side by side
-    directory = out / "evaluate"
-    models = [config.model, pruned, *recovered.values()]
-    labels = ["dense", prune_label, *(label for arm in config.arms for label in arm_labels[arm["name"]].values())]
-    evaluate_kwargs = _evaluate_kwargs(config, models, directory / "results.json", labels, files)
-    evaluate_config = EvaluateConfig(**evaluate_kwargs)
-    inputs = {"model": model_id, "pruned": prune_hash, "recovered": recover_hashes, "data": data_hash,
-              "evaluate": _declared({k: v for k, v in evaluate_kwargs.items() if k not in ("models", "out")},
-                                    {m.name: m.version for m in evaluate_config.measurements()})}
-    with runner.stage("evaluate", directory, inputs) as notes:
-        if notes is not None:
-            run_evaluation(evaluate_config)
-    if not main:
-        return {}
-    if config.baseline and len(config.arms) > 1:
-        write_comparison(directory, arm_labels, config.baselines, {"dense": "dense", "pruned": prune_label},
-                         {arm: _mean_cost(c) for arm, c in costs.items()})
-
-    run = {"config": config.as_dict(), "out": str(out), "from_stage": from_stage,
-           "arms": [{"name": arm["name"], "method": arm["method"], "seed": seed, "key": _arm_key(arm, seed),
-                     "label": arm_labels[arm["name"]][seed]} for arm in config.arms for seed in arm["seeds"]],
-           "stages": [dataclasses.asdict(r) for r in runner.records],
-           "seconds": round(time.perf_counter() - started, 2)}
-    write_json(out / "run.json", run)
-    try:
-        build_report(out)
-    except PaserError as exc:  # the results stand without the report; say why it is missing
-        log.warning("report not built: %s", exc)
-    return run
-
-
-def _yaml(data: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False)
