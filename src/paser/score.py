@@ -121,13 +121,8 @@ def _head(head: Any, hidden: torch.Tensor, softcap: float | None) -> torch.Tenso
 def score_batch(original: Any, pruned: Any, encoded: Sequence[Encoded], pad_id: int, chunk_rows: int = 128):
     """Per-sample mean JSD and response losses for one batch: one decoder pass of each model."""
     ids, attention, predicts_response, targets = collate(encoded, pad_id)
-    hidden = []
-    for model in (original, pruned):  # (with a device_map, each model's layers may sit on several devices)
-        decoder, head, softcap = _decoder_and_head(model)
-        first = next(model.parameters()).device
-        states = decoder(input_ids=ids.to(first), attention_mask=attention.to(first)).last_hidden_state
-        hidden.append((states[predicts_response.to(states.device)], head, softcap))
-    (h_p, head_p, cap_p), (h_q, head_q, cap_q) = hidden
+    # (with a device_map, each model's layers may sit on several devices)
+    (h_p, logits_p_of), (_, logits_q_of) = (model_pass(m, ids, attention, predicts_response) for m in (original, pruned))
     device = h_p.device
     targets = targets.to(device)
     rows = h_p.shape[0]
@@ -136,8 +131,8 @@ def score_batch(original: Any, pruned: Any, encoded: Sequence[Encoded], pad_id: 
     nll_q = torch.empty_like(jsd)
     for start in range(0, rows, chunk_rows):
         sl = slice(start, start + chunk_rows)
-        logits_p = _head(head_p, h_p[sl], cap_p)
-        jsd[sl], nll_p[sl], nll_q[sl] = jsd_and_nll(logits_p, _head(head_q, h_q[sl], cap_q).to(logits_p.device),
+        logits_p = logits_p_of(sl)
+        jsd[sl], nll_p[sl], nll_q[sl] = jsd_and_nll(logits_p, logits_q_of(sl).to(logits_p.device),
                                                     targets[sl].to(logits_p.device))
     counts = predicts_response.sum(1)
     segment = torch.repeat_interleave(torch.arange(len(encoded)), counts).to(device)
@@ -179,13 +174,14 @@ def score_table(encoded: Sequence[Encoded], values: dict[str, np.ndarray]) -> pd
     })[SCORE_COLUMNS]
 
 
-def model_pass(model: Any, ids: torch.Tensor, attention: torch.Tensor, predicts: torch.Tensor):
+def model_pass(model: Any, ids: torch.Tensor, attention: torch.Tensor, predicts: torch.Tensor, **decoder_kwargs: Any):
     """The public model-pass helper: one decoder pass, hidden states at the ``predicts`` positions (rows in
     batch order), and a function giving the LM head's logits for a slice of those rows. Callers run the head
-    ``chunk_rows`` rows at a time, so full-vocabulary logits are never formed for a whole batch."""
+    ``chunk_rows`` rows at a time, so full-vocabulary logits are never formed for a whole batch. Scoring, the
+    teacher store, IFD, Nuggets (``past_key_values``: a shared demonstration), evaluation and fidelity use it."""
     device = next(model.parameters()).device
     decoder, head, softcap = _decoder_and_head(model)
-    states = decoder(input_ids=ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+    states = decoder(input_ids=ids.to(device), attention_mask=attention.to(device), **decoder_kwargs).last_hidden_state
     hidden = states[predicts.to(states.device)]
     return hidden, lambda rows: _head(head, hidden[rows], softcap)
 

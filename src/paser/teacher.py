@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .data import Encoded
-from .score import _decoder_and_head, _head, collate, length_buckets
+from .score import collate, length_buckets, model_pass
 
 LN2 = math.log(2.0)
 TAIL_FLOOR = math.log(1e-30)  # the student's tail mass is at least this (log): finite divergences
@@ -79,8 +79,6 @@ def _log_tail(top_logprobs: torch.Tensor) -> torch.Tensor:
 def teacher_topk(model: Any, encoded: Sequence[Encoded], pad_id: int, k: int = 64, batch_size: int = 16,
                  max_batch_tokens: int = 4096, chunk_rows: int = 128) -> TopK:
     """One pass of the teacher over every record; keeps the top-k log-probabilities per response position."""
-    device = next(model.parameters()).device
-    decoder, head, softcap = _decoder_and_head(model)
     counts = [len(e.response_ids) for e in encoded]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     k = min(k, model.get_output_embeddings().weight.shape[0])
@@ -91,12 +89,11 @@ def teacher_topk(model: Any, encoded: Sequence[Encoded], pad_id: int, k: int = 6
     lengths = [len(e.input_ids) for e in encoded]
     for batch in length_buckets(lengths, batch_size, max_batch_tokens):
         ids_t, attention, predicts_response, targets = collate([encoded[i] for i in batch], pad_id)
-        states = decoder(input_ids=ids_t.to(device), attention_mask=attention.to(device)).last_hidden_state
-        hidden = states[predicts_response.to(device)]  # rows in batch order, each record's positions in order
+        hidden, logits_of = model_pass(model, ids_t, attention, predicts_response)  # rows: each record's in order
         rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in batch])
         for start in range(0, hidden.shape[0], chunk_rows):
             sl = slice(start, start + chunk_rows)
-            logp = _head(head, hidden[sl], softcap).float().log_softmax(-1)
+            logp = logits_of(sl).float().log_softmax(-1)
             top = logp.topk(k, dim=-1)
             logprobs[rows[sl]] = top.values.cpu().numpy()
             ids[rows[sl]] = top.indices.cpu().numpy()
@@ -133,15 +130,13 @@ def jsd_against_store(model: Any, store: TopK, encoded: Sequence[Encoded], posit
     returns them). ``positions`` are the records' rows in the store."""
     ids_t, attention, predicts_response, targets = collate(encoded, pad_id)
     device = next(model.parameters()).device
-    decoder, head, softcap = _decoder_and_head(model)
-    states = decoder(input_ids=ids_t.to(device), attention_mask=attention.to(device)).last_hidden_state
-    hidden = states[predicts_response.to(device)]
+    hidden, logits_of = model_pass(model, ids_t, attention, predicts_response)
     rows = torch.from_numpy(np.concatenate([np.arange(store.offsets[i], store.offsets[i + 1]) for i in positions]))
     jsd = torch.empty(hidden.shape[0], dtype=torch.float32)
     nll = torch.empty_like(jsd)
     for start in range(0, hidden.shape[0], chunk_rows):
         sl = slice(start, start + chunk_rows)
-        logits = _head(head, hidden[sl], softcap).float()
+        logits = logits_of(sl).float()
         r = rows[sl].numpy()
         jsd[sl] = bucketed_jsd(torch.from_numpy(store.logprobs[r]).to(device), torch.from_numpy(store.ids[r]).to(device),
                                torch.from_numpy(store.log_tail[r]).to(device), logits)[0].cpu()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..data import Encoded
-from ..score import ScoreConfig, _decoder_and_head, _head, batched_values, collate, response_loss_batch
+from ..score import ScoreConfig, batched_values, collate, model_pass, response_loss_batch
 from ..cache import stable_hash
 from .base import SelectionContext, Strategy, register, top_k
 
@@ -34,21 +34,18 @@ def one_shot_losses(model: Any, demonstration: Encoded, anchors: Sequence[Encode
     """Mean response loss of each anchor with ``demonstration`` before it; the demonstration's KV cache
     is computed once and shared by every anchor row."""
     device = next(model.parameters()).device
-    decoder, head, softcap = _decoder_and_head(model)
     prefix = torch.tensor([demonstration.input_ids], device=device)
-    cache = decoder(input_ids=prefix, use_cache=True).past_key_values
+    cache = model.get_decoder()(input_ids=prefix, use_cache=True).past_key_values
     cache.batch_repeat_interleave(len(anchors))
     ids, attention, predicts_response, targets = collate(anchors, pad_id)
     full_attention = torch.cat([torch.ones(len(anchors), prefix.shape[1], dtype=attention.dtype), attention], 1)
-    states = decoder(input_ids=ids.to(device), attention_mask=full_attention.to(device), past_key_values=cache,
-                     use_cache=True).last_hidden_state
-    hidden = states[predicts_response.to(device)]
+    hidden, logits_of = model_pass(model, ids, full_attention, predicts_response, past_key_values=cache,
+                                   use_cache=True)
     targets = targets.to(device)
     nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=device)
     for start in range(0, hidden.shape[0], chunk_rows):
         sl = slice(start, start + chunk_rows)
-        nll[sl] = torch.nn.functional.cross_entropy(_head(head, hidden[sl], softcap).float(), targets[sl],
-                                                    reduction="none")
+        nll[sl] = torch.nn.functional.cross_entropy(logits_of(sl).float(), targets[sl], reduction="none")
     counts = predicts_response.sum(1)
     segment = torch.repeat_interleave(torch.arange(len(anchors)), counts).to(device)
     sums = torch.zeros(len(anchors), dtype=torch.float64, device=device).index_add_(0, segment, nll.double())
