@@ -201,3 +201,41 @@ def test_fidelity_is_the_exact_kl_to_the_original(tmp_path, tiny_model_dir, tiny
     assert removed["a"]["metrics"]["KL removed wiki.txt"]["mean"] == pytest.approx(0.0)
     assert removed["b"]["metrics"]["KL removed wiki.txt"]["mean"] == pytest.approx(1.0)
     assert comparison["higher_is_better"]["KL to original wiki.txt"] is False
+
+
+def test_fidelity_on_the_originals_own_answers(tmp_path, tiny_model_dir, tiny_pruned_dir, monkeypatch):
+    """Held-out prompts: the original answers them (once, cached); KL and agreement are taken at the answer's
+    positions, equal to a direct computation; the original against itself is 0 and 1."""
+    from paser.data import PromptFormatter
+    from paser.models import load_model
+    from paser.score import collate
+    from paser.targets import TARGETS
+
+    monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": f"Say {w} twice.", "output": w}) + "\n" for w in WORDS[:6]))
+    results = run_evaluation(EvaluateConfig(models=[str(tiny_model_dir), str(tiny_pruned_dir)], tasks=[],
+                                            fidelity_to=str(tiny_model_dir), fidelity_prompts=[str(prompts)],
+                                            fidelity_max_new_tokens=5, labels=["dense", "pruned"],
+                                            out=tmp_path / "r.json"))
+    dense = results["models"]["dense"]["fidelity"][str(prompts)]
+    pruned = results["models"]["pruned"]["fidelity"][str(prompts)]
+    assert dense["kl"] == pytest.approx(0.0, abs=1e-6) and dense["top1_agreement"] == 1.0
+    original, tokenizer = load_model(str(tiny_model_dir), dtype="fp32")
+    model, _ = load_model(str(tiny_pruned_dir), dtype="fp32")
+    records = list(iter_dict_records([json.loads(line) for line in prompts.read_text().splitlines()], source="p"))
+    settings = type("S", (), dict(teacher=str(tiny_model_dir), target_max_new_tokens=5, cutoff_len=512,
+                                  target_do_sample=False, target_temperature=1.0, target_top_p=1.0, template="auto",
+                                  seed=0, target_batch_size=16))()
+    answered, info = TARGETS.get("original").build(records, settings, tokenizer, "fp32")
+    assert info["generated_records"] == 0  # the measurement generated and cached them
+    kept = [a for a, r in zip(answered, records) if a is not r]
+    assert pruned["records"] == len(kept) > 0
+    encoded = PromptFormatter(tokenizer, max_length=512).encode_all(kept)
+    ids, mask, predicts, _ = collate(encoded, tokenizer.pad_token_id)
+    with torch.no_grad():
+        log_p = original(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)[predicts]
+        log_q = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)[predicts]
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    assert pruned["kl"] == pytest.approx(kl.mean().item(), rel=1e-4)
+    assert pruned["top1_agreement"] == pytest.approx((log_p.argmax(-1) == log_q.argmax(-1)).float().mean().item())

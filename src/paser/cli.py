@@ -274,7 +274,10 @@ def evaluate(
     bad_records: str = typer.Option("skip", help="--response-ppl sources: skip unusable records (reported) | error: stop at the first."),
     demo_skills: bool = typer.Option(False, help="Exact-match accuracy per skill on the built-in held-out demo set."),
     demo_questions: Optional[int] = typer.Option(None, help="Held-out demo questions per skill (default: all 40)."),
-    fidelity_to: Optional[str] = typer.Option(None, "--fidelity-to", help="The original model: per-token KL(original || model) and top-1 agreement on the --ppl windows (exact over the vocabulary; both models resident)."),
+    fidelity_to: Optional[str] = typer.Option(None, "--fidelity-to", help="The original model: per-token KL(original || model) and top-1 agreement on the --ppl windows and on --fidelity-prompts (exact over the vocabulary; both models resident)."),
+    fidelity_prompts: list[str] = typer.Option([], help="--fidelity-to: held-out prompts (instruction data; repeatable) that the original answers greedily, once, cached; fidelity is measured on its answers."),
+    fidelity_prompts_limit: Optional[int] = typer.Option(None, help="--fidelity-prompts: the first N records of each source."),
+    fidelity_max_new_tokens: int = typer.Option(128, help="--fidelity-prompts: the original's answers, new tokens at most."),
     batch_size: int = typer.Option(8, help="Batch size."),
     dtype: str = typer.Option("auto", help="auto (bf16 only where the hardware has native bf16) | bf16 | fp32."),
     label: list[str] = typer.Option([], help="Display name per model, in order (default: the model specs)."),
@@ -291,7 +294,8 @@ def evaluate(
         models=list(models), tasks=[t.strip() for t in tasks.split(",") if t.strip()], task_dir=task_dir,
         limit=limit, ppl=[str(p) for p in ppl], ppl_seqlen=ppl_seqlen, response_ppl=list(response_ppl),
         response_ppl_limit=response_ppl_limit, demo_skills=demo_skills, demo_questions=demo_questions,
-        fidelity_to=fidelity_to, batch_size=batch_size, dtype=dtype, response_max_length=response_max_length,
+        fidelity_to=fidelity_to, fidelity_prompts=list(fidelity_prompts), fidelity_prompts_limit=fidelity_prompts_limit,
+        fidelity_max_new_tokens=fidelity_max_new_tokens, batch_size=batch_size, dtype=dtype, response_max_length=response_max_length,
         ppl_windows=ppl_windows, bad_records=bad_records,
         labels=list(label) or None, out=out))
     from . import distributed

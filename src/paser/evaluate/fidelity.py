@@ -1,8 +1,12 @@
 """Fidelity to the original model: how close a pruned or recovered model's next-token distributions are to
 the uncompressed model it came from (Dutta et al. 2024, arXiv 2407.09141: KL and flips, not accuracy alone).
 
-On every window of the perplexity texts (``ppl``, ``ppl_seqlen``, ``ppl_windows``: the same windows as text
-perplexity), at every position:
+Two kinds of items: (a) every window of the perplexity texts (``ppl``, ``ppl_seqlen``, ``ppl_windows``: the
+same windows as text perplexity), at every position; (b) held-out prompts (``fidelity_prompts``: instruction data
+sources, the first ``fidelity_prompts_limit`` records) answered by the original model itself, greedily, at most
+``fidelity_max_new_tokens`` tokens (generated once and cached like self-distilled targets,
+:mod:`paser.targets.original`), at the answer's positions: how far a model is from the original on the
+original's own answers. Prompts the original answers with nothing are left out. For both:
 
 - mean per-token ``KL(original || model)`` over the whole vocabulary (exact; both models resident, one decoder
   pass each; lower is better; the original against itself is 0);
@@ -10,8 +14,9 @@ perplexity), at every position:
 - in comparisons, the **share of the pruned model's KL that a model removed**,
   ``(KL_pruned - KL_model) / (KL_pruned - KL_original)`` with the dense and pruned models as references.
 
-Per-window sums (KL, agreements, positions) are kept, so the paired bootstrap resamples windows like it does
-for perplexity. Settings: ``fidelity_to`` (the original model; ``paser run`` passes its ``model``).
+Per-item sums (KL, agreements, positions) are kept, so the paired bootstrap resamples windows and prompts like it
+does for perplexity. Settings: ``fidelity_to`` (the original model; ``paser run`` passes its ``model`` and its
+held-out answers' sources as prompts).
 """
 
 from __future__ import annotations
@@ -34,18 +39,40 @@ class Fidelity(Measurement):
         return bool(config.fidelity_to)
 
     def validate(self, config: Any) -> None:
-        if not config.ppl:
-            raise ConfigError("fidelity to the original is measured on the perplexity texts: give --ppl as well")
+        if not (config.ppl or config.fidelity_prompts):
+            raise ConfigError("fidelity to the original is measured on the perplexity texts or on held-out prompts: "
+                              "give --ppl or --fidelity-prompts as well")
+        if config.fidelity_max_new_tokens < 1:
+            raise ConfigError("fidelity_max_new_tokens must be >= 1")
 
     def prepare(self, ctx: EvalContext) -> list[str]:
-        return list(ctx.config.ppl)
+        from ..data import load_records
+
+        config = ctx.config
+        ctx.inputs["fidelity_prompts"] = {
+            source: load_records(source, limit=config.fidelity_prompts_limit, bad_records=config.bad_records)
+            for source in config.fidelity_prompts}
+        return [*config.ppl, *config.fidelity_prompts]
+
+    def _generation(self, ctx: EvalContext) -> Any:
+        """Settings for the original's answers, in the shape the self-distilled targets read."""
+        from types import SimpleNamespace
+
+        return SimpleNamespace(teacher=ctx.config.fidelity_to, target_max_new_tokens=ctx.config.fidelity_max_new_tokens,
+                               cutoff_len=ctx.config.response_max_length, target_do_sample=False, target_temperature=1.0,
+                               target_top_p=1.0, template="auto", seed=0, target_batch_size=ctx.config.batch_size * 2)
 
     def settings(self, ctx: EvalContext, item: str) -> dict[str, Any]:
-        from ..cache import file_fingerprint
+        from ..cache import file_fingerprint, stable_hash
         from ..models import model_fingerprint
 
-        return {"original": model_fingerprint(ctx.config.fidelity_to), "file": file_fingerprint(item),
-                "seqlen": ctx.config.ppl_seqlen, "windows": ctx.config.ppl_windows}
+        original = model_fingerprint(ctx.config.fidelity_to)
+        if item in ctx.inputs["fidelity_prompts"]:
+            records = ctx.inputs["fidelity_prompts"][item]
+            return {"original": original, "prompts": stable_hash([(r.instruction, r.input) for r in records]),
+                    "max_new_tokens": ctx.config.fidelity_max_new_tokens, "max_length": ctx.config.response_max_length}
+        return {"original": original, "file": file_fingerprint(item), "seqlen": ctx.config.ppl_seqlen,
+                "windows": ctx.config.ppl_windows}
 
     def _original(self, ctx: EvalContext, model: LoadedModel) -> Any:
         if self.name not in ctx.inputs:
@@ -57,7 +84,23 @@ class Fidelity(Measurement):
             ctx.inputs[self.name] = original.eval()
         return ctx.inputs[self.name]
 
+    def _answered(self, ctx: EvalContext, model: LoadedModel, source: str) -> list[Any]:
+        """The held-out prompts with the original's own answers, encoded (built once for all models)."""
+        from ..data import PromptFormatter
+        from ..targets import TARGETS
+
+        key = ("fidelity-answers", source)
+        if key not in ctx.caches:
+            records = ctx.inputs["fidelity_prompts"][source]
+            answered, _ = TARGETS.get("original").build(records, self._generation(ctx), model.tokenizer, ctx.dtype)
+            answered = [a for a, r in zip(answered, records) if a is not r]  # the original said nothing: left out
+            ctx.caches[key] = PromptFormatter(model.tokenizer, max_length=ctx.config.response_max_length
+                                              ).encode_all(answered)
+        return ctx.caches[key]
+
     def measure(self, ctx: EvalContext, model: LoadedModel, item: str) -> dict[str, Any]:
+        if item in ctx.inputs["fidelity_prompts"]:
+            return self._measure_answers(ctx, model, item)
         from ..data import pad_right
         from ..score import fidelity_sums, next_token_positions
 
@@ -83,6 +126,32 @@ class Fidelity(Measurement):
         return {"kl": sum(kl) / total, "top1_agreement": sum(agree) / total, "windows": len(windows),
                 "seconds": round(time.perf_counter() - t0, 2),
                 "items": {"kl": kl, "agree": agree, "tokens": tokens}}
+
+    def _measure_answers(self, ctx: EvalContext, model: LoadedModel, source: str) -> dict[str, Any]:
+        from ..score import collate, fidelity_sums
+
+        t0 = time.perf_counter()
+        original = self._original(ctx, model)
+        encoded = self._answered(ctx, model, source)
+        pad = model.tokenizer.pad_token_id
+        batch = ctx.config.batch_size
+
+        def sums(part: list[Any]) -> tuple[list[tuple[float, float]], list[int]]:
+            rows: list[tuple[float, float]] = []
+            counts: list[int] = []
+            for start in range(0, len(part), batch):
+                ids, mask, predicts, _ = collate(part[start:start + batch], pad)
+                kl, agree, count = fidelity_sums(original, model.model, ids, mask, predicts)
+                rows += list(zip(kl.tolist(), agree.tolist()))
+                counts += count.tolist()
+            return rows, counts
+
+        pairs, tokens = sharded_nll(sums, encoded, [len(e.input_ids) for e in encoded])
+        kl = [p[0] for p in pairs]
+        agree = [p[1] for p in pairs]
+        total = max(sum(tokens), 1)
+        return {"kl": sum(kl) / total, "top1_agreement": sum(agree) / total, "records": len(encoded),
+                "seconds": round(time.perf_counter() - t0, 2), "items": {"kl": kl, "agree": agree, "tokens": tokens}}
 
     def results_info(self, ctx: EvalContext, items: list[str]) -> dict[str, Any]:
         return {"fidelity_to": ctx.config.fidelity_to, "fidelity_files": items}

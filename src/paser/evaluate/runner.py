@@ -48,7 +48,10 @@ class EvaluateConfig:
     dtype: str = "auto"
     labels: list[str] | None = None  # display names for the table (default: the model specs)
     bad_records: str = "skip"  # unusable records in --response-ppl sources: skip (reported) | error
-    fidelity_to: str | None = None  # the original model: KL to it and top-1 agreement on the --ppl windows
+    fidelity_to: str | None = None  # the original model: KL to it and top-1 agreement (paser.evaluate.fidelity)
+    fidelity_prompts: list[str] = field(default_factory=list)  # held-out prompts the original answers (sources)
+    fidelity_prompts_limit: int | None = None  # the first N records of each fidelity_prompts source (None: all)
+    fidelity_max_new_tokens: int = 128  # the original's answers to fidelity_prompts: new tokens at most
 
     def validate(self) -> None:
         """Check everything that does not need a model; each enabled measurement checks its own settings."""
@@ -56,7 +59,7 @@ class EvaluateConfig:
             raise ConfigError("name at least one model to evaluate")
         if self.labels is not None and len(self.labels) != len(self.models):
             raise ConfigError(f"{len(self.labels)} labels for {len(self.models)} models")
-        for name in ("limit", "response_ppl_limit", "demo_questions", "ppl_windows"):
+        for name in ("limit", "response_ppl_limit", "demo_questions", "ppl_windows", "fidelity_prompts_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1, not {value}")

@@ -407,10 +407,11 @@ def _resolve(value: Any, files: dict[str, str]) -> Any:
 def _evaluate_kwargs(config: PipelineConfig, models: list[str], out: str | Path,
                      labels: list[str] | None = None, files: dict[str, str] | None = None) -> dict[str, Any]:
     settings = dict(config.evaluate)
-    if files is not None:
-        settings["response_ppl"] = [_resolve(src, files) for src in settings["response_ppl"]]
-    else:  # validation before the data stage has run: a placeholder that exists
-        settings["response_ppl"] = [src if not src.startswith("@") else "demo-heldout" for src in settings["response_ppl"]]
+    for key in ("response_ppl", "fidelity_prompts"):
+        if files is not None:
+            settings[key] = [_resolve(src, files) for src in settings[key]]
+        else:  # validation before the data stage has run: a placeholder that exists
+            settings[key] = [src if not src.startswith("@") else "demo-heldout" for src in settings[key]]
     skip_missing = settings.pop("skip_missing_task_dir")
     task_dir = settings.get("task_dir")
     if task_dir is not None and skip_missing and not Path(task_dir).is_dir():
@@ -422,8 +423,14 @@ def _evaluate_kwargs(config: PipelineConfig, models: list[str], out: str | Path,
         if missing and files is not None:
             log.warning("perplexity text(s) %s skipped: not found", ", ".join(missing))
         settings["ppl"] = [path for path in settings["ppl"] if path not in missing]
-    # fidelity to the original (the config's model) on the perplexity texts' windows, unless turned off
-    settings["fidelity_to"] = config.model if settings.pop("fidelity") and settings["ppl"] else None
+    # fidelity to the original (the config's model), unless turned off: on the perplexity texts' windows and on
+    # the original's own answers to the held-out prompts (the response_ppl sources unless fidelity_prompts names some)
+    fidelity = settings.pop("fidelity")
+    if fidelity and not settings["fidelity_prompts"]:
+        settings["fidelity_prompts"] = list(settings["response_ppl"])
+    if not fidelity:
+        settings["fidelity_prompts"] = []
+    settings["fidelity_to"] = config.model if fidelity and (settings["ppl"] or settings["fidelity_prompts"]) else None
     return {**settings, "models": models, "out": out, "labels": labels, "dtype": config.dtype}
 
 
