@@ -165,24 +165,32 @@ def test_arc_easy_matches_lm_eval_command_line(tmp_path):
     assert ours["acc_norm"] == pytest.approx(theirs["acc_norm,none"], abs=1e-9)
 
 
+def _fidelity_of_dense_and_pruned(tmp_path, tiny_model_dir, tiny_pruned_dir, item, **settings):
+    """Evaluate the tiny dense and pruned models' fidelity to the dense one; checks the dense is exact and
+    returns (pruned's value, the dense model, the pruned model, the tokenizer)."""
+    from paser.models import load_model
+
+    results = run_evaluation(EvaluateConfig(models=[str(tiny_model_dir), str(tiny_pruned_dir)], tasks=[],
+                                            fidelity_to=str(tiny_model_dir), labels=["dense", "pruned"],
+                                            out=tmp_path / "r.json", **settings))
+    dense = results["models"]["dense"]["fidelity"][item]
+    assert dense["kl"] == pytest.approx(0.0, abs=1e-6) and dense["top1_agreement"] == 1.0
+    original, tokenizer = load_model(str(tiny_model_dir), dtype="fp32")
+    model, _ = load_model(str(tiny_pruned_dir), dtype="fp32")
+    return results, results["models"]["pruned"]["fidelity"][item], original, model, tokenizer
+
+
 def test_fidelity_is_the_exact_kl_to_the_original(tmp_path, tiny_model_dir, tiny_pruned_dir):
     """KL(original || model) and top-1 agreement per window equal a direct full-vocabulary computation; the
     original against itself is 0 and 1; the comparison's 'KL removed' is 0 for the pruned model and 1 for it."""
     from paser.compare import compare_arms
     from paser.evaluate import text_windows
-    from paser.models import load_model
 
     text = tmp_path / "wiki.txt"
     text.write_text(" ".join(WORDS * 20))
-    results = run_evaluation(EvaluateConfig(models=[str(tiny_model_dir), str(tiny_pruned_dir)], tasks=[],
-                                            ppl=[str(text)], ppl_seqlen=32, ppl_windows=3, batch_size=8,
-                                            fidelity_to=str(tiny_model_dir), labels=["dense", "pruned"],
-                                            out=tmp_path / "r.json"))
-    dense = results["models"]["dense"]["fidelity"][str(text)]
-    pruned = results["models"]["pruned"]["fidelity"][str(text)]
-    assert dense["kl"] == pytest.approx(0.0, abs=1e-6) and dense["top1_agreement"] == 1.0
-    original, tokenizer = load_model(str(tiny_model_dir), dtype="fp32")
-    model, _ = load_model(str(tiny_pruned_dir), dtype="fp32")
+    results, pruned, original, model, tokenizer = _fidelity_of_dense_and_pruned(
+        tmp_path, tiny_model_dir, tiny_pruned_dir, str(text), ppl=[str(text)], ppl_seqlen=32, ppl_windows=3,
+        batch_size=8)
     windows = text_windows(tokenizer, text.read_text(), 32)[:3]
     with torch.no_grad():
         ids = torch.tensor(windows)
@@ -207,22 +215,15 @@ def test_fidelity_on_the_originals_own_answers(tmp_path, tiny_model_dir, tiny_pr
     """Held-out prompts: the original answers them (once, cached); KL and agreement are taken at the answer's
     positions, equal to a direct computation; the original against itself is 0 and 1."""
     from paser.data import PromptFormatter
-    from paser.models import load_model
     from paser.score import collate
     from paser.targets import TARGETS
 
     monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"instruction": f"Say {w} twice.", "output": w}) + "\n" for w in WORDS[:6]))
-    results = run_evaluation(EvaluateConfig(models=[str(tiny_model_dir), str(tiny_pruned_dir)], tasks=[],
-                                            fidelity_to=str(tiny_model_dir), fidelity_prompts=[str(prompts)],
-                                            fidelity_max_new_tokens=5, labels=["dense", "pruned"],
-                                            out=tmp_path / "r.json"))
-    dense = results["models"]["dense"]["fidelity"][str(prompts)]
-    pruned = results["models"]["pruned"]["fidelity"][str(prompts)]
-    assert dense["kl"] == pytest.approx(0.0, abs=1e-6) and dense["top1_agreement"] == 1.0
-    original, tokenizer = load_model(str(tiny_model_dir), dtype="fp32")
-    model, _ = load_model(str(tiny_pruned_dir), dtype="fp32")
+    _, pruned, original, model, tokenizer = _fidelity_of_dense_and_pruned(
+        tmp_path, tiny_model_dir, tiny_pruned_dir, str(prompts), fidelity_prompts=[str(prompts)],
+        fidelity_max_new_tokens=5)
     records = list(iter_dict_records([json.loads(line) for line in prompts.read_text().splitlines()], source="p"))
     settings = type("S", (), dict(teacher=str(tiny_model_dir), target_max_new_tokens=5, cutoff_len=512,
                                   target_do_sample=False, target_temperature=1.0, target_top_p=1.0, template="auto",

@@ -99,58 +99,40 @@ class Fidelity(Measurement):
         return ctx.caches[key]
 
     def measure(self, ctx: EvalContext, model: LoadedModel, item: str) -> dict[str, Any]:
-        if item in ctx.inputs["fidelity_prompts"]:
-            return self._measure_answers(ctx, model, item)
         from ..data import pad_right
-        from ..score import fidelity_sums, next_token_positions
+        from ..score import collate, next_token_positions
 
         t0 = time.perf_counter()
+        if item in ctx.inputs["fidelity_prompts"]:  # the original's answers, at their positions
+            items, count, batch = self._answered(ctx, model, item), "records", ctx.config.batch_size
+            pad = model.tokenizer.pad_token_id
+
+            def inputs(part: list[Any]) -> tuple[Any, Any, Any]:
+                return collate(part, pad)[:3]
+        else:  # perplexity windows, every position
+            items, count, batch = evaluation_windows(ctx, model, item), "windows", max(1, ctx.config.batch_size // 4)
+
+            def inputs(part: list[Any]) -> tuple[Any, Any, Any]:
+                ids, mask = pad_right(part, 0)
+                return ids, mask, next_token_positions(mask)
+
         original = self._original(ctx, model)
-        windows = evaluation_windows(ctx, model, item)
-        batch = max(1, ctx.config.batch_size // 4)
-
-        def sums(part: list[list[int]]) -> tuple[list[tuple[float, float]], list[int]]:
-            rows: list[tuple[float, float]] = []
-            counts: list[int] = []
-            for start in range(0, len(part), batch):
-                ids, mask = pad_right(part[start:start + batch], 0)
-                kl, agree, count = fidelity_sums(original, model.model, ids, mask, next_token_positions(mask))
-                rows += list(zip(kl.tolist(), agree.tolist()))
-                counts += count.tolist()
-            return rows, counts
-
-        pairs, tokens = sharded_nll(sums, windows)
-        kl = [p[0] for p in pairs]
-        agree = [p[1] for p in pairs]
-        total = max(sum(tokens), 1)
-        return {"kl": sum(kl) / total, "top1_agreement": sum(agree) / total, "windows": len(windows),
-                "seconds": round(time.perf_counter() - t0, 2),
-                "items": {"kl": kl, "agree": agree, "tokens": tokens}}
-
-    def _measure_answers(self, ctx: EvalContext, model: LoadedModel, source: str) -> dict[str, Any]:
-        from ..score import collate, fidelity_sums
-
-        t0 = time.perf_counter()
-        original = self._original(ctx, model)
-        encoded = self._answered(ctx, model, source)
-        pad = model.tokenizer.pad_token_id
-        batch = ctx.config.batch_size
 
         def sums(part: list[Any]) -> tuple[list[tuple[float, float]], list[int]]:
+            from ..score import fidelity_sums
+
             rows: list[tuple[float, float]] = []
             counts: list[int] = []
             for start in range(0, len(part), batch):
-                ids, mask, predicts, _ = collate(part[start:start + batch], pad)
-                kl, agree, count = fidelity_sums(original, model.model, ids, mask, predicts)
+                kl, agree, n = fidelity_sums(original, model.model, *inputs(part[start:start + batch]))
                 rows += list(zip(kl.tolist(), agree.tolist()))
-                counts += count.tolist()
+                counts += n.tolist()
             return rows, counts
 
-        pairs, tokens = sharded_nll(sums, encoded, [len(e.input_ids) for e in encoded])
-        kl = [p[0] for p in pairs]
-        agree = [p[1] for p in pairs]
+        pairs, tokens = sharded_nll(sums, items, [len(getattr(x, "input_ids", x)) for x in items])
+        kl, agree = [p[0] for p in pairs], [p[1] for p in pairs]
         total = max(sum(tokens), 1)
-        return {"kl": sum(kl) / total, "top1_agreement": sum(agree) / total, "records": len(encoded),
+        return {"kl": sum(kl) / total, "top1_agreement": sum(agree) / total, count: len(items),
                 "seconds": round(time.perf_counter() - t0, 2), "items": {"kl": kl, "agree": agree, "tokens": tokens}}
 
     def results_info(self, ctx: EvalContext, items: list[str]) -> dict[str, Any]:
