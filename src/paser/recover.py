@@ -20,16 +20,18 @@ import resource
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Annotated, Any, ClassVar, Literal, Sequence
 
 import torch
+from pydantic import Field
 
 from . import distributed, faults
 from .cache import atomic_dir, stable_hash, write_json
-from .data import BAD_RECORD_POLICIES, Encoded, PromptFormatter, encode_records, load_records, pad_right
+from .data import Encoded, PromptFormatter, encode_records, load_records, pad_right
 from .errors import ConfigError
 from .models import check_compatible, load_model, resolve_dtype_name
 from .objectives import OBJECTIVES
+from .options import check_declared
 from .targets import TARGETS
 from .sparsity import apply_masks, sparsity_masks
 
@@ -43,71 +45,62 @@ class RecoverConfig:
     """LoRA recovery settings; defaults are the CLI's."""
 
     CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset()  # every field is a ``paser recover`` option
+    REGISTERED: ClassVar[dict[str, Any]] = {"loss": OBJECTIVES, "targets": TARGETS}
 
     model: str
     data: str
     out: str | Path
-    epochs: float = 2.0
-    lr: float = 1e-4
-    lora_r: int = 8
+    epochs: Annotated[float, Field(gt=0)] = 2.0
+    lr: Annotated[float, Field(gt=0)] = 1e-4
+    lora_r: Annotated[int, Field(ge=1)] = 8
     lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
     lora_targets: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
     cutoff_len: int = 256
     batch_size: int = 64  # effective batch (micro_batch_size x gradient accumulation)
-    micro_batch_size: int = 4
+    micro_batch_size: Annotated[int, Field(ge=1)] = 4
     warmup_ratio: float = 0.05  # fraction of the optimizer steps spent warming up
-    dtype: str = "auto"
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     seed: int = 0
     resume: bool = True  # continue from OUT/checkpoints when they were made with these settings and data
     save_steps: int = 50  # checkpoint every N optimizer steps (what a rerun resumes from)
-    template: str = "auto"
+    template: Literal["auto", "chat", "alpaca"] = "auto"
     limit: int | None = None
-    bad_records: str = "skip"  # skip: leave unusable records out and report them | error: stop at the first
+    bad_records: Literal["skip", "error"] = "skip"  # skip: leave unusable records out and report them | error: stop at the first
     group_by_length: bool = True  # micro-batches of similar lengths (less padding: faster steps)
-    adapter: str = "lora"  # lora | full (every weight, pruned positions kept at zero)
-    sparse_lora: str = "masked"  # masked: the LoRA update keeps the pruned zeros while training | off: re-mask after merge
+    adapter: Literal["lora", "full"] = "lora"  # lora | full (every weight, pruned positions kept at zero)
+    # masked: the LoRA update keeps the pruned zeros while training | off: re-mask after merge
+    sparse_lora: Literal["masked", "off"] = "masked"
     loss: str = "nll"  # nll (the targets' answers) | kd | mix | auto: mix when the original model is known, else nll
     teacher: str | None = None  # the original model: kd/mix's teacher, original targets' author (``paser run``: its model)
     targets: str = "reference"  # reference: the data's answers | original: the original model's own (paser.targets)
-    target_max_new_tokens: int | None = None  # original targets: new tokens at most (None: cutoff_len)
+    target_max_new_tokens: Annotated[int, Field(ge=1)] | None = None  # original targets: new tokens at most (None: cutoff_len)
     target_do_sample: bool = False  # original targets: sample instead of greedy decoding
-    target_temperature: float = 1.0
-    target_top_p: float = 1.0
-    target_batch_size: int = 16  # prompts per generation batch
-    kd_temperature: float = 1.0
-    kd_alpha: float = 0.5  # mix: alpha * kd + (1 - alpha) * nll
-    kd_positions: str = "response"  # response | all (prompt positions too)
-    teacher_cache: str = "none"  # none: the teacher runs live | topk: its top-k log-probs computed once, stored
-    teacher_topk: int = 64  # k of the teacher cache
+    target_temperature: Annotated[float, Field(gt=0)] = 1.0
+    target_top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    target_batch_size: Annotated[int, Field(ge=1)] = 16  # prompts per generation batch
+    kd_temperature: Annotated[float, Field(gt=0)] = 1.0
+    kd_alpha: Annotated[float, Field(ge=0, le=1)] = 0.5  # mix: alpha * kd + (1 - alpha) * nll
+    kd_positions: Literal["response", "all"] = "response"  # response | all (prompt positions too)
+    # none: the teacher runs live | topk: its top-k log-probs computed once, stored
+    teacher_cache: Literal["none", "topk"] = "none"
+    teacher_topk: Annotated[int, Field(ge=1)] = 64  # k of the teacher cache
     fsdp: bool = False  # under a launcher: shard parameters, gradients and optimizer state (FSDP2) across processes
 
     def validate(self) -> None:
-        for name, allowed in (("adapter", ("lora", "full")), ("sparse_lora", ("masked", "off")),
-                              ("loss", ("auto", *OBJECTIVES.names())), ("kd_positions", ("response", "all")),
-                              ("targets", TARGETS.names())):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
+        """The declared choices and bounds (:func:`paser.options.check_declared`), then what relates fields."""
+        if self.loss != "auto":
+            check_declared(self)
+        else:  # auto is resolved later (resolve_loss): check the rest as if it were nll
+            check_declared(replace(self, loss="nll"))
         if TARGETS.get(self.targets).needs_original and not self.teacher and recorded_original(self.model) is None:
             raise ConfigError(f"targets '{self.targets}' needs the original model (--teacher)")
-        if (self.target_max_new_tokens is not None and self.target_max_new_tokens < 1) or self.target_batch_size < 1 \
-                or not self.target_temperature > 0 or not 0 < self.target_top_p <= 1:
-            raise ConfigError("target_max_new_tokens and target_batch_size must be >= 1, target_temperature positive "
-                              "and target_top_p in (0, 1]")
         if self.loss != "auto" and OBJECTIVES.get(self.loss).needs_teacher and not self.teacher:
             raise ConfigError(f"loss '{self.loss}' needs a teacher model (--teacher, the original model)")
-        if self.teacher_cache not in ("none", "topk"):
-            raise ConfigError(f"teacher_cache must be none or topk, not '{self.teacher_cache}'")
         if self.teacher_cache == "topk" and (self.kd_positions != "response" or self.kd_temperature != 1.0):
             raise ConfigError("the top-k teacher cache holds response positions at temperature 1: use "
                               "kd_positions response and kd_temperature 1")
-        if self.teacher_topk < 1:
-            raise ConfigError(f"teacher_topk must be at least 1, not {self.teacher_topk}")
-        if not 0 <= self.kd_alpha <= 1 or not self.kd_temperature > 0:
-            raise ConfigError("kd_alpha must be in [0, 1] and kd_temperature positive")
-        if self.bad_records not in BAD_RECORD_POLICIES:
-            raise ConfigError(f"bad_records must be skip or error, not '{self.bad_records}'")
-        if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size:
+        if self.batch_size < self.micro_batch_size:
             raise ConfigError("batch_size must be >= micro_batch_size >= 1")
         from . import distributed
 
@@ -115,10 +108,6 @@ class RecoverConfig:
         if self.batch_size % (self.micro_batch_size * world):
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                               f"({self.micro_batch_size})" + (f" x {world} processes" if world > 1 else ""))
-        if not self.epochs > 0 or not self.lr > 0:
-            raise ConfigError("epochs and lr must be positive")
-        if self.lora_r < 1 or not 0 <= self.lora_dropout < 1:
-            raise ConfigError("lora_r must be >= 1 and lora_dropout in [0, 1)")
 
 
 def recorded_original(model: str | Path) -> str | None:

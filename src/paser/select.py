@@ -24,19 +24,21 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from . import distributed
 from .allocate import ALLOCATION_RULES
 from .cache import cache_root, package_versions, write_json, write_jsonl, write_parquet
 from .cluster import ClusterResult
-from .data import BAD_RECORD_POLICIES, ColumnMap, PromptFormatter, Record, encode_records, load_records
+from .data import ColumnMap, PromptFormatter, Record, encode_records, load_records
 from .embed import DEFAULT_EMBEDDER
 from .errors import ConfigError, DataError
 from .models import check_compatible, load_tokenizer, resolve_dtype_name
+from .options import check_declared
 from .score import SCORERS
 from .strategies import STRATEGIES, SelectionContext, get_strategy
 from .strategies.paser import CLUSTER_METHODS
@@ -52,6 +54,8 @@ class SelectConfig:
 
     # Fields with no ``paser select`` option (YAML and the Python API only), each for a reason: the cache root has
     # $PASER_CACHE; the rest are fine settings of one method that the study configs set.
+    REGISTERED: ClassVar[dict[str, Any]] = {"method": STRATEGIES, "allocation": ALLOCATION_RULES, "score": SCORERS,
+                                            "cluster_method": CLUSTER_METHODS}
     CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"cache_dir", "ccg_max_df", "concepts_per_sample",
                                                         "drop_original_loss_above", "dsir_buckets", "target_limit",
                                                         "target_sources"})
@@ -66,51 +70,57 @@ class SelectConfig:
     budget_tokens: float | None = None
     out: str | Path | None = None
     method: str = "paser"  # a registered strategy: paser | random | full | perplexity | loss_gap | ifd | nuggets | dsir
-    clusters: int | None = None  # None: eigengap rule
+    clusters: Annotated[int, Field(ge=1)] | None = None  # None: eigengap rule
     cluster_method: str = "nmf"  # nmf | kmeans (on diffusion coordinates) | random | kmeans-raw (ablations)
     embedder: str = DEFAULT_EMBEDDER
-    max_length: int = 256
-    batch_size: int = 16
-    dtype: str = "auto"  # auto: bf16 on GPUs and bf16-capable CPUs, else fp32
+    max_length: Annotated[int, Field(ge=8)] = 256
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"  # auto: bf16 on GPUs and bf16-capable CPUs, else fp32
     ccg: bool = True
-    concepts_per_sample: int = 5
+    concepts_per_sample: Annotated[int, Field(ge=1)] = 5
     allocation: str = "size"  # size (the pool's cluster shares) | mass | cds (the paper) | blend (see paser.allocate)
     score: str = "jsd"  # jsd | loss_gap | pruned_loss (see paser.score)
     seed: int = 0
-    template: str = "auto"
+    template: Literal["auto", "chat", "alpaca"] = "auto"
     columns: str | None = None
-    duplicates: str = "keep"
-    bad_records: str = "skip"  # skip: leave unusable records out and report them | error: stop at the first
-    limit: int | None = None  # use only the first N records
+    duplicates: Literal["keep", "drop"] = "keep"
+    bad_records: Literal["skip", "error"] = "skip"  # skip: leave unusable records out and report them | error: stop at the first
+    limit: Annotated[int, Field(ge=1)] | None = None  # use only the first N records
     cache_dir: str | Path | None = None  # default: $PASER_CACHE or ~/.cache/paser
-    ifd_model: str = "pruned"  # ifd: the model whose losses define IFD (original | pruned)
-    anchors: int = 32  # nuggets: anchor records sampled from the pool with the seed
+    ifd_model: Literal["original", "pruned"] = "pruned"  # ifd: the model whose losses define IFD (original | pruned)
+    anchors: Annotated[int, Field(ge=1)] = 32  # nuggets: anchor records sampled from the pool with the seed
     anchor_data: str | None = None  # nuggets: anchors from this source instead
-    nuggets_candidates: int | None = None  # nuggets: score a seeded sub-sample of this many candidates
+    nuggets_candidates: Annotated[int, Field(ge=1)] | None = None  # nuggets: score a seeded sub-sample of this many candidates
     target: str | None = None  # dsir: target texts (instruction data or .txt)
     target_sources: list[str] | None = None  # dsir: only target records whose 'source' field is listed
     target_limit: int | None = None  # dsir: at most this many target texts
-    dsir_buckets: int = 10_000  # dsir: hash buckets for unigram + bigram features
+    dsir_buckets: Annotated[int, Field(ge=1)] = 10_000  # dsir: hash buckets for unigram + bigram features
     # specific: rare concepts only, no cluster emptied | paper: any two known concepts never seen together conflict
     # (see strategies.paser)
-    ccg_rule: str = "specific"
-    ccg_max_df: float = 0.02  # specific rule: concepts in at most this share of the pool's records
-    within: str = "top"  # top: best first (the paper) | sample: drawn in proportion to the rank score, seeded
-    rank: str = "ifd"  # paser, inside a cluster: ifd (IFD under ifd_model, IFD >= 1 last) | ies (JSD / log cost, the paper)
-    drop_original_loss_above: float | None = None  # examine last the records above this quantile of original loss
-    resident: str = "both"  # both models in memory | one: the original's top-k stored first, then the pruned alone
-    topk: int = 64  # resident one: log-probabilities kept per position (the rest is one tail bucket)
+    ccg_rule: Literal["specific", "paper"] = "specific"
+    ccg_max_df: Annotated[float, Field(gt=0, le=1)] = 0.02  # specific rule: concepts in at most this share of the pool's records
+    # top: best first (the paper) | sample: drawn in proportion to the rank score, seeded
+    within: Literal["top", "sample"] = "top"
+    # paser, inside a cluster: ifd (IFD under ifd_model, IFD >= 1 last) | ies (JSD / log cost, the paper)
+    rank: Literal["ifd", "ies"] = "ifd"
+    # examine last the records above this quantile of original loss
+    drop_original_loss_above: Annotated[float, Field(gt=0, lt=1)] | None = None
+    # both models in memory | one: the original's top-k stored first, then the pruned alone
+    resident: Literal["both", "one"] = "both"
+    topk: Annotated[int, Field(ge=1)] = 64  # resident one: log-probabilities kept per position (the rest is one tail bucket)
     device_map: str | None = None  # auto: each model spread over the GPUs (and CPU memory) by accelerate
-    scoring: str = "exhaustive"  # exhaustive: both models score every record | sampled (see strategies.sampled)
-    pilot: float = 0.02  # sampled: share of each cluster scored in the pilot ...
-    pilot_min: int = 16  # ... and at least this many records of it
-    oversample: float = 2.0  # sampled: records confirmed exactly per cluster, as a multiple of its budget
-    max_scored: int | None = None  # sampled: at most this many records scored exactly in all
-    confirm_tokens: int | None = None  # sampled: confirm on the prompt and first N response tokens only (cheaper)
+    # exhaustive: both models score every record | sampled (see strategies.sampled)
+    scoring: Literal["exhaustive", "sampled"] = "exhaustive"
+    pilot: Annotated[float, Field(gt=0, le=1)] = 0.02  # sampled: share of each cluster scored in the pilot ...
+    pilot_min: Annotated[int, Field(ge=2)] = 16  # ... and at least this many records of it
+    oversample: Annotated[float, Field(ge=1)] = 2.0  # sampled: records confirmed exactly per cluster, as a multiple of its budget
+    max_scored: Annotated[int, Field(ge=1)] | None = None  # sampled: at most this many records scored exactly in all
+    # sampled: confirm on the prompt and first N response tokens only (cheaper)
+    confirm_tokens: Annotated[int, Field(ge=1)] | None = None
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, not '{self.method}'")
+        """The declared choices and bounds (:func:`paser.options.check_declared`), then what relates fields."""
+        check_declared(self)
         if self.budget is None and self.budget_tokens is None:
             raise ConfigError("give a budget: records (--budget) or training tokens (--budget-tokens)")
         for name in ("budget", "budget_tokens"):
@@ -121,53 +131,18 @@ class SelectConfig:
                 raise ConfigError(f"{name} must be positive (a count, or a fraction below 1), not {value}")
             if value >= 1 and value != int(value):
                 raise ConfigError(f"{name} {value} is neither a fraction below 1 nor a whole count")
-        if self.allocation not in ALLOCATION_RULES:
-            raise ConfigError(f"allocation must be one of {', '.join(ALLOCATION_RULES)}, not '{self.allocation}'")
-        if self.score not in SCORERS:
-            raise ConfigError(f"score must be one of {', '.join(SCORERS)}, not '{self.score}'")
-        if self.cluster_method not in CLUSTER_METHODS:
-            raise ConfigError(f"cluster_method must be one of {', '.join(CLUSTER_METHODS)}, not '{self.cluster_method}'")
-        if self.ccg_rule not in ("paper", "specific") or self.within not in ("top", "sample"):
-            raise ConfigError(f"ccg_rule must be paper or specific and within top or sample, not "
-                              f"'{self.ccg_rule}' / '{self.within}'")
-        if not 0 < self.ccg_max_df <= 1 or (self.drop_original_loss_above is not None
-                                             and not 0 < self.drop_original_loss_above < 1):
-            raise ConfigError("ccg_max_df must be in (0, 1] and drop_original_loss_above a quantile in (0, 1)")
         if self.device_map is not None and distributed.launched():
             raise ConfigError("device_map spreads one copy of each model over the devices; under a launcher every "
                               "process holds its own copy: use one or the other")
-        if self.rank not in ("ies", "ifd"):
-            raise ConfigError(f"rank must be ies or ifd, not '{self.rank}'")
         if self.rank == "ifd" and self.scoring == "sampled":
             raise ConfigError("scoring sampled predicts JSD, which ranks by IES: add --rank ies (rank: ies), or "
                               "score exhaustively for the default IFD ranking")
-        if self.scoring not in ("exhaustive", "sampled"):
-            raise ConfigError(f"scoring must be exhaustive or sampled, not '{self.scoring}'")
         if self.scoring == "sampled" and self.method != "paser":
             raise ConfigError(f"scoring sampled applies to method paser, not '{self.method}'")
-        if not 0 < self.pilot <= 1 or self.pilot_min < 2 or not self.oversample >= 1 or (
-                self.max_scored is not None and self.max_scored < 1) or (
-                self.confirm_tokens is not None and self.confirm_tokens < 1):
-            raise ConfigError("pilot must be in (0, 1], pilot_min at least 2, oversample at least 1, max_scored "
-                              "and confirm_tokens positive")
         if self.confirm_tokens is not None and self.scoring != "sampled":
             raise ConfigError("confirm_tokens applies to scoring sampled")
-        if self.resident not in ("both", "one") or self.topk < 1:
-            raise ConfigError(f"resident must be both or one and topk at least 1, not '{self.resident}' / {self.topk}")
-        if self.ifd_model not in ("original", "pruned"):
-            raise ConfigError(f"ifd_model must be original or pruned, not '{self.ifd_model}'")
-        if self.anchors < 1 or (self.nuggets_candidates is not None and self.nuggets_candidates < 1):
-            raise ConfigError("anchors and nuggets_candidates must be at least 1")
         if self.method == "dsir" and not self.target:
             raise ConfigError("method dsir needs a target text set (--target FILE)")
-        if self.clusters is not None and self.clusters < 1:
-            raise ConfigError(f"clusters must be at least 1, not {self.clusters}")
-        if self.dtype not in {"auto", "bf16", "fp32", "fp16"}:
-            raise ConfigError(f"dtype must be auto, bf16 or fp32, not '{self.dtype}'")
-        if self.bad_records not in BAD_RECORD_POLICIES:
-            raise ConfigError(f"bad_records must be skip or error, not '{self.bad_records}'")
-        if self.max_length < 8:
-            raise ConfigError(f"max_length must be at least 8 tokens, not {self.max_length}")
 
     def budget_count(self, n_records: int) -> int:
         count = round(self.budget * n_records) if self.budget < 1 else int(self.budget)
