@@ -71,6 +71,8 @@ class PruneConfig:
         return n, m
 
     def validate(self) -> None:
+        if self.method not in PRUNING_METHODS:
+            raise ConfigError(f"method must be one of {', '.join(PRUNING_METHODS)}, not '{self.method}'")
         method = PRUNING_METHODS.get(self.method)
         if not 0 < self.sparsity < 1:
             raise ConfigError(f"sparsity must be in (0, 1), not {self.sparsity}")
