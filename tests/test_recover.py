@@ -236,7 +236,7 @@ def test_a_new_objective_is_one_registered_class(tmp_path, sparse_tiny, tiny_mod
     """The recovery trainer asks the objective for the loss: a throw-away objective registered here trains."""
     from paser.objectives import OBJECTIVES, Objective
 
-    assert OBJECTIVES.names() == ("nll", "kd", "mix")
+    assert OBJECTIVES.names() == ("nll", "kd", "mix", "rho")
 
     @OBJECTIVES.register("quarter_mix_test")
     class QuarterMix(Objective):
@@ -254,3 +254,19 @@ def test_a_new_objective_is_one_registered_class(tmp_path, sparse_tiny, tiny_mod
         assert p["loss"] == pytest.approx(0.25 * p["kd"] + 0.75 * p["nll"], rel=2e-3)
     with pytest.raises(ConfigError, match="loss must be one of"):
         small_config(tmp_path, sparse_tiny, loss="quarter_mix_test").validate()
+
+
+def test_rho_trains_on_the_tokens_the_student_lost_most_against_the_original():
+    """rho's loss is the mean student NLL over the 60% of tokens with the largest excess over the original's."""
+    from paser.objectives import OBJECTIVES
+
+    student = torch.tensor([2.0, 0.5, 3.0, 1.0, 4.0])
+    teacher = torch.tensor([1.0, 0.45, 0.5, 0.7, 3.95])  # excess: 1.0, 0.05, 2.5, 0.3, 0.05
+    loss = OBJECTIVES.get("rho").loss({"token_nll": student, "teacher_token_nll": teacher}, None)
+    assert loss.item() == pytest.approx((3.0 + 2.0 + 1.0) / 3)  # ceil(0.6 * 5) = 3 tokens: excess 2.5, 1.0, 0.3
+
+
+def test_rho_recovery_runs_with_the_live_teacher(tmp_path, sparse_tiny, tiny_model_dir):
+    log = run_recovery(small_config(tmp_path, sparse_tiny, epochs=1, loss="rho", teacher=str(tiny_model_dir)))
+    assert log["steps"] > 0 and all({"nll", "kd"} <= set(p) for p in log["loss_curve"])
+    assert log["zeros_after_merge"] == log["zeros_kept"]

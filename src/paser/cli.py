@@ -214,7 +214,7 @@ def recover(
     target_temperature: float = typer.Option(1.0, help="original targets with --target-do-sample: temperature."),
     target_top_p: float = typer.Option(1.0, help="original targets with --target-do-sample: nucleus top-p."),
     target_batch_size: int = typer.Option(16, help="original targets: prompts per generation batch."),
-    loss: str = typer.Option("nll", help="nll (the targets' answers) | kd (distil the teacher's next-token distributions) | mix (half each, --kd-alpha) | auto: mix when the original model is known (--teacher, or the model paser prune started from, recorded in MODEL/prune_report.json), else nll."),
+    loss: str = typer.Option("nll", help="nll (the targets' answers) | kd (distil the teacher's next-token distributions) | mix (half each, --kd-alpha) | rho (NLL on the 60% of tokens the student lost most against the original) | auto: mix when the original model is known (--teacher, or the model paser prune started from, recorded in MODEL/prune_report.json), else nll."),
     teacher: Optional[str] = typer.Option(None, help="The original, dense model: kd/mix/auto's teacher and original targets' author (default: the one recorded by paser prune)."),
     kd_temperature: float = typer.Option(1.0, help="kd/mix: softmax temperature of both distributions."),
     kd_alpha: float = typer.Option(0.5, help="mix: alpha * kd + (1 - alpha) * nll."),

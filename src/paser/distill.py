@@ -55,7 +55,8 @@ def trainer_class(objective: Objective) -> type:
             logits = outputs.logits[:, :-1]
             targets = labels[:, 1:]
             response = targets != IGNORE_INDEX
-            nll = torch.nn.functional.cross_entropy(logits[response].float(), targets[response])
+            token_nll = torch.nn.functional.cross_entropy(logits[response].float(), targets[response], reduction="none")
+            nll = token_nll.mean()
             if isinstance(self.teacher, TopK):  # the stored teacher: its rows are each record's response positions
                 offsets = self.teacher.offsets
                 rows = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in inputs["record"].tolist()])
@@ -63,12 +64,17 @@ def trainer_class(objective: Objective) -> type:
                 kd = bucketed_kl(torch.from_numpy(self.teacher.logprobs[rows]).to(device),
                                  torch.from_numpy(self.teacher.ids[rows]).to(device),
                                  torch.from_numpy(self.teacher.log_tail[rows]).to(device), logits[response]).mean()
+                teacher_token_nll = -torch.from_numpy(self.teacher.target_logprobs[rows]).to(device)
             else:
                 positions = response if self.settings.kd_positions == "response" else mask[:, 1:].bool()
                 with torch.no_grad():
                     teacher_logits = self.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
                 kd = kd_loss(logits, teacher_logits, positions, self.settings.kd_temperature)
-            loss = self.objective.loss({"nll": nll, "kd": kd}, self.settings)
+                teacher_token_nll = torch.nn.functional.cross_entropy(teacher_logits[response].float(),
+                                                                      targets[response], reduction="none")
+            # per response token (batch order), for objectives that weigh tokens (e.g. rho)
+            terms = {"nll": nll, "kd": kd, "token_nll": token_nll, "teacher_token_nll": teacher_token_nll}
+            loss = self.objective.loss(terms, self.settings)
             self._terms["nll"].append(nll.item())
             self._terms["kd"].append(kd.item())
             return (loss, outputs) if return_outputs else loss

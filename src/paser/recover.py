@@ -71,7 +71,7 @@ class RecoverConfig:
     adapter: Literal["lora", "full"] = "lora"  # lora | full (every weight, pruned positions kept at zero)
     # masked: the LoRA update keeps the pruned zeros while training | off: re-mask after merge
     sparse_lora: Literal["masked", "off"] = "masked"
-    loss: str = "nll"  # nll (the targets' answers) | kd | mix | auto: mix when the original model is known, else nll
+    loss: str = "nll"  # nll (the targets' answers) | kd | mix | rho | auto: mix when the original is known, else nll
     teacher: str | None = None  # the original model: kd/mix's teacher, original targets' author (``paser run``: its model)
     targets: str = "reference"  # reference: the data's answers | original: the original model's own (paser.targets)
     target_max_new_tokens: Annotated[int, Field(ge=1)] | None = None  # original targets: new tokens at most (None: cutoff_len)

@@ -1,8 +1,9 @@
-"""Recovery objectives as registered objects (:mod:`paser.objectives.base`): ``nll``, ``kd``, ``mix``."""
+"""Recovery objectives as registered objects (:mod:`paser.objectives.base`): ``nll``, ``kd``, ``mix``, ``rho``."""
 
 from . import nll  # noqa: F401  (registration, in this order)
 from . import kd  # noqa: F401
 from . import mix  # noqa: F401
+from . import rho  # noqa: F401
 from .base import OBJECTIVES, Objective
 
 __all__ = ["OBJECTIVES", "Objective"]

@@ -31,7 +31,8 @@ class Objective:
     version = 1
 
     def loss(self, terms: dict[str, torch.Tensor], config: Any) -> torch.Tensor:
-        """The loss from the terms (``nll``; ``kd`` when a teacher is needed) and the recovery settings."""
+        """The loss from the terms and the recovery settings. Terms: ``nll`` (mean over response tokens); with a
+        teacher also ``kd``, and per response token ``token_nll`` (the student's) and ``teacher_token_nll``."""
         raise NotImplementedError
 
 
