@@ -42,8 +42,6 @@ class Fidelity(Measurement):
         if not (config.ppl or config.fidelity_prompts):
             raise ConfigError("fidelity to the original is measured on the perplexity texts or on held-out prompts: "
                               "give --ppl or --fidelity-prompts as well")
-        if config.fidelity_max_new_tokens < 1:
-            raise ConfigError("fidelity_max_new_tokens must be >= 1")
 
     def prepare(self, ctx: EvalContext) -> list[str]:
         from ..data import load_records

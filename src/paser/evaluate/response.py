@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from ..cache import stable_hash
 from ..data import PromptFormatter, load_records
-from ..errors import ConfigError
 from ..score import collate, summed_nll
 from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, exp_of_first, measured_items, short_name
 from .text_perplexity import sharded_nll, tokenizer_key
@@ -64,10 +63,6 @@ class ResponsePerplexity(Measurement):
 
     def enabled(self, config: Any) -> bool:
         return bool(config.response_ppl)
-
-    def validate(self, config: Any) -> None:
-        if config.response_max_length < 2:
-            raise ConfigError("response_max_length must be >= 2")
 
     def prepare(self, ctx: EvalContext) -> list[str]:
         config = ctx.config

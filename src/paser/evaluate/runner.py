@@ -13,12 +13,14 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field
 
 from .. import faults
 from ..cache import package_versions, stable_hash, write_json, write_text
-from ..data import BAD_RECORD_POLICIES
 from ..errors import ConfigError
+from ..options import check_declared
 from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement
 from .zero_shot import ZERO_SHOT_TASKS
 
@@ -35,38 +37,33 @@ class EvaluateConfig:
     out: str | Path = "results.json"
     tasks: list[str] = field(default_factory=lambda: list(ZERO_SHOT_TASKS))
     task_dir: str | Path | None = None  # one <task>.jsonl per task; None: lm-eval's hub tasks
-    limit: int | None = None  # examples per task
+    limit: Annotated[int, Field(ge=1)] | None = None  # examples per task
     ppl: list[str] = field(default_factory=list)  # plain text files
-    ppl_seqlen: int = 1024
-    ppl_windows: int | None = None  # the first N windows of each perplexity text (None: all)
+    ppl_seqlen: Annotated[int, Field(ge=2)] = 1024
+    ppl_windows: Annotated[int, Field(ge=1)] | None = None  # the first N windows of each perplexity text (None: all)
     response_ppl: list[str] = field(default_factory=list)  # instruction data sources
-    response_ppl_limit: int | None = None  # the first N records of each source (None: all)
-    response_max_length: int = 512
+    response_ppl_limit: Annotated[int, Field(ge=1)] | None = None  # the first N records of each source (None: all)
+    response_max_length: Annotated[int, Field(ge=2)] = 512
     demo_skills: bool = False
-    demo_questions: int | None = None  # held-out questions per skill (None: all)
-    batch_size: int = 8
-    dtype: str = "auto"
+    demo_questions: Annotated[int, Field(ge=1)] | None = None  # held-out questions per skill (None: all)
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     labels: list[str] | None = None  # display names for the table (default: the model specs)
-    bad_records: str = "skip"  # unusable records in --response-ppl sources: skip (reported) | error
+    bad_records: Literal["skip", "error"] = "skip"  # unusable records in --response-ppl sources: skip (reported) | error
     fidelity_to: str | None = None  # the original model: KL to it and top-1 agreement (paser.evaluate.fidelity)
     fidelity_prompts: list[str] = field(default_factory=list)  # held-out prompts the original answers (sources)
-    fidelity_prompts_limit: int | None = None  # the first N records of each fidelity_prompts source (None: all)
-    fidelity_max_new_tokens: int = 128  # the original's answers to fidelity_prompts: new tokens at most
+    # the first N records of each fidelity_prompts source (None: all)
+    fidelity_prompts_limit: Annotated[int, Field(ge=1)] | None = None
+    fidelity_max_new_tokens: Annotated[int, Field(ge=1)] = 128  # the original's answers to fidelity_prompts: new tokens at most
 
     def validate(self) -> None:
-        """Check everything that does not need a model; each enabled measurement checks its own settings."""
+        """Check everything that does not need a model: the declared bounds and choices, then each enabled
+        measurement its own settings."""
         if not self.models:
             raise ConfigError("name at least one model to evaluate")
+        check_declared(self)
         if self.labels is not None and len(self.labels) != len(self.models):
             raise ConfigError(f"{len(self.labels)} labels for {len(self.models)} models")
-        for name in ("limit", "response_ppl_limit", "demo_questions", "ppl_windows", "fidelity_prompts_limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1, not {value}")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size must be >= 1")
-        if self.bad_records not in BAD_RECORD_POLICIES:
-            raise ConfigError(f"bad_records must be skip or error, not '{self.bad_records}'")
         measurements = self.measurements()
         if not measurements:
             raise ConfigError("nothing to evaluate: give tasks, --ppl, --response-ppl or --demo-skills")

@@ -71,8 +71,6 @@ class TextPerplexity(Measurement):
         for path in config.ppl:
             if not Path(path).is_file():
                 raise ConfigError(f"perplexity text file not found: {path}")
-        if config.ppl_seqlen < 2:
-            raise ConfigError("ppl_seqlen must be >= 2")
 
     def prepare(self, ctx: EvalContext) -> list[str]:
         return list(ctx.config.ppl)
