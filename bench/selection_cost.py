@@ -11,6 +11,10 @@ backward, 3 by the usual 1 + 2 rule):
   is negligible next to a 7B or 70B model); with ``--confirm-tokens N`` the confirmation pass reads only
   the prompt (``--prompt-tokens``, an assumption: set it for your data) and the first N response tokens, so a
   confirmed record costs min(L, prompt + N) (``bench/confirm_tokens.py`` measures how well that ranks);
+- self-distilled targets (``--targets original``: the original answers each selected prompt once): B x L
+  forward tokens with a KV cache (prompt prefill plus one pass per generated token, the answer assumed as long
+  as the reference), added to every mode as ``MODE+original-targets``; generation is memory-bound, so its wall
+  time per token is worse than scoring's on a GPU (measure it: ``train_log.json``'s ``targets``);
 - recovery: train_factor x epochs x B x L.
 
 With ``--measured TRAIN_LOG.json SELECTION.json`` (a recovery's train_log.json and an exhaustive
@@ -37,6 +41,8 @@ def main():
     parser.add_argument("--prompt-tokens", type=float, default=50, help="prompt tokens per record (assumed)")
     parser.add_argument("--params", type=float, default=70e9, help="model parameters (FLOPs ~ 2 x params per token)")
     parser.add_argument("--train-factor", type=float, default=3.0)
+    parser.add_argument("--targets", choices=["reference", "original"], default="reference",
+                        help="original: add the original model's answers to the selected prompts (self-distillation)")
     parser.add_argument("--measured", nargs=2, metavar=("TRAIN_LOG", "SELECTION"), default=None)
     args = parser.parse_args()
 
@@ -47,9 +53,11 @@ def main():
     embed = n * length * 2 * 22e6 / (2 * args.params)  # MiniLM's cost in forward-token passes of the big model
     recovery = args.train_factor * args.epochs * budget * length
     confirm_length = length if args.confirm_tokens is None else min(length, args.prompt_tokens + args.confirm_tokens)
-    modes = {"exhaustive": 2 * n * length + embed,
+    modes = {"random": 0.0, "exhaustive": 2 * n * length + embed,
              "exhaustive+ifd": 2 * n * length + n * (2 * length - args.prompt_tokens) + embed,
              "sampled": 2 * (pilot * length + args.oversample * budget * confirm_length) + embed}
+    if args.targets == "original":
+        modes = {f"{mode}+original-targets": passes + budget * length for mode, passes in modes.items()}
     measured = None
     if args.measured:
         train_log, selection = (json.load(open(p)) for p in args.measured)
@@ -57,8 +65,9 @@ def main():
         score_tps = selection["cost"]["model_forward_tokens"] / selection["timings"]["score"]  # model-token passes
         measured = {"train_tokens_per_s": train_tps, "score_model_tokens_per_s": round(score_tps, 1)}
     for mode, passes in modes.items():
-        row = {"mode": mode, "records": n, "budget": int(budget), "scored_records": int(n if mode.startswith("exhaustive")
-                                                                                     else pilot + args.oversample * budget),
+        row = {"mode": mode, "records": n, "budget": int(budget), "scored_records": int(
+                   0 if mode.startswith("random") else n if mode.startswith("exhaustive")
+                   else pilot + args.oversample * budget),
                "selection_forward_tokens": passes, "recovery_forward_token_equivalents": recovery,
                "selection_over_recovery": round(passes / recovery, 3)}
         if mode == "sampled" and args.confirm_tokens is not None:
