@@ -86,3 +86,27 @@ def test_recovery_on_original_targets(tmp_path, tiny_model_dir, monkeypatch):
         RecoverConfig(model=str(tiny_model_dir), data=str(data), out=tmp_path / "r2", targets="original").validate()
     with pytest.raises(ConfigError, match="targets must be one of"):
         RecoverConfig(model=str(tiny_model_dir), data=str(data), out=tmp_path / "r3", targets="nope").validate()
+
+
+def test_a_token_budget_survives_longer_targets(tmp_path, tiny_model_dir, monkeypatch):
+    """max_train_tokens: records are trained on in selection order while their tokens fit, whatever the targets
+    did to the answers' lengths; the dropped count is in train_log.json."""
+    from paser.recover import within_tokens
+
+    monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:16]))
+    config = RecoverConfig(model=str(tiny_model_dir), data=str(data), out=tmp_path / "rec", epochs=1, batch_size=4,
+                           micro_batch_size=4, dtype="fp32", cutoff_len=64, targets="original",
+                           teacher=str(tiny_model_dir), target_max_new_tokens=8, max_train_tokens=200)
+    log = run_recovery(config)
+    assert log["trained_tokens"] <= 200 and log["records"] + log["targets"]["dropped_for_token_budget"] == 16
+
+    class Item:
+        def __init__(self, n):
+            self.input_ids = [0] * n
+
+    kept, dropped = within_tokens([Item(5), Item(4), Item(3), Item(9)], 12)
+    assert [len(e.input_ids) for e in kept] == [5, 4, 3] and dropped == 1
+    kept, dropped = within_tokens([Item(20), Item(1)], 12)  # one record at least
+    assert len(kept) == 1 and dropped == 1

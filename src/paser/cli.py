@@ -214,6 +214,7 @@ def recover(
     target_temperature: float = typer.Option(1.0, help="original targets with --target-do-sample: temperature."),
     target_top_p: float = typer.Option(1.0, help="original targets with --target-do-sample: nucleus top-p."),
     target_batch_size: int = typer.Option(16, help="original targets: prompts per generation batch."),
+    max_train_tokens: Optional[int] = typer.Option(None, help="Train on the records in order while their tokens (prompt + response within --cutoff-len) fit: keeps a token budget when --targets original changes the answers' lengths (paser run passes the selection's)."),
     loss: str = typer.Option("nll", help="nll (the targets' answers) | kd (distil the teacher's next-token distributions) | mix (half each, --kd-alpha) | rho (NLL on the 60% of tokens the student lost most against the original) | auto: mix when the original model is known (--teacher, or the model paser prune started from, recorded in MODEL/prune_report.json), else nll."),
     teacher: Optional[str] = typer.Option(None, help="The original, dense model: kd/mix/auto's teacher and original targets' author (default: the one recorded by paser prune)."),
     kd_temperature: float = typer.Option(1.0, help="kd/mix: softmax temperature of both distributions."),
@@ -245,7 +246,7 @@ def recover(
         kd_positions=kd_positions, teacher_cache=teacher_cache, teacher_topk=teacher_topk,
         group_by_length=group_by_length, fsdp=fsdp, targets=targets, target_max_new_tokens=target_max_new_tokens,
         target_do_sample=target_do_sample, target_temperature=target_temperature, target_top_p=target_top_p,
-        target_batch_size=target_batch_size)
+        target_batch_size=target_batch_size, max_train_tokens=max_train_tokens)
     train_log = run_recovery(RecoverConfig(**{**settings, **(recipe_settings(recipe, "recover") if recipe else {})}))
     from . import distributed
 

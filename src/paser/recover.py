@@ -79,6 +79,9 @@ class RecoverConfig:
     target_temperature: Annotated[float, Field(gt=0)] = 1.0
     target_top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     target_batch_size: Annotated[int, Field(ge=1)] = 16  # prompts per generation batch
+    # train on the records in order while their tokens (prompt + response within cutoff_len) fit: a token budget
+    # kept when the targets change the answers' lengths (``paser run`` passes the selection's token budget)
+    max_train_tokens: Annotated[int, Field(ge=1)] | None = None
     kd_temperature: Annotated[float, Field(gt=0)] = 1.0
     kd_alpha: Annotated[float, Field(ge=0, le=1)] = 0.5  # mix: alpha * kd + (1 - alpha) * nll
     kd_positions: Literal["response", "all"] = "response"  # response | all (prompt positions too)
@@ -144,6 +147,18 @@ def resolve_loss(config: RecoverConfig) -> RecoverConfig:
     if teacher is None:
         log.info("loss auto: no original model known (--teacher), training on the reference answers (nll)")
     return replace(config, loss="mix" if teacher else "nll", teacher=teacher)
+
+
+def within_tokens(encoded: Sequence[Encoded], max_tokens: int) -> tuple[list[Encoded], int]:
+    """The longest prefix of ``encoded`` (selection order) whose tokens fit ``max_tokens`` (at least one record),
+    and how many records were left out."""
+    total, kept = 0, 0
+    for e in encoded:
+        if total + len(e.input_ids) > max_tokens and kept:
+            break
+        total += len(e.input_ids)
+        kept += 1
+    return list(encoded[:kept]), len(encoded) - kept
 
 
 def labels_for(encoded: Encoded) -> list[int]:
@@ -241,6 +256,9 @@ def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
     formatter = PromptFormatter(tokenizer, template=config.template, max_length=config.cutoff_len)
     records, target_info = TARGETS.get(config.targets).build(records, config, tokenizer, dtype)
     records, encoded = encode_records(formatter, records, config.bad_records, skipped)
+    if config.max_train_tokens is not None:
+        encoded, target_info["dropped_for_token_budget"] = within_tokens(encoded, config.max_train_tokens)
+        records = records[:len(encoded)]
     masks = sparsity_masks(model)
     masked = config.adapter == "lora" and config.sparse_lora == "masked" and bool(masks)
     log.info("%d records; %d sparse linear layers keep their zeros (%s)", len(encoded), len(masks),

@@ -133,6 +133,15 @@ class _Runner:
         faults.reached("run.stage_done")
 
 
+def _read_selection(directory: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((directory / "selection.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
 def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_stage: str | None = None) -> dict:
     """Run (or resume) the pipeline; returns what ``OUT/run.json`` holds (under a launcher, on rank 0; the other
     processes take part in scoring, training and evaluation and return an empty dict)."""
@@ -216,6 +225,10 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
 
             directory = out / "recover" / key
             settings = _arm_recover(config, arm, seed)
+            if not TARGETS.get(settings["targets"]).keeps_answers and settings.get("max_train_tokens") is None:
+                # the targets change the answers' lengths: keep the selection's token budget in training
+                budget = (_read_selection(out / "select" / key).get("tokens") or {}).get("budget")
+                settings["max_train_tokens"] = budget
             inputs = {"pruned": prune_hash, "selection": select_hash, "dtype": config.dtype,
                       "recover": _declared(settings, {"objective": OBJECTIVES.get(settings["loss"]).version,
                                                       "targets": TARGETS.get(settings["targets"]).version})}

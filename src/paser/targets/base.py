@@ -25,6 +25,7 @@ class Target:
 
     name = "base"
     needs_original = False
+    keeps_answers = True  # False: the answers (and so the training tokens) differ from the selected records'
     version = 1
 
     def build(self, records: Sequence[Record], settings: Any, tokenizer: Any, dtype: str

@@ -49,6 +49,7 @@ def _read_answers(path: Path) -> dict[str, dict[str, Any]]:
 @TARGETS.register("original")
 class OriginalAnswers(Target):
     needs_original = True
+    keeps_answers = False
 
     def build(self, records: Sequence[Record], settings: Any, tokenizer: Any, dtype: str
               ) -> tuple[list[Record], dict[str, Any]]:
