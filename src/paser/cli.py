@@ -306,6 +306,35 @@ def evaluate(
         typer.echo(f"{results['seconds']:.0f}s; results -> {out}")
 
 
+# ----------------------------------------------------------------------------------------------- export
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="A model folder: paser prune's output, paser recover's OUT/merged, or any save_pretrained folder."),
+    out: Path = typer.Option(..., help="Output folder (written whole or not at all): the checkpoint, its tokenizer, export_report.json."),
+    format: str = typer.Option("w4a16", "--format", help="dense (plain tensors) | w4a16 (int4 weights, groups of 128) | w8a8 (int8 weights per channel, int8 activations per token): compressed-tensors, what vLLM serves."),
+    method: str = typer.Option("rtn", help="rtn: round to nearest, no data, every zero stays zero | gptq: calibrated on --calib-data, pruned positions set back to zero."),
+    calib_data: Optional[str] = typer.Option(None, help="--method gptq: instruction records (default: the recovery data in MODEL/../train_log.json)."),
+    calib_samples: int = typer.Option(128, help="--method gptq: records to calibrate on."),
+    seq_len: int = typer.Option(256, help="--method gptq: tokens per calibration record at most."),
+) -> None:
+    """Export a pruned or recovered model as a deployable checkpoint: compressed-tensors quantized weights
+    (llmcompressor; lm_head kept in full precision), its pruned zeros kept and checked.
+
+    Writes OUT/export_report.json: size on disk before and after, each pruned layer's sparsity before and after
+    (read back from the written folder), scheme, method, calibration records, time.
+    """
+    from .export import ExportConfig, run_export
+
+    report = run_export(ExportConfig(model=model, out=str(out), format=format, method=method, calib_data=calib_data,
+                                     calib_samples=calib_samples, seq_len=seq_len))
+    size = report["size_bytes"]
+    sparsity = report["sparsity"]
+    kept = (f"; pruned layers {report['pruned_layers']}, min sparsity {sparsity['input_min']:.4f} -> {sparsity['output_min']:.4f}"
+            if report["pruned_layers"] else "; no pruned layer")
+    typer.echo(f"{report['format']}: weights {size['input_weights'] / 1e6:.1f} MB -> {size['output_weights'] / 1e6:.1f} MB "
+               f"({size['weights_ratio']:.2f}x){kept}; {report['seconds']:.0f}s -> {out}")
+
+
 # -------------------------------------------------------------------------------------------------- run
 @app.command()
 def run(
