@@ -4,7 +4,9 @@ On a machine with CUDA, loads the embedded SmolLM2-135M-Instruct (or ``--model``
 50% magnitude-pruned copy, checks that bf16 is supported and that attention runs through SDPA, times paser's
 scoring against bare forward passes of both models over the same batches (the ``ratio`` of
 ``bench/scoring_throughput.py``), then measures peak GPU memory of each stage: scoring, a few LoRA recovery
-steps, and evaluation (perplexity windows). Prints one JSON line.
+steps, and evaluation (perplexity windows); last, the speed-up a 2:4-pruned copy gets from PyTorch's
+semi-structured sparse kernels (``torch.sparse.to_sparse_semi_structured``, compute capability 8.0+) on each
+decoder linear shape and on a whole forward pass, against the same model's dense matmuls. Prints one JSON line.
 
 On a machine without CUDA it prints ``{"cuda": false, ...}`` with a message and exits 0.
 """
@@ -27,10 +29,13 @@ def main():
     parser.add_argument("--data", default=str(POOL) if POOL.exists() else "demo")
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--sparse-tokens", type=int, default=8192, help="2:4 bench: tokens per matmul (rows of x)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"cuda": False, "message": "no CUDA device: nothing to check here (run this on a GPU "
-                                                    "machine; bench/scoring_throughput.py measures the CPU path)"}))
+                                                    "machine; bench/scoring_throughput.py measures the CPU path)",
+                          "semi_structured": "not run: 2:4 sparse kernels need a CUDA device of compute capability "
+                                             "8.0 or later; on a CPU a 2:4 model runs its dense matmuls"}))
         return
 
     from paser.data import PromptFormatter, load_records
@@ -103,7 +108,53 @@ def main():
         report["recover_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
         report["recover_seconds_per_step"] = log["seconds_per_step"]
         report["recover_zeros_kept"] = log["zeros_after_merge"] >= log["zeros_kept"]
+    report["semi_structured"] = semi_structured_speedup(spec, tokens_per_batch=args.sparse_tokens)
     print(json.dumps(report))
+
+
+def semi_structured_speedup(spec: str, tokens_per_batch: int) -> dict:
+    """Dense against 2:4 semi-structured matmuls for a magnitude 2:4 copy of ``spec`` (fp16, the kernels' dtype)."""
+    from paser.models import load_model
+    from paser.prune import decoder_linears, magnitude_prune_
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        return {"run": False, "message": "2:4 sparse kernels need compute capability 8.0 or later"}
+    from torch.sparse import to_sparse_semi_structured
+
+    model, _ = load_model(spec, dtype="fp16", device="cuda", tokenizer=False)
+    magnitude_prune_(model, 0.5, nm=(2, 4))
+
+    def timed(fn, repeats=20):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / repeats
+
+    shapes = {}
+    for name, linear in decoder_linears(model).items():
+        shape = tuple(linear.weight.shape)
+        if shape in shapes:
+            continue
+        x = torch.randn(tokens_per_batch, shape[1], device="cuda", dtype=torch.float16)
+        dense_w = linear.weight.detach()
+        sparse_w = to_sparse_semi_structured(dense_w)
+        dense = timed(lambda: torch.nn.functional.linear(x, dense_w))
+        sparse = timed(lambda: torch.nn.functional.linear(x, sparse_w))
+        shapes[shape] = {"layer": name, "dense_ms": round(dense * 1e3, 4), "sparse_ms": round(sparse * 1e3, 4),
+                         "speedup": round(dense / sparse, 3)}
+    ids = torch.randint(0, model.config.vocab_size, (tokens_per_batch // 512, 512), device="cuda")
+    with torch.no_grad():
+        dense_forward = timed(lambda: model(input_ids=ids), repeats=5)
+        for linear in decoder_linears(model).values():
+            linear.weight = torch.nn.Parameter(to_sparse_semi_structured(linear.weight.detach()), requires_grad=False)
+        sparse_forward = timed(lambda: model(input_ids=ids), repeats=5)
+    return {"run": True, "dtype": "fp16", "tokens_per_batch": tokens_per_batch,
+            "linears": {"x".join(map(str, k)): v for k, v in shapes.items()},
+            "forward_dense_ms": round(dense_forward * 1e3, 2), "forward_sparse_ms": round(sparse_forward * 1e3, 2),
+            "forward_speedup": round(dense_forward / sparse_forward, 3)}
 
 
 if __name__ == "__main__":
