@@ -51,8 +51,9 @@ def test_unstructured_and_2_4(tmp_path, tiny_model_dir, method):
 
 
 @pytest.mark.parametrize("overrides, error, message", [
-    ({"sparsity": 1.0}, ConfigError, "sparsity must be in"),
-    ({"sparsity": 0.0}, ConfigError, "sparsity must be in"),
+    ({"sparsity": 0.0}, ConfigError, "sparsity must be greater than 0"),
+    ({"sparsity": 1.0}, ConfigError, "sparsity must be less than 1"),
+    ({"seq_len": 4}, ConfigError, "seq_len must be greater than or equal to 8"),
     ({"pattern": "2:4", "sparsity": 0.6}, ConfigError, "means sparsity 0.5"),
     ({"pattern": "4:2"}, ConfigError, "0 < N < M"),
     ({"pattern": "two:four"}, ConfigError, "N:M"),

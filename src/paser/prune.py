@@ -25,13 +25,15 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Annotated, Any, ClassVar, Sequence
 
 import torch
+from pydantic import Field
 
 from .cache import atomic_dir, write_json
 from .data import pad_right
 from .errors import ConfigError
+from .options import check_declared
 from .registry import Registry
 from .score import perplexity
 
@@ -50,13 +52,13 @@ class PruneConfig:
 
     model: str
     out: str | Path
-    method: str = "wanda"
-    sparsity: float = 0.5
+    method: str = "wanda"  # a name in PRUNING_METHODS
+    sparsity: Annotated[float, Field(gt=0, lt=1)] = 0.5
     pattern: str | None = None  # "N:M", e.g. "2:4"
     calib_data: str = "demo"  # any instruction source paser reads, or a plain .txt file
-    calib_samples: int = 128
-    seq_len: int = 256
-    heldout_samples: int = 32  # calibration-source samples (not used for calibration) for perplexity
+    calib_samples: Annotated[int, Field(ge=1)] = 128
+    seq_len: Annotated[int, Field(ge=8)] = 256
+    heldout_samples: Annotated[int, Field(ge=1)] = 32  # calibration-source samples (not used for calibration) for perplexity
     seed: int = 0
 
     def nm(self) -> tuple[int, int] | None:
@@ -71,19 +73,14 @@ class PruneConfig:
         return n, m
 
     def validate(self) -> None:
-        if self.method not in PRUNING_METHODS:
-            raise ConfigError(f"method must be one of {', '.join(PRUNING_METHODS)}, not '{self.method}'")
+        check_declared(self)
         method = PRUNING_METHODS.get(self.method)
-        if not 0 < self.sparsity < 1:
-            raise ConfigError(f"sparsity must be in (0, 1), not {self.sparsity}")
         nm = self.nm()
         if nm and method.structured:
             unstructured = ", ".join(n for n, m in PRUNING_METHODS.items() if not m.structured)
             raise ConfigError(f"an N:M pattern applies to unstructured methods ({unstructured}), not {self.method}")
         if nm and not math.isclose(self.sparsity, nm[0] / nm[1]):
             raise ConfigError(f"pattern {self.pattern} means sparsity {nm[0] / nm[1]:g}, but --sparsity is {self.sparsity:g}")
-        if self.calib_samples < 1 or self.seq_len < 8:
-            raise ConfigError("calib_samples must be >= 1 and seq_len >= 8")
 
 
 # ------------------------------------------------------------------------------------------ pure core
@@ -246,6 +243,7 @@ class PruningMethod:
 
 
 PRUNING_METHODS: Registry[PruningMethod] = Registry("pruning method")
+PruneConfig.REGISTERED = {"method": PRUNING_METHODS}  # (the registry is defined after the config)
 
 
 class _OneShot(PruningMethod):
