@@ -170,6 +170,7 @@ def _fidelity_of_dense_and_pruned(tmp_path, tiny_model_dir, tiny_pruned_dir, ite
     returns (pruned's value, the dense model, the pruned model, the tokenizer)."""
     from paser.models import load_model
 
+    settings.setdefault("dtype", "fp32")  # what the direct computations use ("auto" is bf16 on AVX512-BF16 CPUs)
     results = run_evaluation(EvaluateConfig(models=[str(tiny_model_dir), str(tiny_pruned_dir)], tasks=[],
                                             fidelity_to=str(tiny_model_dir), labels=["dense", "pruned"],
                                             out=tmp_path / "r.json", **settings))
@@ -240,3 +241,24 @@ def test_fidelity_on_the_originals_own_answers(tmp_path, tiny_model_dir, tiny_pr
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     assert pruned["kl"] == pytest.approx(kl.mean().item(), rel=1e-4)
     assert pruned["top1_agreement"] == pytest.approx((log_p.argmax(-1) == log_q.argmax(-1)).float().mean().item())
+
+
+def test_fidelity_against_the_stored_topk_is_a_lower_bound_exact_at_full_vocabulary(tmp_path, tiny_model_dir,
+                                                                                    tiny_pruned_dir, monkeypatch):
+    """fidelity_topk: each model measured alone against the original's stored top k. The bucketed KL never
+    exceeds the exact KL and equals it when k covers the vocabulary; top-1 agreement is exact at any k."""
+    monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "wiki.txt"
+    text.write_text(" ".join(WORDS * 20))
+    settings = dict(ppl=[str(text)], ppl_seqlen=32, ppl_windows=3, batch_size=8)
+    _, exact, *_ = _fidelity_of_dense_and_pruned(tmp_path, tiny_model_dir, tiny_pruned_dir, str(text), **settings)
+    _, full, *_ = _fidelity_of_dense_and_pruned(tmp_path, tiny_model_dir, tiny_pruned_dir, str(text),
+                                                fidelity_topk=10_000, **settings)
+    _, top4, *_ = _fidelity_of_dense_and_pruned(tmp_path, tiny_model_dir, tiny_pruned_dir, str(text),
+                                                fidelity_topk=4, **settings)
+    assert full["items"]["kl"] == pytest.approx(exact["items"]["kl"], rel=1e-4)
+    assert full["tail_mass"] == pytest.approx(0.0, abs=1e-6) and top4["tail_mass"] > 0.05
+    assert all(b <= e + 1e-5 for b, e in zip(top4["items"]["kl"], exact["items"]["kl"]))
+    assert top4["kl"] < exact["kl"]
+    assert top4["items"]["agree"] == exact["items"]["agree"] and top4["items"]["tokens"] == exact["items"]["tokens"]
+    assert (tmp_path / "cache" / "teacher").is_dir()  # the original's store, computed once per k

@@ -279,6 +279,7 @@ def evaluate(
     fidelity_prompts: list[str] = typer.Option([], help="--fidelity-to: held-out prompts (instruction data; repeatable) that the original answers greedily, once, cached; fidelity is measured on its answers."),
     fidelity_prompts_limit: Optional[int] = typer.Option(None, help="--fidelity-prompts: the first N records of each source."),
     fidelity_max_new_tokens: int = typer.Option(128, help="--fidelity-prompts: the original's answers, new tokens at most."),
+    fidelity_topk: Optional[int] = typer.Option(None, help="--fidelity-to for models too large to hold two: the original's top-k log-probs stored once, each model measured alone; KL over the top k and the tail (a lower bound of the exact KL), top-1 agreement exact."),
     batch_size: int = typer.Option(8, help="Batch size."),
     dtype: str = typer.Option("auto", help="auto (bf16 only where the hardware has native bf16) | bf16 | fp32."),
     label: list[str] = typer.Option([], help="Display name per model, in order (default: the model specs)."),
@@ -296,7 +297,7 @@ def evaluate(
         limit=limit, ppl=[str(p) for p in ppl], ppl_seqlen=ppl_seqlen, response_ppl=list(response_ppl),
         response_ppl_limit=response_ppl_limit, demo_skills=demo_skills, demo_questions=demo_questions,
         fidelity_to=fidelity_to, fidelity_prompts=list(fidelity_prompts), fidelity_prompts_limit=fidelity_prompts_limit,
-        fidelity_max_new_tokens=fidelity_max_new_tokens, batch_size=batch_size, dtype=dtype, response_max_length=response_max_length,
+        fidelity_max_new_tokens=fidelity_max_new_tokens, fidelity_topk=fidelity_topk, batch_size=batch_size, dtype=dtype, response_max_length=response_max_length,
         ppl_windows=ppl_windows, bad_records=bad_records,
         labels=list(label) or None, out=out))
     from . import distributed

@@ -152,6 +152,33 @@ def jsd_against_store(model: Any, store: TopK, encoded: Sequence[Encoded], posit
     return mean(jsd), mean(stored_nll), mean(nll)
 
 
+@torch.no_grad()
+def fidelity_against_store(model: Any, store: TopK, encoded: Sequence[Encoded], positions: Sequence[int], pad_id: int,
+                           chunk_rows: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fidelity with only ``model`` resident: per record, the summed bucketed KL(stored || model) over its
+    response positions (a lower bound of the exact KL, see the module doc), how many positions the two top-1
+    tokens agree (exact: the stored model's top-1 is in its top k), and the position count."""
+    ids_t, attention, predicts_response, _ = collate(encoded, pad_id)
+    device = next(model.parameters()).device
+    hidden, logits_of = model_pass(model, ids_t, attention, predicts_response)
+    rows = np.concatenate([np.arange(store.offsets[i], store.offsets[i + 1]) for i in positions])
+    kl = torch.empty(hidden.shape[0], dtype=torch.float32)
+    agree = torch.empty_like(kl)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        sl = slice(start, start + chunk_rows)
+        logits = logits_of(sl).float()
+        r = rows[sl]
+        top_ids = torch.from_numpy(store.ids[r]).to(device)
+        kl[sl] = bucketed_kl(torch.from_numpy(store.logprobs[r]).to(device), top_ids,
+                             torch.from_numpy(store.log_tail[r]).to(device), logits).clamp_min(0).cpu()
+        agree[sl] = (logits.argmax(-1) == top_ids[:, 0].long()).float().cpu()
+    from .score import per_row_sums
+
+    kl_sums, counts = per_row_sums(kl, predicts_response)
+    agree_sums, _ = per_row_sums(agree, predicts_response)
+    return kl_sums, agree_sums, counts
+
+
 def _buckets(top_logprobs: torch.Tensor, top_ids: torch.Tensor, log_tail: torch.Tensor,
              student_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(teacher, student) log-probabilities over the k + 1 buckets (the top-k tokens, then the tail)."""

@@ -14,6 +14,13 @@ original's own answers. Prompts the original answers with nothing are left out. 
 - in comparisons, the **share of the pruned model's KL that a model removed**,
   ``(KL_pruned - KL_model) / (KL_pruned - KL_original)`` with the dense and pruned models as references.
 
+For models too large to hold two at once, ``fidelity_topk: k`` stores the original's top-k log-probabilities and
+tail mass at every position once (cached by original, items, k and dtype; :mod:`paser.teacher`), then measures
+each model alone against the store: the KL becomes ``KL_b`` over the k + 1 buckets (the top k and the tail), a
+lower bound, ``KL = KL_b + p_T KL(p~ || q~)`` with ``p_T`` the original's mass outside its top k (exact at
+k = vocabulary size; the gap is not bounded in general, so k should cover most of the mass; the measured
+tail mass is reported as ``tail_mass``); top-1 agreement stays exact.
+
 Per-item sums (KL, agreements, positions) are kept, so the paired bootstrap resamples windows and prompts like it
 does for perplexity. Settings: ``fidelity_to`` (the original model; ``paser run`` passes its ``model`` and its
 held-out answers' sources as prompts).
@@ -23,6 +30,8 @@ from __future__ import annotations
 
 import time
 from typing import Any
+
+import numpy as np
 
 from ..errors import ConfigError
 from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, first, measured_items, short_name
@@ -64,23 +73,40 @@ class Fidelity(Measurement):
         from ..cache import file_fingerprint, stable_hash
         from ..models import model_fingerprint
 
-        original = model_fingerprint(ctx.config.fidelity_to)
+        original = {"original": model_fingerprint(ctx.config.fidelity_to),
+                    **({"topk": ctx.config.fidelity_topk} if ctx.config.fidelity_topk else {})}
         if item in ctx.inputs["fidelity_prompts"]:
             records = ctx.inputs["fidelity_prompts"][item]
-            return {"original": original, "prompts": stable_hash([(r.instruction, r.input) for r in records]),
+            return {**original, "prompts": stable_hash([(r.instruction, r.input) for r in records]),
                     "max_new_tokens": ctx.config.fidelity_max_new_tokens, "max_length": ctx.config.response_max_length}
-        return {"original": original, "file": file_fingerprint(item), "seqlen": ctx.config.ppl_seqlen,
+        return {**original, "file": file_fingerprint(item), "seqlen": ctx.config.ppl_seqlen,
                 "windows": ctx.config.ppl_windows}
 
     def _original(self, ctx: EvalContext, model: LoadedModel) -> Any:
         if self.name not in ctx.inputs:
-            from .. import distributed
-            from ..models import check_compatible, load_model
-
-            original, tokenizer = load_model(ctx.config.fidelity_to, dtype=ctx.dtype, device=distributed.device())
-            check_compatible(model.tokenizer, tokenizer, original, model.model)
-            ctx.inputs[self.name] = original.eval()
+            ctx.inputs[self.name] = self._load_original(ctx, model)
         return ctx.inputs[self.name]
+
+    def _load_original(self, ctx: EvalContext, model: LoadedModel) -> Any:
+        from .. import distributed
+        from ..models import check_compatible, load_model
+
+        original, tokenizer = load_model(ctx.config.fidelity_to, dtype=ctx.dtype, device=distributed.device())
+        check_compatible(model.tokenizer, tokenizer, original, model.model)
+        return original.eval()
+
+    def _store(self, ctx: EvalContext, model: LoadedModel, item: str, encoded: list[Any]) -> Any:
+        """The original's top-k store over ``encoded``: computed once (the original resident only for it)."""
+        key = ("fidelity-topk", item)
+        if key not in ctx.caches:
+            from ..cache import cache_root
+            from ..models import model_fingerprint
+            from ..teacher import stored_topk
+
+            ctx.caches[key] = stored_topk(model_fingerprint(ctx.config.fidelity_to),
+                                          lambda: self._load_original(ctx, model), encoded,
+                                          model.tokenizer.pad_token_id, ctx.config.fidelity_topk, ctx.dtype, cache_root())
+        return ctx.caches[key]
 
     def _answered(self, ctx: EvalContext, model: LoadedModel, source: str) -> list[Any]:
         """The held-out prompts with the original's own answers, encoded (built once for all models)."""
@@ -114,6 +140,8 @@ class Fidelity(Measurement):
                 ids, mask = pad_right(part, 0)
                 return ids, mask, next_token_positions(mask)
 
+        if ctx.config.fidelity_topk:
+            return self._measure_against_store(ctx, model, item, items, count, batch, t0)
         original = self._original(ctx, model)
 
         def sums(part: list[Any]) -> tuple[list[tuple[float, float]], list[int]]:
@@ -131,6 +159,34 @@ class Fidelity(Measurement):
         kl, agree = [p[0] for p in pairs], [p[1] for p in pairs]
         total = max(sum(tokens), 1)
         return {"kl": sum(kl) / total, "top1_agreement": sum(agree) / total, count: len(items),
+                "seconds": round(time.perf_counter() - t0, 2), "items": {"kl": kl, "agree": agree, "tokens": tokens}}
+
+    def _measure_against_store(self, ctx: EvalContext, model: LoadedModel, item: str, items: list[Any], count: str,
+                               batch: int, t0: float) -> dict[str, Any]:
+        from ..data import Encoded
+        from ..teacher import fidelity_against_store
+
+        # a window predicts every token after its first: its first token is the "prompt", the rest the "response"
+        encoded = items if count == "records" else [Encoded(list(w[:1]), list(w[1:])) for w in items]
+        store = self._store(ctx, model, item, encoded)
+        pad = model.tokenizer.pad_token_id
+
+        def sums(part: list[int]) -> tuple[list[tuple[float, float]], list[int]]:
+            rows: list[tuple[float, float]] = []
+            counts: list[int] = []
+            for start in range(0, len(part), batch):
+                positions = part[start:start + batch]
+                kl, agree, n = fidelity_against_store(model.model, store, [encoded[i] for i in positions], positions, pad)
+                rows += list(zip(kl.tolist(), agree.tolist()))
+                counts += n.tolist()
+            return rows, counts
+
+        pairs, tokens = sharded_nll(sums, list(range(len(encoded))), [len(e.input_ids) for e in encoded])
+        kl, agree = [p[0] for p in pairs], [p[1] for p in pairs]
+        total = max(sum(tokens), 1)
+        tail = float(np.exp(store.log_tail.astype(np.float64)).mean()) if len(store.log_tail) else 0.0
+        return {"kl": sum(kl) / total, "top1_agreement": sum(agree) / total, count: len(items),
+                "topk": ctx.config.fidelity_topk, "tail_mass": tail,
                 "seconds": round(time.perf_counter() - t0, 2), "items": {"kl": kl, "agree": agree, "tokens": tokens}}
 
     def results_info(self, ctx: EvalContext, items: list[str]) -> dict[str, Any]:

@@ -55,6 +55,8 @@ class EvaluateConfig:
     # the first N records of each fidelity_prompts source (None: all)
     fidelity_prompts_limit: Annotated[int, Field(ge=1)] | None = None
     fidelity_max_new_tokens: Annotated[int, Field(ge=1)] = 128  # the original's answers to fidelity_prompts: new tokens at most
+    # the original's top-k stored once, each model measured alone (KL a lower bound; None: exact, both resident)
+    fidelity_topk: Annotated[int, Field(ge=1)] | None = None
 
     def validate(self) -> None:
         """Check everything that does not need a model: the declared bounds and choices, then each enabled
