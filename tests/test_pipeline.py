@@ -25,7 +25,7 @@ def tiny_config(model_dir, task_dir, out, heldout="demo-heldout"):
     ({"selcet": {}}, "unknown key 'selcet'"),
     ({"select": {"budgett": 0.2}}, "unknown key 'select.budgett'"),
     ({"recover": {"epochs": "many"}}, "recover.epochs"),
-    ({"prune": {"sparsity": 1.5}}, "prune: sparsity must be in"),
+    ({"prune": {"sparsity": 1.5}}, "prune.sparsity: Input should be less than 1"),
     ({"select": {"methods": ["paser", "best"]}}, "select.methods"),
     ({"select": {"allocation": "fair"}}, "arm .paser.: allocation must be one of"),
     ({"arms": [{"name": "a", "method": "best"}]}, r"arms\[0\] \(a\): method must be one of"),

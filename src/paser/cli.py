@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import click
 import typer
@@ -259,31 +259,14 @@ def recover(
 
 
 # --------------------------------------------------------------------------------------------- evaluate
-@app.command()
+# (registered below with every measurement's options)
 def evaluate(
     models: list[str] = typer.Argument(..., help="One or more model specs, compared side by side."),
-    tasks: str = typer.Option("boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
-                              help="Comma-separated zero-shot tasks ('' for none)."),
-    task_dir: Optional[Path] = typer.Option(None, help="Directory with one <task>.jsonl per task (local, offline); without it, lm-eval's hub tasks."),
-    limit: Optional[int] = typer.Option(None, help="At most N examples per task."),
-    ppl: list[Path] = typer.Option([], help="Plain text file to measure perplexity on (repeatable)."),
-    ppl_seqlen: int = typer.Option(1024, help="Perplexity window length in tokens (capped at the model's maximum)."),
-    response_ppl: list[str] = typer.Option([], help="Instruction data whose response perplexity to measure (repeatable), e.g. demo-heldout."),
-    response_ppl_limit: Optional[int] = typer.Option(None, help="Use the first N records of each --response-ppl source."),
-    response_max_length: int = typer.Option(512, help="--response-ppl: tokens per record at most (prompt + response)."),
-    ppl_windows: Optional[int] = typer.Option(None, help="--ppl: the first N windows of each text (default: all)."),
-    bad_records: str = typer.Option("skip", help="--response-ppl sources: skip unusable records (reported) | error: stop at the first."),
-    demo_skills: bool = typer.Option(False, help="Exact-match accuracy per skill on the built-in held-out demo set."),
-    demo_questions: Optional[int] = typer.Option(None, help="Held-out demo questions per skill (default: all 40)."),
-    fidelity_to: Optional[str] = typer.Option(None, "--fidelity-to", help="The original model: per-token KL(original || model) and top-1 agreement on the --ppl windows and on --fidelity-prompts (exact over the vocabulary; both models resident)."),
-    fidelity_prompts: list[str] = typer.Option([], help="--fidelity-to: held-out prompts (instruction data; repeatable) that the original answers greedily, once, cached; fidelity is measured on its answers."),
-    fidelity_prompts_limit: Optional[int] = typer.Option(None, help="--fidelity-prompts: the first N records of each source."),
-    fidelity_max_new_tokens: int = typer.Option(128, help="--fidelity-prompts: the original's answers, new tokens at most."),
-    fidelity_topk: Optional[int] = typer.Option(None, help="--fidelity-to for models too large to hold two: the original's top-k log-probs stored once, each model measured alone; KL over the top k and the tail (a lower bound of the exact KL), top-1 agreement exact."),
     batch_size: int = typer.Option(8, help="Batch size."),
     dtype: str = typer.Option("auto", help="auto (bf16 only where the hardware has native bf16) | bf16 | fp32."),
     label: list[str] = typer.Option([], help="Display name per model, in order (default: the model specs)."),
     out: Path = typer.Option(Path("results.json"), help="Results file; a markdown table is written beside it (.md)."),
+    **measured: Any,  # every registered measurement's declared options (paser.evaluate: Measurement.options)
 ) -> None:
     """Evaluate models side by side: zero-shot tasks (lm-eval), perplexity, demo skills, fidelity to the original.
 
@@ -292,19 +275,63 @@ def evaluate(
     """
     from .evaluate import EvaluateConfig, run_evaluation
 
-    results = run_evaluation(EvaluateConfig(
-        models=list(models), tasks=[t.strip() for t in tasks.split(",") if t.strip()], task_dir=task_dir,
-        limit=limit, ppl=[str(p) for p in ppl], ppl_seqlen=ppl_seqlen, response_ppl=list(response_ppl),
-        response_ppl_limit=response_ppl_limit, demo_skills=demo_skills, demo_questions=demo_questions,
-        fidelity_to=fidelity_to, fidelity_prompts=list(fidelity_prompts), fidelity_prompts_limit=fidelity_prompts_limit,
-        fidelity_max_new_tokens=fidelity_max_new_tokens, fidelity_topk=fidelity_topk, batch_size=batch_size, dtype=dtype, response_max_length=response_max_length,
-        ppl_windows=ppl_windows, bad_records=bad_records,
-        labels=list(label) or None, out=out))
+    settings = {name: [x.strip() for v in value for x in str(v).split(",") if x.strip()] if isinstance(value, list)
+                else value for name, value in measured.items()}  # list options: repeated or comma-separated
+    results = run_evaluation(EvaluateConfig(models=list(models), batch_size=batch_size, dtype=dtype,
+                                            labels=list(label) or None, out=out, **settings))
     from . import distributed
 
     if distributed.is_main():
         typer.echo(results["table"])
         typer.echo(f"{results['seconds']:.0f}s; results -> {out}")
+
+
+def _cli_type(declared: Any) -> Any:
+    """The plain type a typer option needs for a declared field type (bounds and choices stay declared and are
+    checked by paser.options.check_declared)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(declared), typing.get_args(declared)
+    if origin is typing.Annotated:
+        return _cli_type(args[0])
+    if origin in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        inner = _cli_type(kinds[0]) if len(kinds) == 1 else str  # e.g. str | Path
+        return Optional[inner] if len(kinds) < len(args) else inner
+    if origin is list:
+        return list[str]
+    if origin is typing.Literal:
+        return type(args[0])
+    return declared
+
+
+def _with_declared_options(command: Any, fields: list[tuple[Any, Any]]) -> Any:
+    """``command``'s signature with one typer option per declared field (name, type, default, help), in place of
+    its ``**kwargs``: the CLI is built from the same declarations as the library config."""
+    import dataclasses
+    import inspect
+
+    signature = inspect.signature(command)
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    for f, declared in fields:
+        cli_type = _cli_type(declared)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        flag = "--" + f.name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if cli_type is bool else [flag]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=cli_type,
+                                        default=typer.Option(default, *decls, help=f.metadata.get("help", ""))))
+    command.__signature__ = signature.replace(parameters=params)
+    return command
+
+
+def _register_evaluate() -> None:
+    from .evaluate.runner import measurement_fields
+
+    app.command(name="evaluate")(_with_declared_options(evaluate, measurement_fields()))
+
+
+_register_evaluate()
 
 
 # ----------------------------------------------------------------------------------------------- export

@@ -12,16 +12,24 @@ owns everything about one kind of figure:
   per-item parts (per question, window or record) that the paired bootstrap resamples;
 - ``columns(results)`` / ``cells(results, entry)``: its columns of the side-by-side table;
 - ``metrics(results)``: its comparable figures (:class:`Metric`), each with its aggregation and whether
-  higher is better, read by :mod:`paser.compare`.
+  higher is better, read by :mod:`paser.compare`;
+- ``options``: a dataclass of its settings, declared with their types, bounds and help (:func:`option`): they
+  become fields of :class:`~paser.evaluate.EvaluateConfig` (YAML ``evaluate:`` keys) and ``paser evaluate``
+  options, validated by :func:`paser.options.check_declared`.
 
 Values live in a model's entry of ``results.json`` under ``entry[measurement.key][item]``.
 
 A new measurement is one module in this package, decorated ``@MEASUREMENTS.register("name")``, and its
 import in ``paser/evaluate/__init__.py``::
 
+    @dataclass
+    class MyMetricOptions:
+        my_metric: bool = option(False, "Measure my metric.")          # paser evaluate --my-metric
+
     @MEASUREMENTS.register("my_metric")
     class MyMetric(Measurement):
         key = "my_metric"
+        options = MyMetricOptions
         def enabled(self, config): return config.my_metric
         def prepare(self, ctx): return ["all"]
         def measure(self, ctx, model, item): return {"value": ..., "items": {"num": [...], "den": [...]}}
@@ -30,13 +38,20 @@ import in ``paser/evaluate/__init__.py``::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
 from ..registry import Registry
+
+
+def option(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
+    """A measurement's setting: a dataclass field whose ``help`` is its ``paser evaluate`` option's help."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,7 @@ class Measurement:
     key = "base"
     cache_kind = ""
     version = 1
+    options: ClassVar[type | None] = None  # a dataclass of its settings (fields of EvaluateConfig), or None
 
     def enabled(self, config: Any) -> bool:
         raise NotImplementedError

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Sequence
+
+from pydantic import Field
 
 from ..data import Record
 from ..demo_data import SKILLS, demo_records, normalize_answer
 from ..generate import generate_answers
-from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement
+from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, option
 
 
 def skill_accuracy(records: Sequence[Record], answers: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -35,12 +38,19 @@ def demo_heldout(per_skill: int | None = None, seed: int = 0) -> list[Record]:
     return list(iter_dict_records(chosen, source="demo heldout"))
 
 
+@dataclass
+class DemoSkillsOptions:
+    demo_skills: bool = option(False, "Exact-match accuracy per skill on the built-in held-out demo set.")
+    demo_questions: Annotated[int, Field(ge=1)] | None = option(None, "Held-out demo questions per skill (default: all 40).")
+
+
 @MEASUREMENTS.register("demo_skills")
 class DemoSkills(Measurement):
     """Exact match on the held-out demo questions (``demo_skills``, ``demo_questions``)."""
 
     key = "demo_skills"
     cache_kind = "demo"
+    options = DemoSkillsOptions
 
     def enabled(self, config: Any) -> bool:
         return bool(config.demo_skills)

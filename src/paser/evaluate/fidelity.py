@@ -29,18 +29,40 @@ held-out answers' sources as prompts).
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 
 from ..errors import ConfigError
-from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, first, measured_items, short_name
+from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, first, measured_items, option, short_name
 from .text_perplexity import evaluation_windows, sharded_nll
+
+
+@dataclass
+class FidelityOptions:
+    fidelity_to: str | None = option(None,
+        "The original model: per-token KL(original || model) and top-1 agreement on the --ppl windows and on "
+        "--fidelity-prompts (exact over the vocabulary; both models resident).")
+    fidelity_prompts: list[str] = option(factory=list, help=
+        "--fidelity-to: held-out prompts (instruction data; repeatable) that the original answers greedily, "
+        "once, cached; fidelity is measured on its answers.")
+    fidelity_prompts_limit: Annotated[int, Field(ge=1)] | None = option(None,
+        "--fidelity-prompts: the first N records of each source.")
+    fidelity_max_new_tokens: Annotated[int, Field(ge=1)] = option(128,
+        "--fidelity-prompts: the original's answers, new tokens at most.")
+    fidelity_topk: Annotated[int, Field(ge=1)] | None = option(None,
+        "--fidelity-to for models too large to hold two: the original's top-k log-probs stored once, each "
+        "model measured alone; KL over the top k and the tail (a lower bound of the exact KL), top-1 "
+        "agreement exact.")
 
 
 @MEASUREMENTS.register("fidelity")
 class Fidelity(Measurement):
     """KL to the original and top-1 agreement on the perplexity texts' windows."""
+
+    options = FidelityOptions
 
     key = "fidelity"
 

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Sequence
 
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from ..cache import stable_hash
 from ..data import PromptFormatter, load_records
 from ..score import collate, summed_nll
-from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, exp_of_first, measured_items, short_name
+from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, exp_of_first, measured_items, option, short_name
 from .text_perplexity import sharded_nll, tokenizer_key
 
 
@@ -54,12 +56,25 @@ def encoded_records(ctx: EvalContext, model: LoadedModel, source: str, records: 
     return ctx.caches[key]
 
 
+@dataclass
+class ResponsePerplexityOptions:
+    response_ppl: list[str] = option(factory=list, help=
+        "Instruction data whose response perplexity to measure (repeatable), e.g. demo-heldout.")
+    response_ppl_limit: Annotated[int, Field(ge=1)] | None = option(None,
+        "Use the first N records of each --response-ppl source.")
+    response_max_length: Annotated[int, Field(ge=2)] = option(512,
+        "--response-ppl, --fidelity-prompts: tokens per record at most (prompt + response).")
+    bad_records: Literal["skip", "error"] = option("skip",
+        "--response-ppl, --fidelity-prompts sources: skip unusable records (reported) | error: stop at the first.")
+
+
 @MEASUREMENTS.register("response_perplexity")
 class ResponsePerplexity(Measurement):
     """Perplexity of reference answers (``response_ppl``, ``response_ppl_limit``, ``response_max_length``)."""
 
     key = "response_perplexity"
     cache_kind = "response"
+    options = ResponsePerplexityOptions
 
     def enabled(self, config: Any) -> bool:
         return bool(config.response_ppl)

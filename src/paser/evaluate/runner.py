@@ -8,10 +8,12 @@ measurements is not finished already.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -22,41 +24,22 @@ from ..cache import package_versions, stable_hash, write_json, write_text
 from ..errors import ConfigError
 from ..options import check_declared
 from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement
-from .zero_shot import ZERO_SHOT_TASKS
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class EvaluateConfig:
-    """What to measure; defaults are the CLI's."""
+class EvaluateBase:
+    """The settings every evaluation has; each measurement's own are declared on it (``Measurement.options``)
+    and joined into :class:`EvaluateConfig` below. Defaults are the CLI's."""
 
     CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset()  # every field is a ``paser evaluate`` option (labels: --label)
 
     models: list[str]
     out: str | Path = "results.json"
-    tasks: list[str] = field(default_factory=lambda: list(ZERO_SHOT_TASKS))
-    task_dir: str | Path | None = None  # one <task>.jsonl per task; None: lm-eval's hub tasks
-    limit: Annotated[int, Field(ge=1)] | None = None  # examples per task
-    ppl: list[str] = field(default_factory=list)  # plain text files
-    ppl_seqlen: Annotated[int, Field(ge=2)] = 1024
-    ppl_windows: Annotated[int, Field(ge=1)] | None = None  # the first N windows of each perplexity text (None: all)
-    response_ppl: list[str] = field(default_factory=list)  # instruction data sources
-    response_ppl_limit: Annotated[int, Field(ge=1)] | None = None  # the first N records of each source (None: all)
-    response_max_length: Annotated[int, Field(ge=2)] = 512
-    demo_skills: bool = False
-    demo_questions: Annotated[int, Field(ge=1)] | None = None  # held-out questions per skill (None: all)
     batch_size: Annotated[int, Field(ge=1)] = 8
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     labels: list[str] | None = None  # display names for the table (default: the model specs)
-    bad_records: Literal["skip", "error"] = "skip"  # unusable records in --response-ppl sources: skip (reported) | error
-    fidelity_to: str | None = None  # the original model: KL to it and top-1 agreement (paser.evaluate.fidelity)
-    fidelity_prompts: list[str] = field(default_factory=list)  # held-out prompts the original answers (sources)
-    # the first N records of each fidelity_prompts source (None: all)
-    fidelity_prompts_limit: Annotated[int, Field(ge=1)] | None = None
-    fidelity_max_new_tokens: Annotated[int, Field(ge=1)] = 128  # the original's answers to fidelity_prompts: new tokens at most
-    # the original's top-k stored once, each model measured alone (KL a lower bound; None: exact, both resident)
-    fidelity_topk: Annotated[int, Field(ge=1)] | None = None
 
     def validate(self) -> None:
         """Check everything that does not need a model: the declared bounds and choices, then each enabled
@@ -75,6 +58,36 @@ class EvaluateConfig:
     def measurements(self) -> list[Measurement]:
         """The registered measurements this config asks for, in registration order."""
         return [m for _, m in MEASUREMENTS.items() if m.enabled(self)]
+
+
+def measurement_fields() -> list[tuple[dataclasses.Field, Any]]:
+    """Every registered measurement's declared settings as (field, resolved type), in registration order."""
+    fields: list[tuple[dataclasses.Field, Any]] = []
+    seen = {f.name for f in dataclasses.fields(EvaluateBase)}
+    for name, measurement in MEASUREMENTS.items():
+        if measurement.options is None:
+            continue
+        hints = typing.get_type_hints(measurement.options, include_extras=True)
+        for f in dataclasses.fields(measurement.options):
+            if f.name in seen:
+                raise TypeError(f"measurement {name!r} declares option {f.name!r}, which another already has")
+            seen.add(f.name)
+            fields.append((f, hints[f.name]))
+    return fields
+
+
+def _evaluate_config() -> type:
+    specs = [(f.name, tp, dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+             for f, tp in measurement_fields()]
+    cls = dataclasses.make_dataclass("EvaluateConfig", specs, bases=(EvaluateBase,))
+    cls.__module__ = __name__
+    cls.__doc__ = ("What to measure: :class:`EvaluateBase`'s settings and every registered measurement's "
+                   "(its ``options``). Defaults are the CLI's.")
+    return cls
+
+
+# (paser.evaluate imports this module after every measurement module: all of them are registered here)
+EvaluateConfig = _evaluate_config()
 
 
 class _PartsCache:
@@ -135,7 +148,7 @@ def _evaluate_model(spec: str, label: str, ctx: EvalContext, parts: _PartsCache,
     return entry
 
 
-def run_evaluation(config: EvaluateConfig) -> dict:
+def run_evaluation(config: Any) -> dict:
     """Evaluate every model; writes ``config.out`` (JSON) and a markdown table beside it; returns the results."""
     from .. import distributed
     from ..models import resolve_dtype_name

@@ -9,13 +9,16 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
+
+from pydantic import Field
 
 from ..cache import file_fingerprint
 from ..errors import ConfigError
 from ..score import sequence_nll
-from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, exp_of_first, measured_items, short_name
+from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, exp_of_first, measured_items, option, short_name
 
 
 def text_windows(tokenizer: Any, text: str, seqlen: int) -> list[list[int]]:
@@ -57,12 +60,20 @@ def sharded_nll(measure: Any, items: Sequence[Any], lengths: Sequence[int] | Non
     return [p[0] for p in merged], [p[1] for p in merged]
 
 
+@dataclass
+class TextPerplexityOptions:
+    ppl: list[str] = option(factory=list, help="Plain text file to measure perplexity on (repeatable).")
+    ppl_seqlen: Annotated[int, Field(ge=2)] = option(1024, "Perplexity window length in tokens (capped at the model's maximum).")
+    ppl_windows: Annotated[int, Field(ge=1)] | None = option(None, "--ppl: the first N windows of each text (default: all).")
+
+
 @MEASUREMENTS.register("perplexity")
 class TextPerplexity(Measurement):
     """Perplexity of plain text files (``ppl``, ``ppl_seqlen``, ``ppl_windows``)."""
 
     key = "perplexity"
     cache_kind = "ppl"
+    options = TextPerplexityOptions
 
     def enabled(self, config: Any) -> bool:
         return bool(config.ppl)

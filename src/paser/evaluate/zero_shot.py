@@ -12,15 +12,17 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import torch
+from pydantic import Field
 
 from ..cache import file_fingerprint
 from ..errors import ConfigError, DataError
-from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric
+from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, option
 
 ZERO_SHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 LOCAL_TASK_PREFIX = "paser_"
@@ -140,12 +142,22 @@ def _data_parallel(lm: Any) -> None:
         lm.accelerator = Accelerator(cpu=not torch.cuda.is_available())
 
 
+@dataclass
+class ZeroShotOptions:
+    tasks: list[str] = option(factory=lambda: list(ZERO_SHOT_TASKS), help=
+        "Zero-shot tasks, comma-separated or repeated ('' for none).")
+    task_dir: str | Path | None = option(None,
+        "Directory with one <task>.jsonl per task (local, offline); without it, lm-eval's hub tasks.")
+    limit: Annotated[int, Field(ge=1)] | None = option(None, "At most N examples per task.")
+
+
 @MEASUREMENTS.register("tasks")
 class ZeroShotTasks(Measurement):
     """Zero-shot accuracy on lm-eval tasks (``tasks``, ``task_dir``, ``limit``, ``batch_size``)."""
 
     key = "tasks"
     cache_kind = "task"
+    options = ZeroShotOptions
 
     def enabled(self, config: Any) -> bool:
         return bool(config.tasks)
