@@ -128,3 +128,17 @@ def test_a_kill_before_the_rename_leaves_the_previous_export(tmp_path, sparse_di
     assert again.returncode == 0, again.stderr
     assert "min sparsity 0.5000 -> 0.5000" in again.stdout
     assert json.loads((out / "export_report.json").read_text())["format"] == "w4a16"
+
+
+def test_int4_groups_shrink_to_divide_every_input_width(tmp_path, tiny_tokenizer):
+    """A model whose widths are not multiples of 128 (like SmolLM2-135M's 576) gets the largest group size that
+    divides them all, and still keeps its zeros."""
+    from paser.prune import magnitude_prune_
+
+    model = magnitude_prune_(make_tiny_llama(tiny_tokenizer, seed=4, hidden=96), 0.5)  # widths 96 and 192
+    folder = save_model(model, tiny_tokenizer, tmp_path / "m")
+    report = run_export(ExportConfig(model=str(folder), out=str(tmp_path / "q"), format="w4a16"))
+    assert report["group_size"] == 32
+    assert report["sparsity"]["output_min"] >= report["sparsity"]["input_min"] >= 0.5
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["group_size"] == 32

@@ -4,7 +4,8 @@ format vLLM serves and transformers loads), its pruned zeros kept.
 Formats (``EXPORT_FORMATS``; llmcompressor's preset schemes, ``lm_head`` left in full precision):
 
 - ``dense``: the model as it is (plain tensors, zeros included): today's folder.
-- ``w4a16``: 4-bit integer weights, symmetric, one scale per group of 128 inputs; activations unquantized.
+- ``w4a16``: 4-bit integer weights, symmetric, one scale per group of 128 inputs (64 or 32 where a layer's input
+  width is not a multiple of 128, e.g. SmolLM2-135M's 576; the report says which); activations unquantized.
 - ``w8a8``: 8-bit integer weights, symmetric, one scale per output channel; activations quantized per token at
   run time (dynamic, so no activation statistics are calibrated).
 
@@ -158,23 +159,53 @@ def dequantized_model(folder: str | Path) -> Any:
                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
 
 
+GROUP_SIZES = (128, 64, 32, 16)  # int4 group sizes serving kernels take (vLLM's Marlin: 128, 64, 32)
+
+
+def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The layers an export quantizes: every linear layer but ``lm_head``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "lm_head"}
+
+
+def group_size(model: torch.nn.Module) -> int:
+    """The largest of :data:`GROUP_SIZES` that divides every quantized layer's input width."""
+    widths = {m.in_features for m in quantized_linears(model).values()}
+    for size in GROUP_SIZES:
+        if all(w % size == 0 for w in widths):
+            return size
+    raise ModelError(f"no int4 group size in {GROUP_SIZES} divides every layer's input width {sorted(widths)}: "
+                     f"use --format w8a8 (one scale per channel)")
+
+
+def _recipe(model: torch.nn.Module, fmt: ExportFormat, method: str) -> tuple[Any, dict[str, Any]]:
+    """The llmcompressor modifier for ``fmt`` and what it quantizes with (for the report)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    modifier = QuantizationModifier if method == "rtn" else GPTQModifier
+    if fmt.scheme == "W4A16" and (size := group_size(model)) != 128:
+        weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=size)
+        groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+        return modifier(config_groups=groups, ignore=["lm_head"]), {"group_size": size}
+    details = {"group_size": 128} if fmt.scheme == "W4A16" else {}
+    return modifier(targets="Linear", scheme=fmt.scheme, ignore=["lm_head"]), details
+
+
 def _quantize(model: Any, tokenizer: Any, fmt: ExportFormat, config: ExportConfig,
-              calibration: list[list[int]] | None) -> None:
+              calibration: list[list[int]] | None) -> dict[str, Any]:
     from llmcompressor import oneshot
 
-    common = dict(targets="Linear", scheme=fmt.scheme, ignore=["lm_head"])
+    recipe, details = _recipe(model, fmt, config.method)
     if config.method == "rtn":
-        from llmcompressor.modifiers.quantization import QuantizationModifier
-
-        oneshot(model=model, recipe=QuantizationModifier(**common))
-        return
+        oneshot(model=model, recipe=recipe)
+        return details
     from datasets import Dataset
-    from llmcompressor.modifiers.gptq import GPTQModifier
 
     dataset = Dataset.from_dict({"input_ids": calibration, "attention_mask": [[1] * len(s) for s in calibration]})
-    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=GPTQModifier(**common),
-            num_calibration_samples=len(calibration), max_seq_length=config.seq_len, batch_size=1,
-            shuffle_calibration_samples=False)
+    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=len(calibration),
+            max_seq_length=config.seq_len, batch_size=1, shuffle_calibration_samples=False)
+    return details
 
 
 def run_export(config: ExportConfig) -> dict:
@@ -197,10 +228,12 @@ def run_export(config: ExportConfig) -> dict:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     except (OSError, ValueError) as exc:
         raise ModelError(f"{folder}: cannot be loaded as a causal language model ({exc})") from None
-    masks = sparsity_masks(model)
+    quantized = quantized_linears(model)
+    masks = {n: m for n, m in sparsity_masks(model).items() if n in quantized}  # the pruned layers (lm_head is not)
     sparsity_before = _zero_fractions(model, sorted(masks))
+    details: dict[str, Any] = {}
     if fmt.scheme:
-        _quantize(model, tokenizer, fmt, config, calibration)
+        details = _quantize(model, tokenizer, fmt, config, calibration)
         apply_masks(model, masks)  # rtn: already zero; gptq: its error compensation moved them
     out = Path(config.out)
     with atomic_dir(out) as tmp:
@@ -220,6 +253,7 @@ def run_export(config: ExportConfig) -> dict:
         report = {
             "config": asdict(config), "format": fmt.name, "scheme": fmt.scheme,
             "method": config.method if fmt.scheme else None, "ignored": ["lm_head"] if fmt.scheme else [],
+            "quantized_layers": len(quantized) if fmt.scheme else 0, **details,
             "calibration": {"source": calib_source, "records": len(calibration)} if calibration else None,
             "size_bytes": {"input_weights": _weight_bytes(folder), "output_weights": _weight_bytes(Path(tmp)),
                            "input_folder": _folder_bytes(folder)},
