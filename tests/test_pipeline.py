@@ -316,6 +316,23 @@ def test_evaluation_data_replaced_before_validation_and_bad_set_values(tmp_path)
     assert config.evaluate["fidelity"] is True  # on by default: the run's model is the original
 
 
+def test_fidelity_follows_the_held_out_answers_unless_told_otherwise(tmp_path):
+    """paser run measures fidelity to its model on the response_ppl sources, as many records as response_ppl_limit
+    takes; fidelity_prompts / fidelity_prompts_limit override; fidelity: false turns it off."""
+    from paser.pipeline import load_config
+    from paser.pipeline.schema import _evaluate_kwargs
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("evaluate:\n  tasks: []\n  response_ppl: [demo-heldout]\n  response_ppl_limit: 50\n")
+    wired = _evaluate_kwargs(load_config(config_file), ["m"], "r.json", files={})
+    assert wired["fidelity_prompts"] == ["demo-heldout"] and wired["fidelity_prompts_limit"] == 50
+    assert wired["fidelity_to"] == "smollm2-135m-instruct"
+    wired = _evaluate_kwargs(load_config(config_file, ["evaluate.fidelity_prompts_limit=7"]), ["m"], "r.json", files={})
+    assert wired["fidelity_prompts_limit"] == 7
+    wired = _evaluate_kwargs(load_config(config_file, ["evaluate.fidelity=false"]), ["m"], "r.json", files={})
+    assert wired["fidelity_prompts"] == [] and wired["fidelity_to"] is None
+
+
 def test_every_config_field_is_a_cli_option_or_declared_config_only():
     """The CLI is tested against the library configs it builds: a new field needs its option, or a place in its
     config's CONFIG_ONLY with the reason beside it."""

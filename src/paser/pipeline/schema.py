@@ -424,10 +424,13 @@ def _evaluate_kwargs(config: PipelineConfig, models: list[str], out: str | Path,
             log.warning("perplexity text(s) %s skipped: not found", ", ".join(missing))
         settings["ppl"] = [path for path in settings["ppl"] if path not in missing]
     # fidelity to the original (the config's model), unless turned off: on the perplexity texts' windows and on
-    # the original's own answers to the held-out prompts (the response_ppl sources unless fidelity_prompts names some)
+    # the original's own answers to the held-out prompts (the response_ppl sources, as many records as response_ppl_limit
+    # takes, unless fidelity_prompts names some)
     fidelity = settings.pop("fidelity")
     if fidelity and not settings["fidelity_prompts"]:
         settings["fidelity_prompts"] = list(settings["response_ppl"])
+        if settings["fidelity_prompts_limit"] is None:
+            settings["fidelity_prompts_limit"] = settings["response_ppl_limit"]
     if not fidelity:
         settings["fidelity_prompts"] = []
     settings["fidelity_to"] = config.model if fidelity and (settings["ppl"] or settings["fidelity_prompts"]) else None
