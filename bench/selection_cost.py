@@ -15,11 +15,13 @@ backward, 3 by the usual 1 + 2 rule):
   forward tokens with a KV cache (prompt prefill plus one pass per generated token, the answer assumed as long
   as the reference), added to every mode as ``MODE+original-targets``; generation is memory-bound, so its wall
   time per token is worse than scoring's on a GPU (measure it: ``train_log.json``'s ``targets``);
-- recovery: train_factor x epochs x B x L.
+- recovery: train_factor x epochs x B x L; with ``--loss kd`` (or mix) the original runs beside the student as
+  its teacher, one more forward pass per trained token: (train_factor + 1) x epochs x B x L.
 
 With ``--measured TRAIN_LOG.json SELECTION.json`` (a recovery's train_log.json and an exhaustive
 selection's selection.json from the same machine) the ratio is also given in wall time, from the measured
-training tokens/s and scoring tokens/s of the embedded model. Prints one JSON line per mode.
+training tokens/s and scoring tokens/s of the embedded model (and, for ``--targets original``, the measured
+generation tokens/s of that train_log's targets, which is far below what the FLOP count suggests on a CPU). Prints one JSON line per mode.
 """
 
 import argparse
@@ -43,6 +45,8 @@ def main():
     parser.add_argument("--train-factor", type=float, default=3.0)
     parser.add_argument("--targets", choices=["reference", "original"], default="reference",
                         help="original: add the original model's answers to the selected prompts (self-distillation)")
+    parser.add_argument("--loss", choices=["nll", "kd", "mix"], default="nll",
+                        help="kd / mix: the recovery also runs the original (teacher) forward on every trained token")
     parser.add_argument("--measured", nargs=2, metavar=("TRAIN_LOG", "SELECTION"), default=None)
     args = parser.parse_args()
 
@@ -51,7 +55,8 @@ def main():
     per_cluster = n / args.clusters
     pilot = args.clusters * min(per_cluster, max(args.pilot_min, args.pilot * per_cluster))
     embed = n * length * 2 * 22e6 / (2 * args.params)  # MiniLM's cost in forward-token passes of the big model
-    recovery = args.train_factor * args.epochs * budget * length
+    teacher = 0.0 if args.loss == "nll" else 1.0
+    recovery = (args.train_factor + teacher) * args.epochs * budget * length
     confirm_length = length if args.confirm_tokens is None else min(length, args.prompt_tokens + args.confirm_tokens)
     modes = {"random": 0.0, "exhaustive": 2 * n * length + embed,
              "exhaustive+ifd": 2 * n * length + n * (2 * length - args.prompt_tokens) + embed,
@@ -64,16 +69,23 @@ def main():
         train_tps = train_log["tokens_per_s"]
         score_tps = selection["cost"]["model_forward_tokens"] / selection["timings"]["score"]  # model-token passes
         measured = {"train_tokens_per_s": train_tps, "score_model_tokens_per_s": round(score_tps, 1)}
+        targets = train_log.get("targets") or {}
+        if targets.get("generated_tokens") and targets.get("generation_seconds"):  # measured generation speed
+            measured["generated_tokens_per_s"] = round(targets["generated_tokens"] / targets["generation_seconds"], 1)
     for mode, passes in modes.items():
         row = {"mode": mode, "records": n, "budget": int(budget), "scored_records": int(
                    0 if mode.startswith("random") else n if mode.startswith("exhaustive")
                    else pilot + args.oversample * budget),
-               "selection_forward_tokens": passes, "recovery_forward_token_equivalents": recovery,
+               "loss": args.loss, "selection_forward_tokens": passes, "recovery_forward_token_equivalents": recovery,
                "selection_over_recovery": round(passes / recovery, 3)}
         if mode == "sampled" and args.confirm_tokens is not None:
             row.update(confirm_tokens=args.confirm_tokens, assumed_prompt_tokens=args.prompt_tokens)
         if measured:
-            seconds_select = passes / measured["score_model_tokens_per_s"]
+            generation = budget * length if mode.endswith("+original-targets") else 0.0
+            if generation and "generated_tokens_per_s" not in measured:
+                raise SystemExit("--targets original with --measured needs a train_log.json of a run with original targets")
+            seconds_select = ((passes - generation) / measured["score_model_tokens_per_s"]
+                              + (generation / measured["generated_tokens_per_s"] if generation else 0.0))
             seconds_train = args.epochs * budget * length / measured["train_tokens_per_s"]
             row.update(measured, selection_over_recovery_wall=round(seconds_select / seconds_train, 3))
         print(json.dumps(row))
