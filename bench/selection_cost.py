@@ -21,7 +21,8 @@ backward, 3 by the usual 1 + 2 rule):
 With ``--measured TRAIN_LOG.json SELECTION.json`` (a recovery's train_log.json and an exhaustive
 selection's selection.json from the same machine) the ratio is also given in wall time, from the measured
 training tokens/s and scoring tokens/s of the embedded model (and, for ``--targets original``, the measured
-generation tokens/s of that train_log's targets, which is far below what the FLOP count suggests on a CPU). Prints one JSON line per mode.
+generation tokens/s of that train_log's targets, which is far below what the FLOP count suggests on a CPU).
+Prints one JSON line per mode.
 """
 
 import argparse
