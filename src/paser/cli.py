@@ -184,7 +184,7 @@ def _print_selection(summary: dict, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- recover
-@app.command()
+# (registered below with every training target's and objective's options)
 def recover(
     model: str = typer.Argument(..., help="Pruned model spec to recover."),
     data: str = typer.Option(..., help="Training data: selected.jsonl from 'paser select' or any source paser reads."),
@@ -209,22 +209,17 @@ def recover(
     adapter: str = typer.Option("lora", help="lora | full (every weight trains; pruned positions stay zero)."),
     sparse_lora: str = typer.Option("masked", help="masked: the LoRA update is masked to the pruned layer's non-zeros while training, so the merged model is the trained one | off: plain LoRA, zeros re-applied after the merge."),
     targets: str = typer.Option("reference", help="What to train toward: reference (the data's answers) | original (the original model's own answers to the prompts, generated once and cached; needs the original: --teacher or the one paser prune recorded)."),
-    target_max_new_tokens: Optional[int] = typer.Option(None, help="original targets: new tokens at most (default: --cutoff-len)."),
-    target_do_sample: bool = typer.Option(False, "--target-do-sample", help="original targets: sample (--target-temperature, --target-top-p) instead of greedy decoding."),
-    target_temperature: float = typer.Option(1.0, help="original targets with --target-do-sample: temperature."),
-    target_top_p: float = typer.Option(1.0, help="original targets with --target-do-sample: nucleus top-p."),
-    target_batch_size: int = typer.Option(16, help="original targets: prompts per generation batch."),
     max_train_tokens: Optional[int] = typer.Option(None, help="Train on the records in order while their tokens (prompt + response within --cutoff-len) fit: keeps a token budget when --targets original changes the answers' lengths (paser run passes the selection's)."),
     loss: str = typer.Option("nll", help="nll (the targets' answers) | kd (distil the teacher's next-token distributions) | mix (half each, --kd-alpha) | rho (NLL on the 60% of tokens the student lost most against the original) | auto: mix when the original model is known (--teacher, or the model paser prune started from, recorded in MODEL/prune_report.json), else nll."),
     teacher: Optional[str] = typer.Option(None, help="The original, dense model: kd/mix/auto's teacher and original targets' author (default: the one recorded by paser prune)."),
     kd_temperature: float = typer.Option(1.0, help="kd/mix: softmax temperature of both distributions."),
-    kd_alpha: float = typer.Option(0.5, help="mix: alpha * kd + (1 - alpha) * nll."),
     kd_positions: str = typer.Option("response", help="kd/mix: response | all (prompt positions too)."),
     teacher_cache: str = typer.Option("none", help="kd/mix: none (the teacher runs beside the student) | topk (its top-k log-probs computed once and stored; only the student stays in memory)."),
     teacher_topk: int = typer.Option(64, help="kd/mix with --teacher-cache topk: k."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Under accelerate launch / torchrun: shard parameters, gradients and optimizer state across the processes (FSDP2), for models that do not fit one device."),
     group_by_length: bool = typer.Option(True, "--group-by-length/--no-group-by-length", help="Batch records of similar length (less padding); off: a seeded random order, identical for any number of processes."),
     recipe: Optional[str] = typer.Option(None, help="A named recipe whose settings override the options: paper (NLL LoRA, zeros re-applied after the merge)."),
+    **declared: Any,  # every training target's and objective's declared options (their ``options``)
 ) -> None:
     """Recover a pruned model on selected data: LoRA (or all weights), NLL or distillation from the original,
     on the data's answers or the original model's own.
@@ -242,11 +237,9 @@ def recover(
         lora_dropout=lora_dropout, lora_targets=lora_targets, cutoff_len=cutoff_len, template=template, batch_size=batch_size,
         micro_batch_size=micro_batch_size, dtype=dtype, resume=resume, warmup_ratio=warmup_ratio,
         save_steps=save_steps, seed=seed, limit=limit, bad_records=bad_records, adapter=adapter,
-        sparse_lora=sparse_lora, loss=loss, teacher=teacher, kd_temperature=kd_temperature, kd_alpha=kd_alpha,
+        sparse_lora=sparse_lora, loss=loss, teacher=teacher, kd_temperature=kd_temperature,
         kd_positions=kd_positions, teacher_cache=teacher_cache, teacher_topk=teacher_topk,
-        group_by_length=group_by_length, fsdp=fsdp, targets=targets, target_max_new_tokens=target_max_new_tokens,
-        target_do_sample=target_do_sample, target_temperature=target_temperature, target_top_p=target_top_p,
-        target_batch_size=target_batch_size, max_train_tokens=max_train_tokens)
+        group_by_length=group_by_length, fsdp=fsdp, targets=targets, max_train_tokens=max_train_tokens, **declared)
     train_log = run_recovery(RecoverConfig(**{**settings, **(recipe_settings(recipe, "recover") if recipe else {})}))
     from . import distributed
 
@@ -325,13 +318,19 @@ def _with_declared_options(command: Any, fields: list[tuple[Any, Any]]) -> Any:
     return command
 
 
-def _register_evaluate() -> None:
+def _register_declared_commands() -> None:
     from .evaluate.runner import measurement_fields
+    from .objectives import OBJECTIVES
+    from .options import declared_fields
+    from .recover import RecoverBase
+    from .targets import TARGETS
 
+    app.command(name="recover")(
+        _with_declared_options(recover, declared_fields(RecoverBase, [*TARGETS.items(), *OBJECTIVES.items()])))
     app.command(name="evaluate")(_with_declared_options(evaluate, measurement_fields()))
 
 
-_register_evaluate()
+_register_declared_commands()
 
 
 # ----------------------------------------------------------------------------------------------- export

@@ -1,11 +1,16 @@
 """Declared options: a library config's choices and bounds live in its field types (``Literal``, ``Annotated``
 with ``Field`` bounds) and its registered-name fields in ``REGISTERED`` (field -> :class:`~paser.registry.Registry`);
-:func:`check_declared` validates both, so a config's ``validate()`` holds only the checks that relate fields."""
+:func:`check_declared` validates both, so a config's ``validate()`` holds only the checks that relate fields.
+
+Options that belong to one registered object (a measurement, a training target, a recovery objective) are declared
+on it, as a dataclass in its ``options`` attribute built with :func:`option`; :func:`joined_config` adds them to
+the library config they configure, and the CLI builds its options from the same fields."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import typing
+from typing import Any, Callable, Iterable
 
 from .errors import ConfigError
 
@@ -27,3 +32,37 @@ def check_declared(config: Any) -> None:
     for name, registry in getattr(type(config), "REGISTERED", {}).items():
         if values[name] not in registry:
             raise ConfigError(f"{name} must be one of {', '.join(registry)}, not '{values[name]}'")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
+    """A registered object's setting: a dataclass field whose ``help`` is its CLI option's help."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def declared_fields(base: type, owners: Iterable[tuple[str, Any]]) -> list[tuple[dataclasses.Field, Any]]:
+    """The fields each owner declares in its ``options`` dataclass, as (field, resolved type), in order; a name
+    declared twice (or already on ``base``) is an error."""
+    fields: list[tuple[dataclasses.Field, Any]] = []
+    seen = {f.name for f in dataclasses.fields(base)}
+    for name, owner in owners:
+        options = getattr(owner, "options", None)
+        if options is None:
+            continue
+        hints = typing.get_type_hints(options, include_extras=True)
+        for f in dataclasses.fields(options):
+            if f.name in seen:
+                raise TypeError(f"{name!r} declares option {f.name!r}, which is declared already")
+            seen.add(f.name)
+            fields.append((f, hints[f.name]))
+    return fields
+
+
+def joined_config(name: str, base: type, owners: Iterable[tuple[str, Any]], module: str, doc: str) -> type:
+    """``base`` (a dataclass) with every owner's declared options added as fields: one config, one validator."""
+    specs = [(f.name, tp, dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+             for f, tp in declared_fields(base, owners)]
+    cls = dataclasses.make_dataclass(name, specs, bases=(base,))
+    cls.__module__, cls.__doc__ = module, doc
+    return cls

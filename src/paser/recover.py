@@ -31,7 +31,7 @@ from .data import Encoded, PromptFormatter, encode_records, load_records, pad_ri
 from .errors import ConfigError
 from .models import check_compatible, load_model, resolve_dtype_name
 from .objectives import OBJECTIVES
-from .options import check_declared
+from .options import check_declared, joined_config
 from .targets import TARGETS
 from .sparsity import apply_masks, sparsity_masks
 
@@ -41,8 +41,9 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class RecoverConfig:
-    """LoRA recovery settings; defaults are the CLI's."""
+class RecoverBase:
+    """Recovery settings shared by every objective and target; each target's and objective's own are declared on
+    it (``options``) and joined into :class:`RecoverConfig` below. Defaults are the CLI's."""
 
     CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset()  # every field is a ``paser recover`` option
     REGISTERED: ClassVar[dict[str, Any]] = {"loss": OBJECTIVES, "targets": TARGETS}
@@ -74,16 +75,10 @@ class RecoverConfig:
     loss: str = "nll"  # nll (the targets' answers) | kd | mix | rho | auto: mix when the original is known, else nll
     teacher: str | None = None  # the original model: kd/mix's teacher, original targets' author (``paser run``: its model)
     targets: str = "reference"  # reference: the data's answers | original: the original model's own (paser.targets)
-    target_max_new_tokens: Annotated[int, Field(ge=1)] | None = None  # original targets: new tokens at most (None: cutoff_len)
-    target_do_sample: bool = False  # original targets: sample instead of greedy decoding
-    target_temperature: Annotated[float, Field(gt=0)] = 1.0
-    target_top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    target_batch_size: Annotated[int, Field(ge=1)] = 16  # prompts per generation batch
     # train on the records in order while their tokens (prompt + response within cutoff_len) fit: a token budget
     # kept when the targets change the answers' lengths (``paser run`` passes the selection's token budget)
     max_train_tokens: Annotated[int, Field(ge=1)] | None = None
     kd_temperature: Annotated[float, Field(gt=0)] = 1.0
-    kd_alpha: Annotated[float, Field(ge=0, le=1)] = 0.5  # mix: alpha * kd + (1 - alpha) * nll
     kd_positions: Literal["response", "all"] = "response"  # response | all (prompt positions too)
     # none: the teacher runs live | topk: its top-k log-probs computed once, stored
     teacher_cache: Literal["none", "topk"] = "none"
@@ -111,6 +106,11 @@ class RecoverConfig:
         if self.batch_size % (self.micro_batch_size * world):
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                               f"({self.micro_batch_size})" + (f" x {world} processes" if world > 1 else ""))
+
+
+RecoverConfig = joined_config("RecoverConfig", RecoverBase, [*TARGETS.items(), *OBJECTIVES.items()], __name__,
+                              "Recovery settings: RecoverBase's and every registered training target's and "
+                              "objective's (their ``options``). Defaults are the CLI's.")
 
 
 def recorded_original(model: str | Path) -> str | None:

@@ -38,20 +38,14 @@ import in ``paser/evaluate/__init__.py``::
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from ..options import option  # noqa: F401  (measurements declare their settings with it)
 from ..registry import Registry
-
-
-def option(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
-    """A measurement's setting: a dataclass field whose ``help`` is its ``paser evaluate`` option's help."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import time
-import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -22,7 +21,7 @@ from pydantic import Field
 from .. import faults
 from ..cache import package_versions, stable_hash, write_json, write_text
 from ..errors import ConfigError
-from ..options import check_declared
+from ..options import check_declared, declared_fields, joined_config
 from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement
 
 log = logging.getLogger(__name__)
@@ -62,32 +61,12 @@ class EvaluateBase:
 
 def measurement_fields() -> list[tuple[dataclasses.Field, Any]]:
     """Every registered measurement's declared settings as (field, resolved type), in registration order."""
-    fields: list[tuple[dataclasses.Field, Any]] = []
-    seen = {f.name for f in dataclasses.fields(EvaluateBase)}
-    for name, measurement in MEASUREMENTS.items():
-        if measurement.options is None:
-            continue
-        hints = typing.get_type_hints(measurement.options, include_extras=True)
-        for f in dataclasses.fields(measurement.options):
-            if f.name in seen:
-                raise TypeError(f"measurement {name!r} declares option {f.name!r}, which another already has")
-            seen.add(f.name)
-            fields.append((f, hints[f.name]))
-    return fields
+    return declared_fields(EvaluateBase, MEASUREMENTS.items())
 
 
-def _evaluate_config() -> type:
-    specs = [(f.name, tp, dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
-             for f, tp in measurement_fields()]
-    cls = dataclasses.make_dataclass("EvaluateConfig", specs, bases=(EvaluateBase,))
-    cls.__module__ = __name__
-    cls.__doc__ = ("What to measure: :class:`EvaluateBase`'s settings and every registered measurement's "
-                   "(its ``options``). Defaults are the CLI's.")
-    return cls
-
-
-# (paser.evaluate imports this module after every measurement module: all of them are registered here)
-EvaluateConfig = _evaluate_config()
+EvaluateConfig = joined_config("EvaluateConfig", EvaluateBase, MEASUREMENTS.items(), __name__,
+                               "What to measure: EvaluateBase's settings and every registered measurement's (its "
+                               "``options``). Defaults are the CLI's.")
 
 
 class _PartsCache:

@@ -4,7 +4,8 @@ A target decides what recovery trains each selected prompt toward: ``reference``
 or ``original`` (the original model's own answer to the prompt, generated once and cached). ``build`` returns
 the records with their ``output`` replaced and a JSON summary of what it did and cost (``train_log.json``).
 
-A new target is one module in this package plus its import in ``__init__``::
+A new target is one module in this package plus its import in ``__init__``; its settings, if any, are a
+dataclass in ``options`` (``RecoverConfig`` fields and ``paser recover`` options, as ``original``'s are)::
 
     @TARGETS.register("my_target")
     class MyTarget(Target):
@@ -13,7 +14,7 @@ A new target is one module in this package plus its import in ``__init__``::
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from ..data import Record
 from ..registry import Registry
@@ -27,6 +28,7 @@ class Target:
     needs_original = False
     keeps_answers = True  # False: the answers (and so the training tokens) differ from the selected records'
     version = 1
+    options: ClassVar[type | None] = None  # a dataclass of its settings (fields of RecoverConfig, paser.options.option)
 
     def build(self, records: Sequence[Record], settings: Any, tokenizer: Any, dtype: str
               ) -> tuple[list[Record], dict[str, Any]]:

@@ -21,13 +21,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
+
+from pydantic import Field
 
 from ..cache import cache_root, stable_hash
 from ..data import PromptFormatter, Record
 from ..errors import ConfigError
+from ..options import option
 from .base import TARGETS, Target
 
 log = logging.getLogger(__name__)
@@ -46,10 +49,22 @@ def _read_answers(path: Path) -> dict[str, dict[str, Any]]:
     return answers
 
 
+@dataclass
+class OriginalAnswersOptions:
+    target_max_new_tokens: Annotated[int, Field(ge=1)] | None = option(
+        None, "original targets: new tokens at most (default: --cutoff-len).")
+    target_do_sample: bool = option(
+        False, "original targets: sample (--target-temperature, --target-top-p) instead of greedy decoding.")
+    target_temperature: Annotated[float, Field(gt=0)] = option(1.0, "original targets with --target-do-sample: temperature.")
+    target_top_p: Annotated[float, Field(gt=0, le=1)] = option(1.0, "original targets with --target-do-sample: nucleus top-p.")
+    target_batch_size: Annotated[int, Field(ge=1)] = option(16, "original targets: prompts per generation batch.")
+
+
 @TARGETS.register("original")
 class OriginalAnswers(Target):
     needs_original = True
     keeps_answers = False
+    options = OriginalAnswersOptions
 
     def build(self, records: Sequence[Record], settings: Any, tokenizer: Any, dtype: str
               ) -> tuple[list[Record], dict[str, Any]]:
