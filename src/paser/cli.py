@@ -86,7 +86,7 @@ def prune(
 
 
 # ----------------------------------------------------------------------------------------------- select
-@app.command()
+# (registered below with every selection method's options)
 def select(
     original: str = typer.Option(..., help="Original (dense) model spec."),
     pruned: str = typer.Option(..., help="Pruned model spec (must share the original's tokenizer)."),
@@ -95,41 +95,23 @@ def select(
     budget_tokens: Optional[float] = typer.Option(None, help="Training tokens to select instead (prompt + response within --max-length, what recovery trains on): a count, or a fraction of the pool's tokens when below 1. The method selects as for the largest record budget whose records fit."),
     out: Path = typer.Option(..., help="Output directory: selected.jsonl, selection.json, scores.parquet."),
     method: str = typer.Option("paser", help="paser | random (seeded, loads no model) | full | perplexity | loss_gap | ifd | nuggets | dsir."),
-    clusters: Optional[int] = typer.Option(None, help="Number of clusters K (default: eigengap rule within [2, 64])."),
-    cluster_method: str = typer.Option("nmf", help="nmf | kmeans on the diffusion coordinates; ablations: random (same K, random assignment) | kmeans-raw (k-means on the raw embeddings)."),
     embedder: str = typer.Option("all-MiniLM-L6-v2", help="sentence-transformers model (default: the bundled all-MiniLM-L6-v2)."),
-    allocation: str = typer.Option("size", help="Budget rule across clusters: size (each capability cluster keeps its share of the pool) | mass (size x mean JSD: a cluster's total degradation) | cds (the paper: mean JSD whatever the size) | blend (half size, half mass)."),
     score: str = typer.Option("jsd", help="Degradation score: jsd (paper) | loss_gap | pruned_loss."),
     max_length: int = typer.Option(256, help="Tokens per sample (prompt + response) when scoring."),
     template: str = typer.Option("auto", help="Prompt template: auto (the tokenizer's chat template when it has one, else alpaca) | chat | alpaca."),
     batch_size: int = typer.Option(16, help="Samples per scoring batch (length-bucketed)."),
     dtype: str = typer.Option("auto", help="auto | bf16 | fp32 for the model passes (auto: bf16 only where the hardware has native bf16; JSD itself is always fp32)."),
-    ccg: bool = typer.Option(True, "--ccg/--no-ccg", help="Concept-consistency filter (negative-transfer mitigation)."),
-    ccg_rule: str = typer.Option("specific", help="CCG conflict rule: specific (only concepts in at most 2% of the records conflict, and no cluster rejects beyond its quota: no capability is erased) | paper (any two known concepts never seen together)."),
-    within: str = typer.Option("top", help="Inside a cluster: top (best --rank score first, as the paper) | sample (drawn in proportion to it, seeded)."),
-    rank: str = typer.Option("ifd", help="paser, the score inside a cluster: ifd (Instruction-Following Difficulty under --ifd-model; records with IFD >= 1 last) | ies (JSD / log cost, the paper)."),
     seed: int = typer.Option(0, help="Seed for clustering, sampling inside clusters and the random baseline."),
     columns: Optional[str] = typer.Option(None, help="Field mapping, e.g. instruction=question,output=answer."),
     duplicates: str = typer.Option("keep", help="keep | drop duplicate (instruction, input) pairs."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N records of the data."),
     bad_records: str = typer.Option("skip", help="skip: leave out unusable records (malformed, not UTF-8, empty or missing fields), count them by reason in selection.json | error: stop at the first."),
     ifd_model: str = typer.Option("pruned", help="ifd: the model whose response losses define IFD (original | pruned)."),
-    anchors: int = typer.Option(32, help="nuggets: anchor records sampled from the data with the seed."),
-    anchor_data: Optional[str] = typer.Option(None, help="nuggets: take the anchors from this data instead."),
-    nuggets_candidates: Optional[int] = typer.Option(None, help="nuggets: score only a seeded sub-sample of N candidates (its cost is candidates x anchors passes)."),
-    target: Optional[str] = typer.Option(None, help="dsir: target texts (instruction data, or a .txt file with one text per line)."),
     resident: str = typer.Option("both", help="both: the two models in memory together | one: the original alone first (its top-k log-probabilities stored), then the pruned alone; JSD over the top-k tokens and one tail bucket (error bounded, see docs/method.md)."),
     topk: int = typer.Option(64, help="--resident one: log-probabilities kept per position."),
-    scoring: str = typer.Option("exhaustive", help="exhaustive: both models score every record | sampled: a pilot per cluster, a predictor for the rest, exact scores only for the likely picks (method paser)."),
-    pilot: float = typer.Option(0.02, help="sampled: share of each cluster scored in the pilot (at least --pilot-min records)."),
-    pilot_min: int = typer.Option(16, help="sampled: pilot records per cluster at least."),
-    oversample: float = typer.Option(2.0, help="sampled: records confirmed exactly per cluster, as a multiple of its budget."),
-    max_scored: Optional[int] = typer.Option(None, help="sampled: score at most N records exactly in all."),
-    confirm_tokens: Optional[int] = typer.Option(
-        None, help="sampled: confirm candidates on the prompt and their first N response tokens only (cheaper, "
-                   "approximate; the pilot still reads whole records)."),
     device_map: Optional[str] = typer.Option(None, help="auto: spread each model over the GPUs and CPU memory (accelerate big-model loading), for models too big for one device."),
     recipe: Optional[str] = typer.Option(None, help="A named recipe whose settings override the options: paper (the PASER paper exactly)."),
+    **declared: Any,  # every selection method's own declared options (Strategy.options)
 ) -> None:
     """Select recovery data with PASER, its ablations, or a baseline (random, full, perplexity, loss_gap, ifd, nuggets, dsir).
 
@@ -141,14 +123,11 @@ def select(
     from .recipes import recipe_settings
 
     settings = dict(
-        original=original, pruned=pruned, data=data, budget=budget, budget_tokens=budget_tokens, out=out, method=method, clusters=clusters,
-        cluster_method=cluster_method, embedder=embedder, allocation=allocation, score=score,
-        max_length=max_length, template=template, batch_size=batch_size, dtype=dtype, ccg=ccg, ccg_rule=ccg_rule, within=within,
-        rank=rank, seed=seed, columns=columns,
-        duplicates=duplicates, limit=limit, bad_records=bad_records, ifd_model=ifd_model, anchors=anchors,
-        anchor_data=anchor_data, nuggets_candidates=nuggets_candidates, target=target, resident=resident, topk=topk,
-        device_map=device_map, scoring=scoring, pilot=pilot, pilot_min=pilot_min, oversample=oversample,
-        max_scored=max_scored, confirm_tokens=confirm_tokens)
+        original=original, pruned=pruned, data=data, budget=budget, budget_tokens=budget_tokens, out=out, method=method,
+        embedder=embedder, score=score, max_length=max_length, template=template, batch_size=batch_size, dtype=dtype,
+        seed=seed, columns=columns, duplicates=duplicates, limit=limit, bad_records=bad_records, ifd_model=ifd_model,
+        resident=resident, topk=topk, device_map=device_map,
+        **{k: v or None if k == "target_sources" else v for k, v in declared.items()})
     from . import distributed
 
     result = run_selection(SelectConfig(**{**settings, **(recipe_settings(recipe, "select") if recipe else {})}))
@@ -325,6 +304,10 @@ def _register_declared_commands() -> None:
     from .recover import RecoverBase
     from .targets import TARGETS
 
+    from .select import SelectBase
+    from .strategies import STRATEGIES
+
+    app.command(name="select")(_with_declared_options(select, declared_fields(SelectBase, STRATEGIES.items())))
     app.command(name="recover")(
         _with_declared_options(recover, declared_fields(RecoverBase, [*TARGETS.items(), *OBJECTIVES.items()])))
     app.command(name="evaluate")(_with_declared_options(evaluate, measurement_fields()))

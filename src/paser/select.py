@@ -38,7 +38,7 @@ from .data import ColumnMap, PromptFormatter, Record, encode_records, load_recor
 from .embed import DEFAULT_EMBEDDER
 from .errors import ConfigError, DataError
 from .models import check_compatible, load_tokenizer, resolve_dtype_name
-from .options import check_declared
+from .options import check_declared, joined_config
 from .score import SCORERS
 from .strategies import STRATEGIES, SelectionContext, get_strategy
 from .strategies.paser import CLUSTER_METHODS
@@ -49,16 +49,14 @@ METHODS = tuple(STRATEGIES)
 
 
 @dataclass
-class SelectConfig:
-    """Everything ``paser select`` needs; defaults are the documented CLI defaults."""
+class SelectBase:
+    """What every selection method reads; each method's own settings are declared on it (``Strategy.options``)
+    and joined into :class:`SelectConfig` below. Defaults are the documented CLI defaults."""
 
-    # Fields with no ``paser select`` option (YAML and the Python API only), each for a reason: the cache root has
-    # $PASER_CACHE; the rest are fine settings of one method that the study configs set.
+    # The one field with no ``paser select`` option (YAML and the Python API only): the cache root has $PASER_CACHE.
     REGISTERED: ClassVar[dict[str, Any]] = {"method": STRATEGIES, "allocation": ALLOCATION_RULES, "score": SCORERS,
                                             "cluster_method": CLUSTER_METHODS}
-    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"cache_dir", "ccg_max_df", "concepts_per_sample",
-                                                        "drop_original_loss_above", "dsir_buckets", "target_limit",
-                                                        "target_sources"})
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"cache_dir"})
 
     original: str
     pruned: str
@@ -70,15 +68,10 @@ class SelectConfig:
     budget_tokens: float | None = None
     out: str | Path | None = None
     method: str = "paser"  # a registered strategy: paser | random | full | perplexity | loss_gap | ifd | nuggets | dsir
-    clusters: Annotated[int, Field(ge=1)] | None = None  # None: eigengap rule
-    cluster_method: str = "nmf"  # nmf | kmeans (on diffusion coordinates) | random | kmeans-raw (ablations)
     embedder: str = DEFAULT_EMBEDDER
     max_length: Annotated[int, Field(ge=8)] = 256
     batch_size: Annotated[int, Field(ge=1)] = 16
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"  # auto: bf16 on GPUs and bf16-capable CPUs, else fp32
-    ccg: bool = True
-    concepts_per_sample: Annotated[int, Field(ge=1)] = 5
-    allocation: str = "size"  # size (the pool's cluster shares) | mass | cds (the paper) | blend (see paser.allocate)
     score: str = "jsd"  # jsd | loss_gap | pruned_loss (see paser.score)
     seed: int = 0
     template: Literal["auto", "chat", "alpaca"] = "auto"
@@ -88,35 +81,10 @@ class SelectConfig:
     limit: Annotated[int, Field(ge=1)] | None = None  # use only the first N records
     cache_dir: str | Path | None = None  # default: $PASER_CACHE or ~/.cache/paser
     ifd_model: Literal["original", "pruned"] = "pruned"  # ifd: the model whose losses define IFD (original | pruned)
-    anchors: Annotated[int, Field(ge=1)] = 32  # nuggets: anchor records sampled from the pool with the seed
-    anchor_data: str | None = None  # nuggets: anchors from this source instead
-    nuggets_candidates: Annotated[int, Field(ge=1)] | None = None  # nuggets: score a seeded sub-sample of this many candidates
-    target: str | None = None  # dsir: target texts (instruction data or .txt)
-    target_sources: list[str] | None = None  # dsir: only target records whose 'source' field is listed
-    target_limit: int | None = None  # dsir: at most this many target texts
-    dsir_buckets: Annotated[int, Field(ge=1)] = 10_000  # dsir: hash buckets for unigram + bigram features
-    # specific: rare concepts only, no cluster emptied | paper: any two known concepts never seen together conflict
-    # (see strategies.paser)
-    ccg_rule: Literal["specific", "paper"] = "specific"
-    ccg_max_df: Annotated[float, Field(gt=0, le=1)] = 0.02  # specific rule: concepts in at most this share of the pool's records
-    # top: best first (the paper) | sample: drawn in proportion to the rank score, seeded
-    within: Literal["top", "sample"] = "top"
-    # paser, inside a cluster: ifd (IFD under ifd_model, IFD >= 1 last) | ies (JSD / log cost, the paper)
-    rank: Literal["ifd", "ies"] = "ifd"
-    # examine last the records above this quantile of original loss
-    drop_original_loss_above: Annotated[float, Field(gt=0, lt=1)] | None = None
     # both models in memory | one: the original's top-k stored first, then the pruned alone
     resident: Literal["both", "one"] = "both"
     topk: Annotated[int, Field(ge=1)] = 64  # resident one: log-probabilities kept per position (the rest is one tail bucket)
     device_map: str | None = None  # auto: each model spread over the GPUs (and CPU memory) by accelerate
-    # exhaustive: both models score every record | sampled (see strategies.sampled)
-    scoring: Literal["exhaustive", "sampled"] = "exhaustive"
-    pilot: Annotated[float, Field(gt=0, le=1)] = 0.02  # sampled: share of each cluster scored in the pilot ...
-    pilot_min: Annotated[int, Field(ge=2)] = 16  # ... and at least this many records of it
-    oversample: Annotated[float, Field(ge=1)] = 2.0  # sampled: records confirmed exactly per cluster, as a multiple of its budget
-    max_scored: Annotated[int, Field(ge=1)] | None = None  # sampled: at most this many records scored exactly in all
-    # sampled: confirm on the prompt and first N response tokens only (cheaper)
-    confirm_tokens: Annotated[int, Field(ge=1)] | None = None
 
     def validate(self) -> None:
         """The declared choices and bounds (:func:`paser.options.check_declared`), then what relates fields."""
@@ -151,6 +119,11 @@ class SelectConfig:
     def token_budget(self, pool_tokens: int) -> int:
         count = round(self.budget_tokens * pool_tokens) if self.budget_tokens < 1 else int(self.budget_tokens)
         return max(1, min(count, pool_tokens))
+
+
+SelectConfig = joined_config("SelectConfig", SelectBase, STRATEGIES.items(), __name__,
+                             "Everything ``paser select`` needs: SelectBase's settings and every registered method's "
+                             "own (its ``options``). Defaults are the documented CLI defaults.")
 
 
 @dataclass

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,7 @@ class Strategy:
     name = "base"
     description = ""
     version = 1  # bumped when the same settings select differently: cached pipeline selections are redone
+    options: ClassVar[type | None] = None  # a dataclass of its own settings (SelectConfig fields, paser.options.option)
 
     def cache_version(self, config: Any) -> str:
         """What enters the pipeline's select-stage hash besides the settings (``version`` by default)."""

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import re
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Annotated, Iterable, Sequence
 
 import numpy as np
+from pydantic import Field
 from scipy import sparse
 
 from ..errors import ConfigError
+from ..options import option
 from .base import SelectionContext, Strategy, register
 
 WORD = re.compile(r"\w+")
@@ -82,9 +85,18 @@ def target_texts(source: str, exclude: set[tuple[str, str]], sources: Sequence[s
     return texts
 
 
+@dataclass
+class DSIROptions:
+    target: str | None = option(None, "dsir: target texts (instruction data, or a .txt file with one text per line).")
+    target_sources: list[str] | None = option(None, "dsir: only target records whose 'source' field is listed (repeatable).")
+    target_limit: Annotated[int, Field(ge=1)] | None = option(None, "dsir: at most this many target texts.")
+    dsir_buckets: Annotated[int, Field(ge=1)] = option(10_000, "dsir: hash buckets for the unigram + bigram features.")
+
+
 @register
 class DSIR(Strategy):
     name = "dsir"
+    options = DSIROptions
     description = "importance resampling toward --target on hashed unigram+bigram features; no model"
 
     def select(self, ctx: SelectionContext) -> tuple[list[int], dict]:

@@ -15,14 +15,17 @@ outside it are not selected unless the budget needs them).
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Sequence
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from ..data import Encoded
 from ..score import ScoreConfig, batched_values, collate, model_pass, response_loss_batch
 from ..cache import stable_hash
+from ..options import option
 from .base import SelectionContext, Strategy, register, top_k
 
 log = logging.getLogger(__name__)
@@ -64,9 +67,18 @@ def nuggets_scores(model: Any, candidates: Sequence[Encoded], anchors: Sequence[
                           progress)["nuggets"]
 
 
+@dataclass
+class NuggetsOptions:
+    anchors: Annotated[int, Field(ge=1)] = option(32, "nuggets: anchor records sampled from the data with the seed.")
+    anchor_data: str | None = option(None, "nuggets: take the anchors from this data instead.")
+    nuggets_candidates: Annotated[int, Field(ge=1)] | None = option(
+        None, "nuggets: score only a seeded sub-sample of N candidates (its cost is candidates x anchors passes).")
+
+
 @register
 class Nuggets(Strategy):
     name = "nuggets"
+    options = NuggetsOptions
     description = "one-shot learning value against a fixed anchor set (O(candidates x anchors) passes)"
 
     def select(self, ctx: SelectionContext) -> tuple[list[int], dict]:

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
+from pydantic import Field
 
 from ..allocate import allocate, apportion, ies, rank_within, within_cluster_key
 from ..ccg import ConceptGraph, extract_concepts
 from ..cluster import ClusterResult
+from ..options import option
 from ..score import get_scorer
 from ..registry import Registry
 from .base import SelectionContext, Strategy, register
@@ -242,10 +245,51 @@ def _map_2d(coordinates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return xy[:, 0], xy[:, 1]
 
 
+@dataclass
+class PaserOptions:
+    clusters: Annotated[int, Field(ge=1)] | None = option(None, "Number of clusters K (default: eigengap rule within [2, 64]).")
+    cluster_method: str = option(
+        "nmf", "nmf | kmeans on the diffusion coordinates; ablations: random (same K, random assignment) | kmeans-raw "
+        "(k-means on the raw embeddings).")
+    allocation: str = option(
+        "size", "Budget rule across clusters: size (each capability cluster keeps its share of the pool) | mass (size x "
+        "mean JSD: a cluster's total degradation) | cds (the paper: mean JSD whatever the size) | blend (half size, half "
+        "mass).")
+    rank: Literal["ifd", "ies"] = option(
+        "ifd", "paser, the score inside a cluster: ifd (Instruction-Following Difficulty under --ifd-model; records with "
+        "IFD >= 1 last) | ies (JSD / log cost, the paper).")
+    within: Literal["top", "sample"] = option(
+        "top", "Inside a cluster: top (best --rank score first, as the paper) | sample (drawn in proportion to it, "
+        "seeded).")
+    ccg: bool = option(True, "Concept-consistency filter (negative-transfer mitigation).")
+    ccg_rule: Literal["specific", "paper"] = option(
+        "specific", "CCG conflict rule: specific (only concepts in at most --ccg-max-df of the records conflict, and no "
+        "cluster rejects beyond its quota: no capability is erased) | paper (any two known concepts never seen together).")
+    ccg_max_df: Annotated[float, Field(gt=0, le=1)] = option(
+        0.02, "CCG rule specific: concepts in at most this share of the pool's records.")
+    concepts_per_sample: Annotated[int, Field(ge=1)] = option(5, "CCG: key phrases extracted per record.")
+    drop_original_loss_above: Annotated[float, Field(gt=0, lt=1)] | None = option(
+        None, "Examine last the records whose reference the original model predicts worst (original loss above this "
+        "quantile of the pool's).")
+    scoring: Literal["exhaustive", "sampled"] = option(
+        "exhaustive", "exhaustive: both models score every record | sampled: a pilot per cluster, a predictor for the "
+        "rest, exact scores only for the likely picks.")
+    pilot: Annotated[float, Field(gt=0, le=1)] = option(
+        0.02, "sampled: share of each cluster scored in the pilot (at least --pilot-min records).")
+    pilot_min: Annotated[int, Field(ge=2)] = option(16, "sampled: pilot records per cluster at least.")
+    oversample: Annotated[float, Field(ge=1)] = option(
+        2.0, "sampled: records confirmed exactly per cluster, as a multiple of its budget.")
+    max_scored: Annotated[int, Field(ge=1)] | None = option(None, "sampled: score at most N records exactly in all.")
+    confirm_tokens: Annotated[int, Field(ge=1)] | None = option(
+        None, "sampled: confirm candidates on the prompt and their first N response tokens only (cheaper, approximate; "
+        "the pilot still reads whole records).")
+
+
 @register
 class Paser(Strategy):
     name = "paser"
     description = "PASER: capability clusters, degradation-weighted budgets, IES ranking, concept consistency"
+    options = PaserOptions
 
     def select(self, ctx: SelectionContext) -> tuple[list[int], dict]:
         return select_paser(ctx)
