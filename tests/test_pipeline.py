@@ -38,6 +38,7 @@ def tiny_config(model_dir, task_dir, out, heldout="demo-heldout"):
     ({"evaluate": {"tasks": ["mmlu"]}}, "unknown task"),
     ({"data": {"limit": 0}}, "data.limit"),
     ({"data": {"path": "x.jsonl"}}, "unknown key 'data.path'"),
+    ({"export": {"format": "gguf"}}, "export: format must be one of dense, w4a16, w8a8"),
 ])
 def test_config_errors_name_the_key(tmp_path, change, message):
     config = tiny_config("m", tmp_path, tmp_path / "run")
@@ -135,6 +136,13 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
 
     forced = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw), from_stage="evaluate")["stages"]}
     assert [k for k, skipped in forced.items() if not skipped] == ["evaluate"]
+
+    raw["export"] = {"format": "w8a8"}  # each recovered model as a deployable checkpoint; nothing else redone
+    exported = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw))["stages"]}
+    assert [k for k, skipped in exported.items() if not skipped] == ["export/paser/s0", "export/random/s0"]
+    report = json.loads((out / "export" / "random" / "s0" / "model" / "export_report.json").read_text())
+    assert report["format"] == "w8a8" and report["sparsity"]["output_min"] >= report["sparsity"]["input_min"] >= 0.5
+    raw.pop("export")
 
     # tasks whose folder is absent are skipped when the config allows it, and the report says so
     # (and so are perplexity texts that are absent, beside the ones present)
@@ -342,6 +350,7 @@ def test_every_config_field_is_a_cli_option_or_declared_config_only():
 
     from paser.cli import app
     from paser.evaluate import EvaluateConfig
+    from paser.export import ExportConfig
     from paser.prune import PruneConfig
     from paser.recover import RecoverConfig
     from paser.select import SelectConfig
@@ -349,7 +358,7 @@ def test_every_config_field_is_a_cli_option_or_declared_config_only():
     commands = get_command(app).commands
     renamed = {"labels": "label"}  # repeatable option, one value each
     for command, cls in (("prune", PruneConfig), ("select", SelectConfig), ("recover", RecoverConfig),
-                         ("evaluate", EvaluateConfig)):
+                         ("evaluate", EvaluateConfig), ("export", ExportConfig)):
         options = {p.name for p in commands[command].params}
         missing = {f.name for f in dataclasses.fields(cls)} - cls.CONFIG_ONLY
         missing = {name for name in missing if renamed.get(name, name) not in options}

@@ -88,6 +88,7 @@ class ExportConfig:
     seq_len: Annotated[int, Field(ge=8)] = 256
 
     REGISTERED: ClassVar[dict[str, Registry]] = {"format": EXPORT_FORMATS}
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset()  # every field is a ``paser export`` option
 
     def validate(self) -> None:
         check_declared(self)

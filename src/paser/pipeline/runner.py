@@ -254,6 +254,18 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
     with runner.stage("evaluate", directory, inputs) as notes:
         if notes is not None:
             run_evaluation(evaluate_config)
+    if config.export is not None:  # each recovered model as a deployable checkpoint
+        from ..export import EXPORT_FORMATS, ExportConfig, run_export
+
+        for key, merged in recovered.items():
+            export_dir = out / "export" / key
+            inputs = {"recovered": recover_hashes[key],
+                      "export": _declared(config.export, {"format": EXPORT_FORMATS.get(config.export["format"]).version})}
+            with runner.stage("export", export_dir, inputs) as notes:
+                if notes is not None and main:
+                    report = run_export(ExportConfig(model=merged, out=str(export_dir / "model"), **config.export))
+                    notes.update(weights_ratio=report["size_bytes"]["weights_ratio"],
+                                 min_sparsity=report["sparsity"]["output_min"])
     if not main:
         return {}
     if config.baseline and len(config.arms) > 1:

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-STAGES = ("data", "prune", "select", "recover", "evaluate")
+STAGES = ("data", "prune", "select", "recover", "evaluate", "export")
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -33,11 +33,13 @@ def _section_fields(cls: type, wired: set[str]) -> dict[str, dataclasses.Field]:
 def _section_spec() -> dict[str, tuple[type, set[str], dict[str, Any]]]:
     """Section -> (library config class, fields the pipeline wires, extra pipeline-only keys with defaults)."""
     from ..evaluate import EvaluateConfig
+    from ..export import ExportConfig
     from ..prune import PruneConfig
     from ..recover import RecoverConfig
     from ..select import SelectConfig
 
     return {
+        "export": (ExportConfig, {"model", "out"}, {}),
         "prune": (PruneConfig, {"model", "out"}, {}),
         "select": (SelectConfig, {"original", "pruned", "data", "out", "method", "columns", "duplicates", "limit",
                                   "cache_dir", "dtype", "bad_records"}, {"methods": ["paser", "random"]}),
@@ -49,7 +51,7 @@ def _section_spec() -> dict[str, tuple[type, set[str], dict[str, Any]]]:
 
 DATA_KEYS = {"source": "demo", "columns": None, "duplicates": "keep", "limit": None, "bad_records": "skip",
              "sample": None, "heldout": None, "calibration": None}
-TOP_KEYS = {"model", "dtype", "threads", "out", "prune", "pruned", "data", "select", "recover", "evaluate", "arms",
+TOP_KEYS = {"model", "dtype", "threads", "out", "prune", "pruned", "data", "select", "recover", "evaluate", "export", "arms",
             "seeds", "baseline"}
 ARM_KEYS = {"name", "method", "recipe", "select", "recover", "seeds"}
 HELDOUT, CALIBRATION = "@heldout", "@calibration"  # the data stage's files, usable as evaluate / prune inputs
@@ -75,6 +77,7 @@ class PipelineConfig:
     # the arms every other is compared with: the first is the headline (comparison.json); each further one
     # writes comparison-vs-<arm>.json (e.g. random trained with the candidate's objective: what selection adds)
     baselines: list[str] = field(default_factory=list)
+    export: dict[str, Any] | None = None  # each recovered model written as a deployable checkpoint (paser.export)
 
     @property
     def baseline(self) -> str | None:
@@ -85,7 +88,7 @@ class PipelineConfig:
         return {"model": self.model, "dtype": self.dtype, "threads": self.threads, "out": self.out,
                 "arms": self.arms, "seeds": self.seeds, "baseline": baseline, "pruned": self.pruned,
                 "prune": self.prune, "data": self.data, "select": self.select, "recover": self.recover,
-                "evaluate": self.evaluate}
+                "evaluate": self.evaluate, "export": self.export}
 
 
 def _check_section(name: str, values: Any, cls: type, wired: set[str], extra: dict[str, Any], where: str,
@@ -177,10 +180,12 @@ def parse_config(raw: Any, where: str = "<config>") -> PipelineConfig:
             raise ConfigError(f"{where}: baseline '{name}' is not an arm (arms: {', '.join(names)})")
     _check_data_sampling(data, where)
     evaluate = _check_section("evaluate", raw.get("evaluate"), *spec["evaluate"], where, {"models": ["-"]})
+    export = (_check_section("export", raw["export"], *spec["export"], where, {"model": "-", "out": "-"})
+              if raw.get("export") is not None else None)
     config = PipelineConfig(model=model, out=str(raw.get("out") or "runs/paser"), dtype=dtype,
                             pruned=str(raw["pruned"]) if raw.get("pruned") else None, prune=prune, data=data,
                             select=select, recover=recover, evaluate=evaluate, source=where, threads=threads,
-                            arms=arms, seeds=list(seeds), baselines=baselines)
+                            arms=arms, seeds=list(seeds), baselines=baselines, export=export)
     _semantic_checks(config)
     return config
 
@@ -199,6 +204,10 @@ def _semantic_checks(config: PipelineConfig) -> None:
         checks.append((f"arm '{arm['name']}'", lambda a=arm: RecoverConfig(
             model="-", data="-", out="-", bad_records=config.data["bad_records"],
             **_arm_recover(config, a, a["seeds"][0])).validate()))
+    if config.export is not None:
+        from ..export import ExportConfig
+
+        checks.append(("export", lambda: ExportConfig(model="-", out="-", **config.export).validate()))
     checks.append(("evaluate", lambda: EvaluateConfig(**_evaluate_kwargs(config, ["-"], "-")).validate()))
     for section, check in checks:
         try:
