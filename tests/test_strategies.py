@@ -268,6 +268,23 @@ def test_rank_ifd_keeps_the_allocation_and_takes_each_clusters_highest_ifd(tmp_p
         assert set(np.flatnonzero(chosen & (labels == c["cluster"]))) == set(expected)
 
 
+def test_rank_score_takes_each_clusters_highest_jsd_per_token_whatever_the_length(tmp_path, tiny_model_dir,
+                                                                                 tiny_pruned_dir, pool):
+    kw = dict(budget=40, clusters=4, ccg=False, within="top", allocation="size")
+    by_ies = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, **kw))
+    by_score = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, rank="score",
+                                    out=tmp_path / "s", **kw))
+    jsd = by_score.scores["score"].to_numpy()
+    labels = by_score.scores["cluster"].to_numpy()
+    np.testing.assert_array_equal(labels, by_ies.scores["cluster"])
+    assert by_score.summary["rank"] == "score" and set(by_score.indices) != set(by_ies.indices)
+    chosen = np.zeros(len(jsd), dtype=bool)
+    chosen[by_score.positions] = True
+    for c in by_score.summary["clusters"]:  # the top of the score itself, not of score / log cost
+        members = np.flatnonzero(labels == c["cluster"])
+        expected = members[np.lexsort((members, -jsd[members]))][: c["budget"]]
+        assert set(np.flatnonzero(chosen & (labels == c["cluster"]))) == set(expected)
+
 def test_sampled_scoring_scores_a_pilot_and_the_likely_picks_only(tmp_path, tiny_model_dir, tiny_pruned_dir,
                                                                    monkeypatch):
     import json

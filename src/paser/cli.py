@@ -348,7 +348,7 @@ def export(
 # -------------------------------------------------------------------------------------------------- run
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="Pipeline YAML config (sections model, prune or pruned, data, select, recover, evaluate, arms, seeds), or a shipped one by name: demo, compare, study, recovery."),
+    config: Path = typer.Argument(..., help="Pipeline YAML config (sections model, prune or pruned, data, select, recover, evaluate, arms, seeds), or a shipped one by name: demo, compare, study, recovery, tokens."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: the config's 'out')."),
     from_stage: Optional[str] = typer.Option(None, "--from", help="Redo this stage (data, prune, select, recover, evaluate) and everything after it."),
     task_dir: Optional[Path] = typer.Option(None, help="Replace the config's zero-shot task directory (evaluate.task_dir)."),

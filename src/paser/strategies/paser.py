@@ -135,6 +135,8 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
         ctx.table["ifd"] = ifd
         order_key = within_cluster_key(ifd, config.within, config.seed)
         examined_last |= ifd >= 1.0  # the instruction does not help predict the response: examined last, as IFD does
+    elif config.rank == "score":  # the damage per token: what a token budget buys most of
+        order_key = within_cluster_key(np.asarray(degradation, np.float64), config.within, config.seed)
     else:
         order_key = within_cluster_key(efficiency, config.within, config.seed)
     if sampled is not None:
@@ -255,9 +257,10 @@ class PaserOptions:
         "size", "Budget rule across clusters: size (each capability cluster keeps its share of the pool) | mass (size x "
         "mean JSD: a cluster's total degradation) | cds (the paper: mean JSD whatever the size) | blend (half size, half "
         "mass).")
-    rank: Literal["ifd", "ies"] = option(
+    rank: Literal["ifd", "ies", "score"] = option(
         "ifd", "paser, the score inside a cluster: ifd (Instruction-Following Difficulty under --ifd-model; records with "
-        "IFD >= 1 last) | ies (JSD / log cost, the paper).")
+        "IFD >= 1 last) | ies (JSD / log cost, the paper) | score (the --score itself, a mean per response token: "
+        "under --budget-tokens the budget already charges each record its tokens).")
     within: Literal["top", "sample"] = option(
         "top", "Inside a cluster: top (best --rank score first, as the paper) | sample (drawn in proportion to it, "
         "seeded).")
