@@ -185,10 +185,10 @@ def test_auto_loss_distils_from_the_original_that_prune_recorded(tmp_path, tiny_
 
     assert resolved() == ("nll", None)  # no original known: the reference answers alone
     (pruned / "prune_report.json").write_text(json.dumps({"config": {"model": str(tiny_model_dir)}}))
-    assert resolved() == ("mix", str(tiny_model_dir))
+    assert resolved() == ("kd", str(tiny_model_dir))
     default = resolve_loss(RecoverConfig(model=str(pruned), data="d.jsonl", out=tmp_path / "o"))
-    assert (default.loss, default.teacher) == ("nll", None)  # the default trains on the answers, original or not
-    assert resolved(teacher="other") == ("mix", "other")  # an explicit teacher wins
+    assert (default.loss, default.teacher) == ("kd", str(tiny_model_dir))  # auto is the default
+    assert resolved(teacher="other") == ("kd", "other")  # an explicit teacher wins
     assert resolved(loss="nll") == ("nll", None)  # an explicit loss stays
     (pruned / "prune_report.json").write_text(json.dumps({"config": {"model": str(tmp_path / "moved")}}))
     assert resolved() == ("nll", None)  # the recorded original is gone: no teacher, said in the log

@@ -72,7 +72,7 @@ class RecoverBase:
     adapter: Literal["lora", "full"] = "lora"  # lora | full (every weight, pruned positions kept at zero)
     # masked: the LoRA update keeps the pruned zeros while training | off: re-mask after merge
     sparse_lora: Literal["masked", "off"] = "masked"
-    loss: str = "nll"  # nll (the targets' answers) | kd | mix | rho | auto: mix when the original is known, else nll
+    loss: str = "auto"  # auto: kd when the original is known, else nll | nll (the targets' answers) | kd | mix | rho
     teacher: str | None = None  # the original model: kd/mix's teacher, original targets' author (``paser run``: its model)
     targets: str = "reference"  # reference: the data's answers | original: the original model's own (paser.targets)
     # train on the records in order while their tokens (prompt + response within cutoff_len) fit: a token budget
@@ -137,16 +137,17 @@ def resolve_original(config: RecoverConfig) -> RecoverConfig:
 
 
 def resolve_loss(config: RecoverConfig) -> RecoverConfig:
-    """``loss: auto`` made concrete: ``mix`` whenever the original is known (``--teacher``, or recorded by
-    ``paser prune`` in the pruned folder), else ``nll``. Distilling the original (``mix``: half KD, half NLL)
-    recovered more WikiText-2 perplexity than NLL on Wanda 50% in the recovery study (docs/fidelity.md) but
-    cost held-out response perplexity on 2:4 and with the IFD selection, so the default is ``nll``."""
+    """``loss: auto`` (the default) made concrete: ``kd`` whenever the original is known (``--teacher``, or
+    recorded by ``paser prune`` in the pruned folder), else ``nll``. At equal training tokens, distilling the
+    original's next-token distributions removed more of the KL pruning added, and recovered more WikiText-2
+    perplexity, than NLL on the reference answers (docs/fidelity.md); it fits the pool's own reference answers
+    less well, which is not what recovery is for."""
     if config.loss != "auto":
         return config
     teacher = config.teacher or recorded_original(config.model)
     if teacher is None:
         log.info("loss auto: no original model known (--teacher), training on the reference answers (nll)")
-    return replace(config, loss="mix" if teacher else "nll", teacher=teacher)
+    return replace(config, loss="kd" if teacher else "nll", teacher=teacher)
 
 
 def within_tokens(encoded: Sequence[Encoded], max_tokens: int) -> tuple[list[Encoded], int]:

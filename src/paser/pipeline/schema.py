@@ -385,7 +385,7 @@ def _arm_recover(config: PipelineConfig, arm: dict, seed: int) -> dict[str, Any]
 
     settings = {**config.recover, **arm["recover"], "seed": seed}
     if settings["loss"] == "auto":
-        settings["loss"] = "mix"  # the pipeline always knows the original model (paser.recover.resolve_loss)
+        settings["loss"] = "kd"  # the pipeline always knows the original model (paser.recover.resolve_loss)
     needs_original = OBJECTIVES.get(settings["loss"]).needs_teacher or TARGETS.get(settings["targets"]).needs_original
     if needs_original and not settings.get("teacher"):
         settings["teacher"] = config.model  # distillation's teacher and the targets' author: the original model
