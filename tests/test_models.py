@@ -101,6 +101,9 @@ def test_fingerprint_follows_content_not_path_or_mtime(tmp_path, monkeypatch):
     shutil.copytree(first, copy)
     os.utime(copy / "model.safetensors", ns=(1, 1))
     assert model_fingerprint(copy) == key
+    # the same weights pruned into another folder: its report (paths, timings) differs, the key does not
+    (copy / "prune_report.json").write_text('{"config": {"out": "elsewhere"}}')
+    assert model_fingerprint(copy) == key
     (copy / "model.safetensors").write_bytes(b"\x00" * 999 + b"\x01")
     assert model_fingerprint(copy) != key
     # the memo is keyed by path, size and mtime: a rewrite with the same size is seen

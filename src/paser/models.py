@@ -137,12 +137,15 @@ def resolve_spec(spec: str | Path) -> ResolvedSpec:
 
 
 def model_fingerprint(spec: str | Path) -> str:
-    """A short key identifying a model's weights, for caches of model-dependent results."""
+    """A short key identifying a model's weights, for caches of model-dependent results. Reports written beside
+    the weights (``prune_report.json``: paths, timings) are left out, so pruning again into another folder, with
+    identical weights, keeps every cached score."""
     resolved = resolve_spec(spec)
     if not resolved.is_local:
         return stable_hash("hub", resolved.location)
     files = sorted(
-        p for p in Path(resolved.location).iterdir() if p.suffix in {".safetensors", ".bin", ".json"}
+        p for p in Path(resolved.location).iterdir()
+        if p.suffix in {".safetensors", ".bin", ".json"} and not p.name.endswith("_report.json")
     )
     return stable_hash([file_fingerprint(p) for p in files])
 
