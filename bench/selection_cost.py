@@ -3,9 +3,9 @@
 Cost model (forward-token passes; a training token costs ``--train-factor`` forward passes: forward plus
 backward, 3 by the usual 1 + 2 rule):
 
-- exhaustive scoring: 2 models x N records x L tokens (the default, ``rank: score``, needs nothing more);
-  ``rank: ifd`` (the default in stops 22-28) adds IFD's two passes of the pruned model (prompt + response,
-  then the response alone): N x (2L - prompt) (mode ``exhaustive+ifd``);
+- exhaustive scoring: 2 models x N records x L tokens (``rank: ies`` or ``score`` need nothing more); the
+  default ranking (``rank: ifd``) adds IFD's two passes of the pruned model (prompt + response, then the
+  response alone): N x (2L - prompt) (mode ``exhaustive+ifd``);
 - sampled scoring: 2 x (pilot + oversample x B) x L, with pilot = sum over K clusters of
   max(pilot_min, pilot x size) and B the budget (embedding with MiniLM, 22M parameters, is counted too, and
   is negligible next to a 7B or 70B model); with ``--confirm-tokens N`` the confirmation pass reads only

@@ -67,10 +67,10 @@ def test_demo_config_is_valid():
     arms = {arm["name"]: arm for arm in config.arms}
     assert list(arms) == ["paser", "random", "random-kd"] and config.baselines == ["random"]
     assert config.select["budget"] == 0.2 and config.prune["method"] == "wanda" and config.prune["sparsity"] == 0.5
-    # the default recipe: the pool's cluster shares, each filled by highest JSD per token, rare-concept CCG, LoRA
-    # distilled from the original; the baseline trains on a random slice's reference answers
+    # the default recipe: the pool's cluster shares, each filled by highest IFD, rare-concept CCG, LoRA distilled
+    # from the original; the baseline trains on a random slice's reference answers
     default = _select_config(config, "pruned/", arms["paser"], 0, "out/")
-    assert (default.allocation, default.within, default.rank, default.ccg_rule) == ("size", "top", "score", "specific")
+    assert (default.allocation, default.within, default.rank, default.ccg_rule) == ("size", "top", "ifd", "specific")
     assert _arm_recover(config, arms["paser"], 0) == _arm_recover(config, arms["random-kd"], 0)  # same training
     assert _arm_recover(config, arms["paser"], 0)["loss"] == "kd"
     assert _arm_recover(config, arms["paser"], 0)["teacher"] == config.model

@@ -2,15 +2,15 @@
 
 - ``paser``: capability clusters (diffusion map + NMF on MiniLM embeddings), per-cluster budgets from the
   clusters' degradation, IES ranking inside a cluster (score / log cost), and the concept-consistency graph.
-- Defaults (the recipe that won the equal-token study, docs/fidelity.md): ``allocation="size"`` (every
-  capability cluster keeps its share of the pool: the damage-driven rules drifted from the pool's mix),
-  ``rank="score"`` with ``within="top"`` (inside a cluster, the records with the highest JSD per response
-  token: under a token budget the budget already charges each record its length, and what recovery then
-  distils, ``loss: auto`` = KD from the original, is exactly that divergence), and ``ccg_rule="specific"``:
-  only *specific* concepts (document frequency at most ``ccg_max_df`` of the pool) conflict, and no cluster
+- Defaults (docs/fidelity.md): ``allocation="size"`` (every capability cluster keeps its share of the pool:
+  the damage-driven rules drifted from the pool's mix and lost held-out response perplexity), ``rank="ifd"``
+  with ``within="top"`` (inside a cluster, the records with the highest Instruction-Following Difficulty
+  under the pruned model, see ``model_scores``; IFD >= 1 last), and ``ccg_rule="specific"``: only
+  *specific* concepts (document frequency at most ``ccg_max_df`` of the pool) conflict, and no cluster
   rejects more candidates than its quota, so the filter cannot erase a capability (the paper's rule emptied
-  a 54-record tool-call cluster of the study slice). ``rank="ifd"`` (the highest Instruction-Following
-  Difficulty under the pruned model, see ``model_scores``; IFD >= 1 last) was the default in stops 22-28.
+  a 54-record tool-call cluster of the study slice). ``rank="score"`` (the highest JSD per response token,
+  what a token budget buys and what KD then trains away) won the equal-token screen at 20% of the tokens and
+  lost WikiText-2 to random at 5%, so it is not the default.
   ``--recipe paper`` restores ``cds``, ``rank="ies"`` (JSD / log cost), ``top`` and the paper's rule.
 - Other rules: ``allocation="mass"`` (size x mean JSD, a cluster's total degradation), ``"blend"``, and
   ``"size"`` with ``rank="ies"`` (the paper's "without CDS" ablation); ``within="sample"`` draws in
@@ -259,10 +259,10 @@ class PaserOptions:
         "size", "Budget rule across clusters: size (each capability cluster keeps its share of the pool) | mass (size x "
         "mean JSD: a cluster's total degradation) | cds (the paper: mean JSD whatever the size) | blend (half size, half "
         "mass).")
-    rank: Literal["score", "ifd", "ies"] = option(
-        "score", "paser, the order inside a cluster: score (the --score itself, a mean per response token: a token "
-        "budget already charges each record its length) | ifd (Instruction-Following Difficulty under --ifd-model; "
-        "records with IFD >= 1 last) | ies (JSD / log cost, the paper).")
+    rank: Literal["ifd", "ies", "score"] = option(
+        "ifd", "paser, the order inside a cluster: ifd (Instruction-Following Difficulty under --ifd-model; records "
+        "with IFD >= 1 last) | ies (JSD / log cost, the paper) | score (the --score itself, a mean per response "
+        "token: a token budget already charges each record its length).")
     within: Literal["top", "sample"] = option(
         "top", "Inside a cluster: top (best --rank score first, as the paper) | sample (drawn in proportion to it, "
         "seeded).")
