@@ -193,7 +193,7 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
     overridden = 0
     if (short := ctx.budget - sum(map(len, chosen))) > 0:
         # Every candidate was examined: admit the rejected ones first in the order they were ranked in
-        # (IES or IFD, as --rank says) so exactly B come out.
+        # (the --rank order: IFD, IES or score) so exactly B come out.
         pool = sorted((i for rej in rejected for i, _ in rej), key=lambda i: (-order_key[i], i))[:short]
         for i in pool:
             chosen[int(labels[i])].append(i)
