@@ -47,8 +47,8 @@ def main():
         launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
         t0 = time.perf_counter()
         subprocess.run([sys.executable, *launcher, "-m", "paser", "select", "--original", DEFAULT_MODEL, "--pruned",
-                        str(pruned), "--data", str(data), "--budget", "0.25", "--out", str(out), "--dtype", "fp32",
-                        "--no-ccg"], check=True, env=env, capture_output=True)
+                        str(pruned), "--data", str(data), "--budget", "0.25", "--method", "paser", "--out", str(out),
+                        "--dtype", "fp32", "--no-ccg"], check=True, env=env, capture_output=True)
         return time.perf_counter() - t0, out
 
     (t1, one), (tn, many) = select(1), select(args.processes)

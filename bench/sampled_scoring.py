@@ -34,7 +34,7 @@ def main():
     shared = cache_root()
     for budget in (float(b) for b in args.budgets.split(",")):
         # the recipe the study measured sampled scoring on (it predicts JSD, so IES ranks)
-        common = dict(original=args.original, pruned=args.pruned, data=args.data, budget=budget,
+        common = dict(original=args.original, pruned=args.pruned, data=args.data, budget=budget, method="paser",
                       max_length=args.max_length, allocation="mass", within="sample", rank="ies")
         exhaustive = run_selection(SelectConfig(**common))
         with tempfile.TemporaryDirectory() as tmp:

@@ -3,8 +3,9 @@
 Cost model (forward-token passes; a training token costs ``--train-factor`` forward passes: forward plus
 backward, 3 by the usual 1 + 2 rule):
 
-- exhaustive scoring: 2 models x N records x L tokens (``rank: ies`` or ``score`` need nothing more); the
-  default ranking (``rank: ifd``) adds IFD's two passes of the pruned model (prompt + response, then the
+- random (the default method since stop 30): nothing;
+- exhaustive scoring (method paser): 2 models x N records x L tokens (``rank: ies`` or ``score`` need nothing
+  more); paser's default ranking (``rank: ifd``) adds IFD's two passes of the pruned model (prompt + response, then the
   response alone): N x (2L - prompt) (mode ``exhaustive+ifd``);
 - sampled scoring: 2 x (pilot + oversample x B) x L, with pilot = sum over K clusters of
   max(pilot_min, pilot x size) and B the budget (embedding with MiniLM, 22M parameters, is counted too, and
@@ -17,7 +18,8 @@ backward, 3 by the usual 1 + 2 rule):
   time per token is worse than scoring's on a GPU (measure it: ``train_log.json``'s ``targets``);
 - recovery: train_factor x epochs x B x L; with ``--loss kd`` (or mix) the original runs beside the student as
   its teacher, one more forward pass per trained token: (train_factor + 1) x epochs x B x L (the default,
-  ``loss: auto``, is kd whenever the original is known: ``--loss kd`` models the default recipe).
+  ``loss: auto``, is kd whenever the original is known: ``--loss kd`` models the default recipe, whose
+  selection, random, costs nothing).
 
 With ``--measured TRAIN_LOG.json SELECTION.json`` (a recovery's train_log.json and an exhaustive
 selection's selection.json from the same machine) the ratio is also given in wall time, from the measured

@@ -49,7 +49,7 @@ def data(tmp_path):
 
 def select_args(tiny_model_dir, tiny_pruned_dir, data, out):
     return ["select", "--original", tiny_model_dir, "--pruned", tiny_pruned_dir, "--data", data, "--budget", 30,
-            "--out", out, "--dtype", "fp32", "--batch-size", 8]
+            "--out", out, "--method", "paser", "--dtype", "fp32", "--batch-size", 8]
 
 
 def test_two_process_scoring_equals_one_and_a_killed_rank_resumes(tmp_path, tiny_model_dir, tiny_pruned_dir, data):
@@ -201,7 +201,7 @@ def test_two_process_scoring_on_the_embedded_model_over_pool_records(tmp_path):
     with open(pool, encoding="utf-8") as src:
         (tmp_path / "data.jsonl").write_text("".join(line for _, line in zip(range(64), src)))
     args = ["select", "--original", DEFAULT_MODEL, "--pruned", tmp_path / "pruned", "--data", "data.jsonl",
-            "--budget", 16, "--dtype", "fp32", "--max-length", 128, "--no-ccg"]
+            "--budget", 16, "--method", "paser", "--dtype", "fp32", "--max-length", 128, "--no-ccg"]
     # one thread in each process either way: the kernels then sum in the same order (fp32 to the last bit)
     ok(run(["--threads", "1", *args, "--out", "one"], tmp_path, cache="cache1"))
     ok(run([*args, "--out", "two"], tmp_path, processes=2, cache="cache2"))

@@ -67,13 +67,17 @@ def test_demo_config_is_valid():
     arms = {arm["name"]: arm for arm in config.arms}
     assert list(arms) == ["paser", "random", "random-kd"] and config.baselines == ["random"]
     assert config.select["budget"] == 0.2 and config.prune["method"] == "wanda" and config.prune["sparsity"] == 0.5
-    # the default recipe: the pool's cluster shares, each filled by highest IFD, rare-concept CCG, LoRA distilled
-    # from the original; the baseline trains on a random slice's reference answers
-    default = _select_config(config, "pruned/", arms["paser"], 0, "out/")
-    assert (default.allocation, default.within, default.rank, default.ccg_rule) == ("size", "top", "ifd", "specific")
+    # the default recipe: a random slice (SelectConfig's default method), LoRA distilled from the original; PASER's
+    # selection (the pool's cluster shares, each filled by highest IFD, rare-concept CCG) trained the same way;
+    # the baseline trains on the random slice's reference answers
+    from paser.select import SelectConfig
+
+    assert SelectConfig(original="-", pruned="-", data="-", budget=1).method == arms["random-kd"]["method"] == "random"
+    selection = _select_config(config, "pruned/", arms["paser"], 0, "out/")
+    assert (selection.allocation, selection.within, selection.rank, selection.ccg_rule) == ("size", "top", "ifd", "specific")
     assert _arm_recover(config, arms["paser"], 0) == _arm_recover(config, arms["random-kd"], 0)  # same training
-    assert _arm_recover(config, arms["paser"], 0)["loss"] == "kd"
-    assert _arm_recover(config, arms["paser"], 0)["teacher"] == config.model
+    assert _arm_recover(config, arms["random-kd"], 0)["loss"] == "kd"
+    assert _arm_recover(config, arms["random-kd"], 0)["teacher"] == config.model
     assert _arm_recover(config, arms["random"], 0)["loss"] == "nll"
 
 
@@ -307,7 +311,8 @@ def test_stage_hashes_come_from_every_declared_field_and_the_objects_versions(tm
     assert stable_hash(changed_default) != stable_hash(base)
     assert stable_hash(_declared(defaults, {"method": "2"})) != stable_hash(base)
     paser_strategy = get_strategy("paser")
-    config = SelectConfig(original="-", pruned="-", data="-", out="-", budget=0.2, rank="ies", scoring="sampled")
+    config = SelectConfig(original="-", pruned="-", data="-", out="-", budget=0.2, method="paser", rank="ies",
+                          scoring="sampled")
     monkeypatch.setattr(type(paser_strategy), "version", 7)
     assert paser_strategy.cache_version(config).startswith("7+sampled")
 

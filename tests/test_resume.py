@@ -53,7 +53,7 @@ def assert_cache_files_whole(cache: Path):
 
 def select_args(tiny_model_dir, tiny_pruned_dir, data, out):
     return ["select", "--original", tiny_model_dir, "--pruned", tiny_pruned_dir, "--data", data, "--budget", 30,
-            "--out", out, "--dtype", "fp32", "--batch-size", 8]
+            "--out", out, "--method", "paser", "--dtype", "fp32", "--batch-size", 8]
 
 
 def test_scoring_resumes_after_sigkill(tmp_path, tiny_model_dir, tiny_pruned_dir, data):

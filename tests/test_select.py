@@ -106,13 +106,41 @@ def test_cli_select(tmp_path, tiny_model_dir, tiny_pruned_dir, demo_subset, monk
     monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("sys.argv", ["paser", "select", "--original", str(tiny_model_dir), "--pruned",
                                      str(tiny_pruned_dir), "--data", str(demo_subset), "--budget", "0.05",
-                                     "--out", str(tmp_path / "cli"), "--dtype", "fp32", "--clusters", "4"])
+                                     "--out", str(tmp_path / "cli"), "--dtype", "fp32", "--method", "paser", "--clusters", "4"])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 0
     summary = json.loads((tmp_path / "cli" / "selection.json").read_text())
     assert summary["k"] == 4 and summary["n_selected"] == 20
     assert "selected 20 of 400" in capsys.readouterr().out
+
+
+def test_cli_select_defaults_to_random_and_refuses_another_methods_options(tmp_path, tiny_model_dir, tiny_pruned_dir,
+                                                                            demo_subset, monkeypatch, capsys):
+    """The default method is random (it loads no model and scores nothing); a PASER option given without
+    --method paser is one error naming the method, not silently ignored."""
+    from paser import cli
+
+    monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
+    base = ["paser", "select", "--original", str(tiny_model_dir), "--pruned", str(tiny_pruned_dir), "--data",
+            str(demo_subset), "--budget-tokens", "0.05", "--dtype", "fp32"]
+    monkeypatch.setattr("sys.argv", [*base, "--out", str(tmp_path / "default")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 0
+    summary = json.loads((tmp_path / "default" / "selection.json").read_text())
+    assert summary["method"] == "random" and summary["scores_from_cache"] is None and "clusters" not in summary
+    assert 0 < summary["tokens"]["selected"] <= summary["tokens"]["budget"]
+    capsys.readouterr()
+    for extra, message in ((["--allocation", "cds"], "--allocation applies to method paser, not 'random': add --method paser"),
+                           (["--no-ccg", "--rank", "ies"], "--rank, --ccg apply to method paser"),
+                           (["--method", "ifd", "--anchors", "8"], "--anchors applies to method nuggets, not 'ifd'")):
+        monkeypatch.setattr("sys.argv", [*base, *extra, "--out", str(tmp_path / "refused")])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
 
 
 @pytest.mark.slow
@@ -128,7 +156,7 @@ def test_embedded_model_and_pruned_copy(tmp_path, embedded):
         data.write_text("".join(next(f) for _ in range(100)))
     model, tok = embedded
     pruned_dir = magnitude_prune_copy(model, tok, tmp_path / "pruned", sparsity=0.5)
-    result = run_selection(SelectConfig(original="smollm2-135m-instruct", pruned=str(pruned_dir), data=str(data),
+    result = run_selection(SelectConfig(original="smollm2-135m-instruct", pruned=str(pruned_dir), data=str(data), method="paser",
                                         budget=20, out=tmp_path / "sel", cache_dir=tmp_path / "cache",
                                         max_length=128))
     jsd = result.scores["jsd"]

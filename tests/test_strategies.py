@@ -295,8 +295,8 @@ def test_sampled_scoring_scores_a_pilot_and_the_likely_picks_only(tmp_path, tiny
     monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:150]))
-    common = dict(original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), data=str(data), budget=15, dtype="fp32",
-                  batch_size=8, clusters=3, ccg=False, rank="ies", allocation="mass", within="sample")
+    common = dict(method="paser", original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), data=str(data), budget=15,
+                  dtype="fp32", batch_size=8, clusters=3, ccg=False, rank="ies", allocation="mass", within="sample")
     exhaustive = run_selection(SelectConfig(**common, out=tmp_path / "ex")).scores
     monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache2"))  # nothing scored yet
     result = run_selection(SelectConfig(**common, scoring="sampled", pilot=0.1, pilot_min=5, out=tmp_path / "sa"))
@@ -337,8 +337,8 @@ def test_sampled_confirmation_on_first_tokens(tmp_path, tiny_model_dir, tiny_pru
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:150]))
-    common = dict(original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), data=str(data), budget=15, dtype="fp32",
-                  batch_size=8, clusters=3, ccg=False, scoring="sampled", pilot=0.1, pilot_min=5, rank="ies",
+    common = dict(method="paser", original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), data=str(data), budget=15,
+                  dtype="fp32", batch_size=8, clusters=3, ccg=False, scoring="sampled", pilot=0.1, pilot_min=5, rank="ies",
                   allocation="mass", within="sample")
     monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
     whole = run_selection(SelectConfig(**common, out=tmp_path / "whole"))
@@ -382,8 +382,8 @@ def test_sampled_scoring_with_a_perfect_predictor_draws_what_exhaustive_draws(tm
     monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:150]))
-    common = dict(original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), data=str(data), budget=15, dtype="fp32",
-                  batch_size=8, clusters=3, ccg=False, allocation="size", within="sample", rank="ies", seed=3)
+    common = dict(method="paser", original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), data=str(data), budget=15,
+                  dtype="fp32", batch_size=8, clusters=3, ccg=False, allocation="size", within="sample", rank="ies", seed=3)
     exhaustive = run_selection(SelectConfig(**common))
     truth = exhaustive.scores["jsd"].to_numpy()
 

@@ -74,7 +74,7 @@ def test_one_resident_scoring_equals_exact_with_the_whole_vocabulary(tmp_path, t
     monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:40]))
-    common = dict(original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), data=str(data), budget=10,
+    common = dict(original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), data=str(data), method="paser", budget=10,
                   dtype="fp32", batch_size=8, ccg=False)
     exact = run_selection(SelectConfig(**common)).scores
     whole = run_selection(SelectConfig(**common, resident="one", topk=100_000)).scores

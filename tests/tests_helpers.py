@@ -73,6 +73,6 @@ def select_config(tmp_path, original, pruned, data, **overrides):
     """A SelectConfig on tiny models with its own cache; ``overrides`` win."""
     from paser.select import SelectConfig
 
-    base = dict(original=str(original), pruned=str(pruned), data=str(data), out=tmp_path / "out", dtype="fp32",
+    base = dict(original=str(original), pruned=str(pruned), data=str(data), out=tmp_path / "out", method="paser", dtype="fp32",
                 cache_dir=tmp_path / "cache")
     return SelectConfig(**(base | overrides))

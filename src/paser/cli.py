@@ -94,7 +94,7 @@ def select(
     budget: Optional[float] = typer.Option(None, help="Records to select: a count, or a fraction of the data when below 1."),
     budget_tokens: Optional[float] = typer.Option(None, help="Training tokens to select instead (prompt + response within --max-length, what recovery trains on): a count, or a fraction of the pool's tokens when below 1. The method selects as for the largest record budget whose records fit."),
     out: Path = typer.Option(..., help="Output directory: selected.jsonl, selection.json, scores.parquet."),
-    method: str = typer.Option("paser", help="paser | random (seeded, loads no model) | full | perplexity | loss_gap | ifd | nuggets | dsir."),
+    method: str = typer.Option("random", help="random (the default: seeded, loads no model; distilled by paser recover's default loss it passed every equal-token testbed, docs/fidelity.md) | paser (capability clusters, IFD inside, concept filter) | full | perplexity | loss_gap | ifd | nuggets | dsir."),
     embedder: str = typer.Option("all-MiniLM-L6-v2", help="sentence-transformers model (default: the bundled all-MiniLM-L6-v2)."),
     score: str = typer.Option("jsd", help="Degradation score: jsd (paper) | loss_gap | pruned_loss."),
     max_length: int = typer.Option(256, help="Tokens per sample (prompt + response) when scoring."),
@@ -118,9 +118,8 @@ def select(
     Embeddings, clusters and model scores are cached (PASER_CACHE, default ~/.cache/paser), so a new
     budget, K, method or CCG setting recomputes no model scores.
     """
-    from .select import SelectConfig, run_selection
-
     from .recipes import recipe_settings
+    from .select import SelectConfig, check_options_belong, run_selection
 
     settings = dict(
         original=original, pruned=pruned, data=data, budget=budget, budget_tokens=budget_tokens, out=out, method=method,
@@ -130,7 +129,9 @@ def select(
         **{k: v or None if k == "target_sources" else v for k, v in declared.items()})
     from . import distributed
 
-    result = run_selection(SelectConfig(**{**settings, **(recipe_settings(recipe, "select") if recipe else {})}))
+    settings = {**settings, **(recipe_settings(recipe, "select") if recipe else {})}
+    check_options_belong(settings["method"], settings)
+    result = run_selection(SelectConfig(**settings))
     if distributed.is_main():  # one table, not one per process
         _print_selection(result.summary, out)
 
@@ -438,15 +439,15 @@ def validate(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Demo run directory."),
     show_config: bool = typer.Option(False, "--show-config", help="Print the demo's pipeline config (or --config NAME's) and stop."),
-    config_name: str = typer.Option("demo", "--config", help="Which shipped config: demo, compare (selection methods on a slice of the real pool), study (candidate default recipes) or recovery (recovery objectives); run them with paser run NAME."),
+    config_name: str = typer.Option("demo", "--config", help="Which shipped config: demo, tokens (the equal-token study), compare (selection methods on a slice of the real pool), study (record-budget candidate recipes) or recovery (recovery objectives); run them with paser run NAME."),
     export_data: Optional[Path] = typer.Option(None, help="Only write the built-in demo data (train.jsonl, heldout.jsonl) to this directory."),
     from_stage: Optional[str] = typer.Option(None, "--from", help="Redo this stage and everything after it."),
 ) -> None:
     """The whole pipeline on the embedded SmolLM2-135M-Instruct and the built-in demo data.
 
-    Wanda 50%; 20% of the data recovered three ways: paser's default recipe (PASER selection, distillation
-    from the original), a random slice on the reference answers (the baseline), and the random slice with the
-    default's objective. Evaluation: held-out response perplexity and, when ../shared/data exists, WikiText-2
+    Wanda 50%; 20% of the data's training tokens recovered three ways: paser's default recipe (a random slice
+    distilled from the original), the same slice on its reference answers (the baseline), and PASER's
+    selection distilled the same way. Evaluation: held-out response perplexity and, when ../shared/data exists, WikiText-2
     perplexity and ARC-e / PIQA. Ends with the side-by-side table, the paired differences against random and
     OUT/report.html. A second run skips every stage that is up to date.
     """

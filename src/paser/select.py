@@ -1,7 +1,9 @@
 """Data selection: load and encode the pool once, then run a registered strategy over it.
 
-Strategies (``paser.strategies``): ``paser`` and its ablations, ``random``, ``full``, ``perplexity``,
-``loss_gap``, ``ifd``, ``nuggets``, ``dsir``. Every method sees the same pool (the records with a response
+Strategies (``paser.strategies``): ``random`` (the default: a seeded slice, token-matched under a token budget;
+with recovery's default distillation it is the only recipe that passed every equal-token testbed,
+docs/fidelity.md), ``paser`` and its ablations, ``full``, ``perplexity``, ``loss_gap``, ``ifd``, ``nuggets``,
+``dsir``. Every method sees the same pool (the records with a response
 token within ``max_length``) and writes the same outputs.
 
 Lifecycle (like DSIR's ``data_selection``): every expensive signal persists into the cache directory,
@@ -13,7 +15,7 @@ everything it can, and ``selection.json`` says ``"scores_from_cache": true``.
 Python API::
 
     from paser.select import SelectConfig, run_selection
-    result = run_selection(SelectConfig(original="smollm2-135m-instruct", pruned="pruned/",
+    result = run_selection(SelectConfig(original="smollm2-135m-instruct", pruned="pruned/", method="paser",
                                         data="pool.jsonl", budget=0.2, out="sel/"))
     result.indices, result.summary["clusters"]
 """
@@ -67,7 +69,9 @@ class SelectBase:
     # selection fits, and ``budget`` is not used
     budget_tokens: float | None = None
     out: str | Path | None = None
-    method: str = "paser"  # a registered strategy: paser | random | full | perplexity | loss_gap | ifd | nuggets | dsir
+    # a registered strategy: random (the default: the recipe that passed every equal-token testbed, docs/fidelity.md)
+    # | paser | full | perplexity | loss_gap | ifd | nuggets | dsir
+    method: str = "random"
     embedder: str = DEFAULT_EMBEDDER
     max_length: Annotated[int, Field(ge=8)] = 256
     batch_size: Annotated[int, Field(ge=1)] = 16
@@ -124,6 +128,28 @@ class SelectBase:
 SelectConfig = joined_config("SelectConfig", SelectBase, STRATEGIES.items(), __name__,
                              "Everything ``paser select`` needs: SelectBase's settings and every registered method's "
                              "own (its ``options``). Defaults are the documented CLI defaults.")
+
+
+def check_options_belong(method: str, given: dict[str, Any]) -> None:
+    """A setting that another method declares, given away from its default, is an error naming its method: with
+    ``random`` as the default, ``paser select --allocation cds`` would otherwise run random and ignore it.
+    (Configs of ``paser run`` share one ``select`` section between arms of different methods, so only the CLI
+    and API calls that name their own settings use this.)"""
+    import dataclasses
+
+    stray = []
+    for owner, strategy in STRATEGIES.items():
+        if owner == method or strategy.options is None:
+            continue
+        for f in dataclasses.fields(strategy.options):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.name in given and given[f.name] != default:
+                stray.append((f"--{f.name.replace('_', '-')}", owner))
+    if stray:
+        names = ", ".join(name for name, _ in stray)
+        owners = sorted({owner for _, owner in stray})
+        raise ConfigError(f"{names} {'applies' if len(stray) == 1 else 'apply'} to method {' / '.join(owners)}, not "
+                          f"'{method}': add --method {owners[0]}")
 
 
 @dataclass
