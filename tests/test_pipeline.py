@@ -135,6 +135,10 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
     run_pipeline(parse_config(raw))
     assert not list((out / "evaluate").glob("comparison-vs-*"))
 
+    raw["select"]["within"] = "sample"  # an option only paser reads: random's selection and recovery untouched
+    changed = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw))["stages"]}
+    assert [k for k, skipped in changed.items() if not skipped] == ["select/paser/s0", "recover/paser/s0", "evaluate"]
+
     raw["select"]["budget"] = 0.3  # invalidates selection and everything downstream, not pruning
     changed = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw))["stages"]}
     assert changed == {"prune": True, "select/paser/s0": False, "recover/paser/s0": False,

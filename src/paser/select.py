@@ -130,6 +130,14 @@ SelectConfig = joined_config("SelectConfig", SelectBase, STRATEGIES.items(), __n
                              "own (its ``options``). Defaults are the documented CLI defaults.")
 
 
+def other_methods_options(method: str) -> set[str]:
+    """The option names that registered methods other than ``method`` declare (``method`` never reads them)."""
+    import dataclasses
+
+    return {f.name for name, strategy in STRATEGIES.items() if name != method and strategy.options is not None
+            for f in dataclasses.fields(strategy.options)} - {f.name for f in dataclasses.fields(SelectBase)}
+
+
 def check_options_belong(method: str, given: dict[str, Any]) -> None:
     """A setting that another method declares, given away from its default, is an error naming its method: with
     ``random`` as the default, ``paser select --allocation cds`` would otherwise run random and ignore it.

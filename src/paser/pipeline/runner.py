@@ -151,7 +151,7 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
     from ..targets import TARGETS
     from ..recover import RecoverConfig, run_recovery
     from ..report import build_report
-    from ..select import run_selection
+    from ..select import other_methods_options, run_selection
     from ..strategies import get_strategy
 
     if from_stage is not None and from_stage not in STAGES:
@@ -209,8 +209,9 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
             key = _arm_key(arm, seed)
             directory = out / "select" / key
             select_config = _select_config(config, pruned, arm, seed, directory, files.get("slice"))
-            select_settings = {k: v for k, v in dataclasses.asdict(select_config).items()
-                               if k not in ("out", "original", "pruned", "data")}
+            # what the arm's method reads: another method's changed default must not redo this selection
+            unread = {"out", "original", "pruned", "data"} | other_methods_options(select_config.method)
+            select_settings = {k: v for k, v in dataclasses.asdict(select_config).items() if k not in unread}
             inputs = {"model": model_id, "pruned": prune_hash, "data": data_hash,
                       "select": _declared(select_settings,
                                           {"method": get_strategy(select_config.method).cache_version(select_config)})}
