@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -130,12 +131,16 @@ SelectConfig = joined_config("SelectConfig", SelectBase, STRATEGIES.items(), __n
                              "own (its ``options``). Defaults are the documented CLI defaults.")
 
 
+def _other_methods_options(method: str) -> dict[str, tuple[str, Any]]:
+    """Option name -> (the method declaring it, its default), for every registered method but ``method``."""
+    return {f.name: (owner, f.default_factory() if f.default_factory is not MISSING else f.default)
+            for owner, strategy in STRATEGIES.items() if owner != method and strategy.options is not None
+            for f in dataclass_fields(strategy.options)}
+
+
 def other_methods_options(method: str) -> set[str]:
     """The option names that registered methods other than ``method`` declare (``method`` never reads them)."""
-    import dataclasses
-
-    return {f.name for name, strategy in STRATEGIES.items() if name != method and strategy.options is not None
-            for f in dataclasses.fields(strategy.options)} - {f.name for f in dataclasses.fields(SelectBase)}
+    return set(_other_methods_options(method))
 
 
 def check_options_belong(method: str, given: dict[str, Any]) -> None:
@@ -143,16 +148,8 @@ def check_options_belong(method: str, given: dict[str, Any]) -> None:
     ``random`` as the default, ``paser select --allocation cds`` would otherwise run random and ignore it.
     (Configs of ``paser run`` share one ``select`` section between arms of different methods, so only the CLI
     and API calls that name their own settings use this.)"""
-    import dataclasses
-
-    stray = []
-    for owner, strategy in STRATEGIES.items():
-        if owner == method or strategy.options is None:
-            continue
-        for f in dataclasses.fields(strategy.options):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if f.name in given and given[f.name] != default:
-                stray.append((f"--{f.name.replace('_', '-')}", owner))
+    stray = [(f"--{name.replace('_', '-')}", owner) for name, (owner, default) in _other_methods_options(method).items()
+             if name in given and given[name] != default]
     if stray:
         names = ", ".join(name for name, _ in stray)
         owners = sorted({owner for _, owner in stray})
