@@ -139,6 +139,12 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
     changed = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw))["stages"]}
     assert [k for k, skipped in changed.items() if not skipped] == ["select/paser/s0", "recover/paser/s0", "evaluate"]
 
+    raw["select"]["batch_size"] = 4  # a scoring setting random reads not: it selects again, the same records
+    random_records = (out / "select" / "random" / "s0" / "selected.jsonl").read_bytes()
+    changed = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw))["stages"]}
+    assert not changed["select/random/s0"] and changed["recover/random/s0"]  # recovery is keyed by the records
+    assert (out / "select" / "random" / "s0" / "selected.jsonl").read_bytes() == random_records
+
     raw["select"]["budget"] = 0.3  # invalidates selection and everything downstream, not pruning
     changed = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw))["stages"]}
     assert changed == {"prune": True, "select/paser/s0": False, "recover/paser/s0": False,

@@ -8,8 +8,9 @@ wires itself (models, data and output paths); everything is validated before any
 unknown key or a bad value is named with its section.
 
 Every stage writes into ``OUT/<stage>/`` (``select`` and ``recover`` one folder per method) and records
-the hash of its inputs (its own settings plus the hashes of the stages it reads) in ``stage.json``. A
-rerun skips stages whose hash is unchanged and redoes the ones downstream of a change; ``from_stage``
+the hash of its inputs (its own settings plus the hashes of the stages it reads; for a recovery, the
+selected records' content) in ``stage.json``. A rerun skips stages whose hash is unchanged and redoes the
+ones downstream of a change (a selection redone that picks the same records keeps its recovery); ``from_stage``
 forces a stage and everything after it. An interrupted recovery resumes from its last checkpoint.
 ``OUT/run.json`` records per-stage wall time, peak memory and cache hits; ``OUT/report.html`` is rebuilt
 at the end.
@@ -221,7 +222,6 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
                     notes.update(scores_from_cache=summary["scores_from_cache"],
                                  embeddings_from_cache=summary.get("embeddings_from_cache"),
                                  clusters_from_cache=summary.get("clusters_from_cache"))
-            select_hash = runner.records[-1].hash
             costs.setdefault(arm["name"], []).append(_read_cost(directory))
 
             directory = out / "recover" / key
@@ -230,7 +230,10 @@ def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_sta
                 # the targets change the answers' lengths: keep the selection's token budget in training
                 budget = (_read_selection(out / "select" / key).get("tokens") or {}).get("budget")
                 settings["max_train_tokens"] = budget
-            inputs = {"pruned": prune_hash, "selection": select_hash, "dtype": config.dtype,
+            # the selected records themselves, not the selection's settings: a selection redone by a changed
+            # option it does not act on (or a changed hash formula) picks the same records and keeps the recovery
+            selected = file_fingerprint(out / "select" / key / "selected.jsonl")["sha256"]
+            inputs = {"pruned": prune_hash, "selection": selected, "dtype": config.dtype,
                       "recover": _declared(settings, {"objective": OBJECTIVES.get(settings["loss"]).version,
                                                       "targets": TARGETS.get(settings["targets"]).version})}
             with runner.stage("recover", directory, inputs) as notes:
