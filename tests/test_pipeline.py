@@ -280,6 +280,34 @@ def test_shipped_compare_config_is_valid(tmp_path):
     assert other.arms == config.arms
 
 
+def test_tokens_config_compares_at_equal_tokens():
+    from conftest import shared_path
+
+    from paser.pipeline import load_config
+
+    shared_path("instruct", "pool.jsonl")
+    tokens = load_config("tokens")
+    arms = {a["name"]: a for a in tokens.arms}
+    assert len(arms) == len(tokens.arms) and tokens.baselines == ["random", "random-original"]
+    # the baseline is what a user does without paser: a random slice of the same tokens, its references, NLL
+    assert tokens.select["budget_tokens"] == 0.2 and tokens.recover["loss"] == "nll"
+    assert arms["random"]["method"] == "random" and arms["random"]["recover"] == {}
+    assert arms["random-kd"]["method"] == "random" and arms["random-kd"]["recover"] == {"loss": "kd"}  # the default
+    assert arms["random-original"]["recover"] == {"targets": "original"}
+    assert arms["full"]["method"] == "full" and arms["full"]["select"] == {"budget_tokens": None}
+    assert arms["paper"]["recipe"] == "paper" and arms["paper"]["select"]["allocation"] == "cds"
+    # an arm that changes the recovery's compute (learning rate, full-parameter adapter) says so in its name
+    changed = {name: arm["recover"] for name, arm in arms.items() if {"lr", "adapter", "epochs"} & set(arm["recover"])}
+    assert {"random-lr1e-3", "random-kd-lr1e-3", "random-original-full"} <= set(changed)
+    for name, recover in changed.items():
+        if name != "paper":  # the paper's recipe is its own
+            assert name.endswith("full") if recover.get("adapter") == "full" else "lr" in name, name
+    # pruning calibrated on the 128 windows asked: 300 records outside the slice pack into enough of them
+    assert tokens.prune["calib_samples"] == 128 and tokens.data["calibration"] == 300
+    other = load_config("tokens", ["select.budget_tokens=0.05", "prune.pattern=2:4", "seeds=[0, 1, 2]"])
+    assert other.select["budget_tokens"] == 0.05 and other.prune["pattern"] == "2:4" and other.seeds == [0, 1, 2]
+
+
 def test_study_config_recipes_and_set_overrides(tmp_path):
     from conftest import shared_path
 
