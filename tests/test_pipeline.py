@@ -410,3 +410,16 @@ def test_every_config_field_is_a_cli_option_or_declared_config_only():
         missing = {name for name in missing if renamed.get(name, name) not in options}
         assert not missing, f"paser {command} lacks options for {sorted(missing)}"
         assert not cls.CONFIG_ONLY & options, f"{cls.__name__}.CONFIG_ONLY names fields paser {command} offers"
+
+
+def test_an_arm_without_a_learning_rate_trains_at_its_adapters_default(tmp_path):
+    from paser.pipeline.schema import _arm_recover
+
+    raw = tiny_config("m", tmp_path, tmp_path / "run")
+    del raw["recover"]["lr"]
+    raw["evaluate"] = {"response_ppl": ["demo-heldout"]}
+    raw["arms"] = [{"name": "lora", "method": "random"}, {"name": "full", "method": "random", "recover": {"adapter": "full"}},
+                   {"name": "lr", "method": "random", "recover": {"lr": 3e-4}}]
+    config = parse_config(raw)
+    lrs = {arm["name"]: _arm_recover(config, arm, 0)["lr"] for arm in config.arms}
+    assert lrs == {"lora": 1e-3, "full": 1e-4, "lr": 3e-4}  # the recovery stage is keyed by the lr it trains with

@@ -6,7 +6,8 @@ from transformers import TrainerCallback
 
 from paser.data import PromptFormatter, Record
 from paser.errors import ConfigError
-from paser.recover import IGNORE_INDEX, RecoverConfig, collate_for_training, labels_for, resolve_loss, run_recovery
+from paser.recover import (DEFAULT_LR, IGNORE_INDEX, RecoverConfig, collate_for_training, labels_for, resolve_loss,
+                           resolve_original, run_recovery)
 
 
 def test_loss_positions_are_exactly_the_response_tokens(tiny_tokenizer):
@@ -192,6 +193,18 @@ def test_auto_loss_distils_from_the_original_that_prune_recorded(tmp_path, tiny_
     assert resolved(loss="nll") == ("nll", None)  # an explicit loss stays
     (pruned / "prune_report.json").write_text(json.dumps({"config": {"model": str(tmp_path / "moved")}}))
     assert resolved() == ("nll", None)  # the recorded original is gone: no teacher, said in the log
+
+
+def test_learning_rate_defaults_to_the_adapters_and_an_explicit_one_stays(tmp_path):
+    def lr(**overrides):
+        return resolve_original(RecoverConfig(model=str(tmp_path / "pruned"), data="d.jsonl", out=tmp_path / "o",
+                                              **overrides)).lr
+
+    assert RecoverConfig(model="m", data="d", out="o").lr is None  # nothing given: decided by the adapter
+    assert (lr(), lr(adapter="full")) == (DEFAULT_LR["lora"], DEFAULT_LR["full"]) == (1e-3, 1e-4)
+    assert (lr(lr=3e-4), lr(adapter="full", lr=2e-5)) == (3e-4, 2e-5)
+    with pytest.raises(ConfigError, match="lr"):
+        RecoverConfig(model="m", data="d", out="o", lr=0).validate()
 
 
 def test_full_parameter_recovery_keeps_zeros(tmp_path, sparse_tiny):

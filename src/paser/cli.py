@@ -170,7 +170,7 @@ def recover(
     data: str = typer.Option(..., help="Training data: selected.jsonl from 'paser select' or any source paser reads."),
     out: Path = typer.Option(..., help="Output directory: LoRA adapter, merged model, train_log.json."),
     epochs: float = typer.Option(2, help="Training epochs."),
-    lr: float = typer.Option(1e-4, help="Peak learning rate (cosine schedule with warmup)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (cosine schedule with warmup); default: 1e-3 for LoRA (a small slice trains few steps), 1e-4 for --adapter full."),
     lora_r: int = typer.Option(8, help="LoRA rank."),
     lora_alpha: int = typer.Option(16, help="LoRA alpha."),
     lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),

@@ -52,7 +52,7 @@ class RecoverBase:
     data: str
     out: str | Path
     epochs: Annotated[float, Field(gt=0)] = 2.0
-    lr: Annotated[float, Field(gt=0)] = 1e-4
+    lr: Annotated[float, Field(gt=0)] | None = None  # None: the adapter's (DEFAULT_LR, resolve_lr)
     lora_r: Annotated[int, Field(ge=1)] = 8
     lora_alpha: int = 16
     lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
@@ -127,10 +127,26 @@ def recorded_original(model: str | Path) -> str | None:
     return str(original)
 
 
+# The peak learning rate when none is given, per adapter, for recovery slices of a few hundred records (tens of
+# optimizer steps): at LoRA's usual 2e-4 such a run removed a tenth of the KL pruning added, at 1e-3 about twice
+# that, on NLL and KD alike (docs/fidelity.md, table 5; distillation's target is the original, so the larger step
+# does not pull the model away from it). Full-parameter: 2e-5, the usual full fine-tuning rate, barely moved in 50
+# steps; 1e-4 recovered (docs/recovery.md).
+DEFAULT_LR = {"lora": 1e-3, "full": 1e-4}
+
+
+def resolve_lr(settings: dict[str, Any]) -> dict[str, Any]:
+    """``lr`` filled in from the adapter's default (:data:`DEFAULT_LR`) when it is None."""
+    if settings.get("lr") is None:
+        settings = {**settings, "lr": DEFAULT_LR[settings.get("adapter", "lora")]}
+    return settings
+
+
 def resolve_original(config: RecoverConfig) -> RecoverConfig:
-    """``loss: auto`` made concrete (:func:`resolve_loss`), and the original model filled in where the targets need
-    it and ``--teacher`` is not given (the model ``paser prune`` recorded)."""
-    config = resolve_loss(config)
+    """``loss: auto`` made concrete (:func:`resolve_loss`), ``lr`` filled in from the adapter's default
+    (:func:`resolve_lr`), and the original model filled in where the targets need it and ``--teacher`` is not
+    given (the model ``paser prune`` recorded)."""
+    config = replace(resolve_loss(config), lr=resolve_lr({"lr": config.lr, "adapter": config.adapter})["lr"])
     if TARGETS.get(config.targets).needs_original and not config.teacher:
         config = replace(config, teacher=recorded_original(config.model))
     return config

@@ -381,9 +381,10 @@ def _arm_key(arm: dict, seed: int) -> str:
 
 def _arm_recover(config: PipelineConfig, arm: dict, seed: int) -> dict[str, Any]:
     from ..objectives import OBJECTIVES
+    from ..recover import resolve_lr
     from ..targets import TARGETS
 
-    settings = {**config.recover, **arm["recover"], "seed": seed}
+    settings = resolve_lr({**config.recover, **arm["recover"], "seed": seed})  # the stage key holds the lr used
     if settings["loss"] == "auto":
         settings["loss"] = "kd"  # the pipeline always knows the original model (paser.recover.resolve_loss)
     needs_original = OBJECTIVES.get(settings["loss"]).needs_teacher or TARGETS.get(settings["targets"]).needs_original
