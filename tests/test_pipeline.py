@@ -292,7 +292,11 @@ def test_tokens_config_compares_at_equal_tokens():
     # the baseline is what a user does without paser: a random slice of the same tokens, its references, NLL
     assert tokens.select["budget_tokens"] == 0.2 and tokens.recover["loss"] == "nll"
     assert arms["random"]["method"] == "random" and arms["random"]["recover"] == {}
-    assert arms["random-kd"]["method"] == "random" and arms["random-kd"]["recover"] == {"loss": "kd"}  # the default
+    assert arms["random-kd"]["method"] == "random" and arms["random-kd"]["recover"] == {"loss": "kd"}
+    # paser's default recipe: the random slice, distilled, at the library's LoRA learning rate
+    from paser.recover import DEFAULT_LR
+
+    assert arms["random-kd-lr1e-3"]["recover"] == {"loss": "kd", "lr": DEFAULT_LR["lora"]}
     assert arms["random-original"]["recover"] == {"targets": "original"}
     assert arms["full"]["method"] == "full" and arms["full"]["select"] == {"budget_tokens": None}
     assert arms["paper"]["recipe"] == "paper" and arms["paper"]["select"]["allocation"] == "cds"
