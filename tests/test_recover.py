@@ -207,6 +207,22 @@ def test_learning_rate_defaults_to_the_adapters_and_an_explicit_one_stays(tmp_pa
         RecoverConfig(model="m", data="d", out="o", lr=0).validate()
 
 
+def test_the_paper_recipe_trains_at_its_own_rate_unless_one_is_given():
+    from paser.pipeline import load_config
+    from paser.recipes import apply_recipe
+
+    paper = apply_recipe("paper", "recover", {"lr": None, "loss": "auto", "epochs": 1})
+    assert (paper["lr"], paper["loss"], paper["epochs"]) == (1e-4, "nll", 1)  # not paser's 1e-3
+    assert apply_recipe("paper", "recover", {"lr": 2e-4})["lr"] == 2e-4
+    assert "lr" not in apply_recipe("paper", "select", {"budget": 0.2})
+    # in a run, an arm of the recipe shares the config's rate where it sets one, else takes the paper's
+    arms = ["arms=[{name: random, method: random}, {name: paper, recipe: paper}]", "baseline=random"]
+    assert {a["name"]: a["recover"].get("lr") for a in load_config("demo", arms).arms} == {"random": None, "paper": 1e-4}
+    shared = load_config("demo", [*arms, "recover.lr=0.0002"])
+    assert {a["name"]: a["recover"].get("lr") for a in shared.arms} == {"random": None, "paper": None}
+    assert shared.recover["lr"] == 2e-4
+
+
 def test_full_parameter_recovery_keeps_zeros(tmp_path, sparse_tiny):
     from paser.models import load_model
 

@@ -118,7 +118,7 @@ def select(
     Embeddings, clusters and model scores are cached (PASER_CACHE, default ~/.cache/paser), so a new
     budget, K, method or CCG setting recomputes no model scores.
     """
-    from .recipes import recipe_settings
+    from .recipes import apply_recipe
     from .select import SelectConfig, check_options_belong, run_selection
 
     settings = dict(
@@ -129,7 +129,7 @@ def select(
         **{k: v or None if k == "target_sources" else v for k, v in declared.items()})
     from . import distributed
 
-    settings = {**settings, **(recipe_settings(recipe, "select") if recipe else {})}
+    settings = apply_recipe(recipe, "select", settings) if recipe else settings
     check_options_belong(settings["method"], settings)
     result = run_selection(SelectConfig(**settings))
     if distributed.is_main():  # one table, not one per process
@@ -198,7 +198,7 @@ def recover(
     teacher_topk: int = typer.Option(64, help="kd/mix with --teacher-cache topk: k."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Under accelerate launch / torchrun: shard parameters, gradients and optimizer state across the processes (FSDP2), for models that do not fit one device."),
     group_by_length: bool = typer.Option(True, "--group-by-length/--no-group-by-length", help="Batch records of similar length (less padding); off: a seeded random order, identical for any number of processes."),
-    recipe: Optional[str] = typer.Option(None, help="A named recipe whose settings override the options: paper (NLL LoRA, zeros re-applied after the merge)."),
+    recipe: Optional[str] = typer.Option(None, help="A named recipe whose settings override the options: paper (NLL LoRA at lr 1e-4 unless --lr, zeros re-applied after the merge)."),
     **declared: Any,  # every training target's and objective's declared options (their ``options``)
 ) -> None:
     """Recover a pruned model on selected data: LoRA (or all weights), NLL or distillation from the original,
@@ -210,7 +210,7 @@ def recover(
     """
     from .recover import RecoverConfig, run_recovery
 
-    from .recipes import recipe_settings
+    from .recipes import apply_recipe
 
     settings = dict(
         model=model, data=data, out=out, epochs=epochs, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
@@ -220,7 +220,7 @@ def recover(
         sparse_lora=sparse_lora, loss=loss, teacher=teacher, kd_temperature=kd_temperature,
         kd_positions=kd_positions, teacher_cache=teacher_cache, teacher_topk=teacher_topk,
         group_by_length=group_by_length, fsdp=fsdp, targets=targets, max_train_tokens=max_train_tokens, **declared)
-    train_log = run_recovery(RecoverConfig(**{**settings, **(recipe_settings(recipe, "recover") if recipe else {})}))
+    train_log = run_recovery(RecoverConfig(**(apply_recipe(recipe, "recover", settings) if recipe else settings)))
     from . import distributed
 
     if not distributed.is_main():

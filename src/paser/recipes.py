@@ -2,8 +2,11 @@
 
 ``paper``: PASER exactly as He et al. describe it: NMF clusters on the diffusion map, CDS allocation
 (n_k proportional to a cluster's mean JSD), IES ranking with a hard top-k, the concept-consistency graph
-with the paper's conflict rule, and LoRA recovery on the reference answers (NLL), merged with the pruned
-zeros re-applied afterwards. A recipe's settings override a config's; anything else stays as given.
+with the paper's conflict rule, and LoRA recovery on the reference answers (NLL) at lr 1e-4 (LLM-Pruner's LoRA
+setting, which the paper's experiments follow), merged with the pruned zeros re-applied afterwards.
+
+A recipe's settings override a config's; its ``unset`` settings fill only what the caller left unset (None), so
+a study that gives every arm one learning rate keeps it; anything else stays as given.
 """
 
 from __future__ import annotations
@@ -17,12 +20,19 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "select": {"method": "paser", "cluster_method": "nmf", "allocation": "cds", "score": "jsd", "ccg": True,
                    "ccg_rule": "paper", "within": "top", "rank": "ies", "drop_original_loss_above": None},
         "recover": {"adapter": "lora", "loss": "nll", "sparse_lora": "off"},
+        "unset": {"lr": 1e-4},  # paser's own default (1e-3) is not the paper's
     },
 }
 
 
 def recipe_settings(name: str, stage: str) -> dict[str, Any]:
-    """The ``select`` or ``recover`` settings of recipe ``name``."""
+    """The ``select``, ``recover`` or ``unset`` settings of recipe ``name``."""
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe '{name}' (known: {', '.join(RECIPES)})")
-    return dict(RECIPES[name][stage])
+    return dict(RECIPES[name].get(stage, {}))
+
+
+def apply_recipe(name: str, stage: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` under recipe ``name``: its ``stage`` settings override them, its ``unset`` ones fill their Nones."""
+    unset = {k: v for k, v in recipe_settings(name, "unset").items() if k in settings and settings[k] is None}
+    return {**settings, **recipe_settings(name, stage), **unset}

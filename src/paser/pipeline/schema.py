@@ -327,9 +327,10 @@ def _parse_arms(raw_arms: Any, select: dict, recover: dict, seeds: list[int], sp
             from ..recipes import recipe_settings
 
             rs, rr = recipe_settings(recipe, "select"), recipe_settings(recipe, "recover")
+            unset = {k: v for k, v in recipe_settings(recipe, "unset").items() if recover.get(k) is None}
             arm = {**arm, "method": arm.get("method") or rs.pop("method"),
                    "select": {**{k: v for k, v in rs.items() if k != "method"}, **(arm.get("select") or {})},
-                   "recover": {**rr, **(arm.get("recover") or {})}}
+                   "recover": {**rr, **unset, **(arm.get("recover") or {})}}
         name, method = str(arm.get("name") or arm.get("method") or ""), arm.get("method")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
             raise ConfigError(f"{where}: arms[{i}]: name must be letters, digits, '_', '.', '+' or '-', not {name!r}")
