@@ -135,18 +135,16 @@ def recorded_original(model: str | Path) -> str | None:
 DEFAULT_LR = {"lora": 1e-3, "full": 1e-4}
 
 
-def resolve_lr(settings: dict[str, Any]) -> dict[str, Any]:
-    """``lr`` filled in from the adapter's default (:data:`DEFAULT_LR`) when it is None."""
-    if settings.get("lr") is None:
-        settings = {**settings, "lr": DEFAULT_LR[settings.get("adapter", "lora")]}
-    return settings
+def resolve_lr(lr: float | None, adapter: str) -> float:
+    """``lr``, or the adapter's default (:data:`DEFAULT_LR`) when it is None."""
+    return DEFAULT_LR[adapter] if lr is None else lr
 
 
 def resolve_original(config: RecoverConfig) -> RecoverConfig:
     """``loss: auto`` made concrete (:func:`resolve_loss`), ``lr`` filled in from the adapter's default
     (:func:`resolve_lr`), and the original model filled in where the targets need it and ``--teacher`` is not
     given (the model ``paser prune`` recorded)."""
-    config = replace(resolve_loss(config), lr=resolve_lr({"lr": config.lr, "adapter": config.adapter})["lr"])
+    config = replace(resolve_loss(config), lr=resolve_lr(config.lr, config.adapter))
     if TARGETS.get(config.targets).needs_original and not config.teacher:
         config = replace(config, teacher=recorded_original(config.model))
     return config

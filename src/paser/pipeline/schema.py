@@ -385,7 +385,8 @@ def _arm_recover(config: PipelineConfig, arm: dict, seed: int) -> dict[str, Any]
     from ..recover import resolve_lr
     from ..targets import TARGETS
 
-    settings = resolve_lr({**config.recover, **arm["recover"], "seed": seed})  # the stage key holds the lr used
+    settings = {**config.recover, **arm["recover"], "seed": seed}
+    settings["lr"] = resolve_lr(settings.get("lr"), settings.get("adapter", "lora"))  # the stage key holds the lr used
     if settings["loss"] == "auto":
         settings["loss"] = "kd"  # the pipeline always knows the original model (paser.recover.resolve_loss)
     needs_original = OBJECTIVES.get(settings["loss"]).needs_teacher or TARGETS.get(settings["targets"]).needs_original
