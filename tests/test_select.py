@@ -187,6 +187,9 @@ def test_token_budget_stops_at_the_tokens_and_reports_them(tmp_path, tiny_model_
     by_records = run_selection(select_config(tmp_path, tiny_model_dir, tiny_pruned_dir, data, method=method,
                                              budget=10, clusters=3, batch_size=16, max_length=64))
     assert by_records.summary["tokens"]["budget"] is None and by_records.summary["tokens"]["selected"] > 0
+    # the search reruns the strategy with its signals cached: the cost reported is still one run's from nothing
+    costs = [{k: v for k, v in r.summary["cost"].items() if k != "seconds"} for r in (result, by_records)]
+    assert costs[0] == costs[1] and (costs[0]["model_forward_tokens"] > 0) == (method in ("paser", "ifd"))
 
 
 def test_a_budget_is_required(tmp_path, tiny_model_dir, tiny_pruned_dir):

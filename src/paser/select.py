@@ -267,20 +267,23 @@ def select_within_tokens(strategy: Any, ctx: SelectionContext, record_tokens: np
     ignores the record budget (``full``) is cut to the longest prefix of its order that fits. ``ctx.budget`` ends
     as the record budget used, and the strategy's table columns are those of that run."""
     tokens_at: dict[int, int] = {}
-    last: list[Any] = [None, None, None, None]  # budget, positions, details, cost of the latest run
     start_cost = dict(ctx.cost)
     searched = {k: 0 for k in start_cost}
+    runs: list[tuple[int, dict[str, int]]] = []  # (record budget, cost) of each run, in order
+
+    def select_at(budget: int) -> tuple[list[int], dict[str, Any], dict[str, int]]:
+        ctx.budget = budget
+        before = dict(ctx.cost)
+        positions, details = strategy.select(ctx)
+        return list(positions), details, {k: ctx.cost[k] - before[k] for k in before}
 
     def run(budget: int) -> int:
-        if budget not in tokens_at or last[0] != budget:
-            ctx.budget = budget
-            before = dict(ctx.cost)
-            positions, details = strategy.select(ctx)
-            cost = {k: ctx.cost[k] - before[k] for k in before}
+        if budget not in tokens_at:
+            positions, _, cost = select_at(budget)
             for k, v in cost.items():
                 searched[k] += v
-            last[:] = [budget, list(positions), details, cost]
-            tokens_at[budget] = int(record_tokens[last[1]].sum())
+            runs.append((budget, cost))
+            tokens_at[budget] = int(record_tokens[positions].sum())
         return tokens_at[budget]
 
     low, high = 1, len(record_tokens)  # the answer lies in [low, high]; budget 1 is taken even when it is over
@@ -293,9 +296,13 @@ def select_within_tokens(strategy: Any, ctx: SelectionContext, record_tokens: np
         else:
             high = middle - 1
     run(low)
-    _, positions, details, cost = last
-    # the selection's cost is one run's (signals are cached after the first); the search's own total is reported
-    ctx.cost.update({k: start_cost[k] + cost[k] for k in start_cost})
+    # The selection's cost is what one run at the chosen budget costs from nothing. Signals computed once (pool
+    # scores, embeddings) were charged to the first run only; a charge made on every run (a budget's own
+    # scoring) shows again when the first budget is repeated: once-only = first run - its repeat.
+    first_budget, first_cost = runs[0]
+    repeat = select_at(first_budget)[2]
+    positions, details, cost = select_at(low)  # the final run last: the table's columns are its
+    ctx.cost.update({k: start_cost[k] + first_cost[k] - repeat[k] + cost[k] for k in start_cost})
     fits = int(np.searchsorted(np.cumsum(record_tokens[positions]), token_budget, side="right"))
     positions = positions[:max(fits, 1)]
     return positions, {**details, "token_search": {"record_budgets_tried": len(tokens_at), "record_budget": low,
