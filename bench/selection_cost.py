@@ -87,7 +87,8 @@ def main():
         if measured:
             generation = budget * length if mode.endswith("+original-targets") else 0.0
             if generation and "generated_tokens_per_s" not in measured:
-                raise SystemExit("--targets original with --measured needs a train_log.json of a run with original targets")
+                raise SystemExit("--targets original with --measured needs the train_log.json of a run that generated "
+                                 "its original targets (not one served from the cache)")
             seconds_select = ((passes - generation) / measured["score_model_tokens_per_s"]
                               + (generation / measured["generated_tokens_per_s"] if generation else 0.0))
             seconds_train = args.epochs * budget * length / measured["train_tokens_per_s"]
