@@ -268,7 +268,6 @@ def select_within_tokens(strategy: Any, ctx: SelectionContext, record_tokens: np
     as the record budget used, and the strategy's table columns are those of that run."""
     tokens_at: dict[int, int] = {}
     start_cost = dict(ctx.cost)
-    searched = {k: 0 for k in start_cost}
     runs: list[tuple[int, dict[str, int]]] = []  # (record budget, cost) of each run, in order
 
     def select_at(budget: int) -> tuple[list[int], dict[str, Any], dict[str, int]]:
@@ -280,8 +279,6 @@ def select_within_tokens(strategy: Any, ctx: SelectionContext, record_tokens: np
     def run(budget: int) -> int:
         if budget not in tokens_at:
             positions, _, cost = select_at(budget)
-            for k, v in cost.items():
-                searched[k] += v
             runs.append((budget, cost))
             tokens_at[budget] = int(record_tokens[positions].sum())
         return tokens_at[budget]
@@ -305,6 +302,7 @@ def select_within_tokens(strategy: Any, ctx: SelectionContext, record_tokens: np
     ctx.cost.update({k: start_cost[k] + first_cost[k] - repeat[k] + cost[k] for k in start_cost})
     fits = int(np.searchsorted(np.cumsum(record_tokens[positions]), token_budget, side="right"))
     positions = positions[:max(fits, 1)]
+    searched = {k: sum(run_cost[k] for _, run_cost in runs) for k in start_cost}
     return positions, {**details, "token_search": {"record_budgets_tried": len(tokens_at), "record_budget": low,
                                                    "all_runs_cost": searched}}
 
