@@ -141,8 +141,8 @@ def semi_structured_speedup(spec: str, tokens_per_batch: int) -> dict:
         x = torch.randn(tokens_per_batch, shape[1], device="cuda", dtype=torch.float16)
         dense_w = linear.weight.detach()
         sparse_w = to_sparse_semi_structured(dense_w)
-        dense = timed(lambda: torch.nn.functional.linear(x, dense_w))
-        sparse = timed(lambda: torch.nn.functional.linear(x, sparse_w))
+        dense = timed(lambda x=x, w=dense_w: torch.nn.functional.linear(x, w))
+        sparse = timed(lambda x=x, w=sparse_w: torch.nn.functional.linear(x, w))
         shapes[shape] = {"layer": name, "dense_ms": round(dense * 1e3, 4), "sparse_ms": round(sparse * 1e3, 4),
                          "speedup": round(dense / sparse, 3)}
     ids = torch.randint(0, model.config.vocab_size, (tokens_per_batch // 512, 512), device="cuda")

@@ -30,6 +30,7 @@ Prints one JSON line per mode.
 
 import argparse
 import json
+from pathlib import Path
 
 
 def main():
@@ -69,7 +70,7 @@ def main():
         modes = {f"{mode}+original-targets": passes + budget * length for mode, passes in modes.items()}
     measured = None
     if args.measured:
-        train_log, selection = (json.load(open(p)) for p in args.measured)
+        train_log, selection = (json.loads(Path(p).read_text()) for p in args.measured)
         train_tps = train_log["tokens_per_s"]
         score_tps = selection["cost"]["model_forward_tokens"] / selection["timings"]["score"]  # model-token passes
         measured = {"train_tokens_per_s": train_tps, "score_model_tokens_per_s": round(score_tps, 1)}

@@ -39,6 +39,18 @@ def embedded():
     return load_model(DEFAULT_MODEL)
 
 
+@pytest.fixture()
+def sparse_tiny(tmp_path, tiny_model_dir):
+    from paser.models import load_model
+    from paser.prune import magnitude_prune_
+
+    model, tok = load_model(str(tiny_model_dir))
+    magnitude_prune_(model, 0.5)
+    model.save_pretrained(tmp_path / "sparse")
+    tok.save_pretrained(tmp_path / "sparse")
+    return tmp_path / "sparse"
+
+
 def shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():

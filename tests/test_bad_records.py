@@ -10,8 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from paser.data import (PromptFormatter, Record, Records, SkippedRecords, encode_records, iter_records,
-                        load_records)
+from paser.data import PromptFormatter, Record, Records, SkippedRecords, encode_records, iter_records, load_records
 from paser.errors import DataError
 
 GOOD = {"instruction": "Add the numbers.", "input": "2 3", "output": "5"}

@@ -7,11 +7,19 @@ import pytest
 import torch
 
 from conftest import shared_path
-from tests_helpers import WORDS, write_fixtures
 from paser.data import PromptFormatter, iter_dict_records
 from paser.errors import ConfigError, DataError
-from paser.evaluate import (ZERO_SHOT_TASKS, EvaluateConfig, perplexity, response_perplexity, run_evaluation,
-                            text_windows, write_task_configs)
+from paser.evaluate import (
+    ZERO_SHOT_TASKS,
+    EvaluateConfig,
+    perplexity,
+    response_perplexity,
+    run_evaluation,
+    text_windows,
+    write_task_configs,
+)
+from tests_helpers import WORDS, write_fixtures
+
 
 @torch.no_grad()
 def loglikelihood(model, tokenizer, context, continuation):
@@ -143,7 +151,8 @@ def test_bad_requests_fail_before_any_model_loads(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_arc_easy_matches_lm_eval_command_line(tmp_path):
     """paser's ARC-Easy accuracy equals lm-eval's own CLI on the same task config and data (50 rows)."""
-    from paser.models import DEFAULT_MODEL as embedded, resolve_spec
+    from paser.models import DEFAULT_MODEL as embedded
+    from paser.models import resolve_spec
 
     arc = shared_path("eval", "arc_easy.jsonl")
     task_dir = tmp_path / "tasks"

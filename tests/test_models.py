@@ -71,7 +71,7 @@ def test_embedded_model_converts_once_and_answers(embedded):
 
     model, tok = embedded
     location = resolve_spec(DEFAULT_MODEL).location
-    config = json.loads(open(f"{location}/config.json").read())
+    config = json.loads(Path(location, "config.json").read_text())
     assert "quantization_config" not in config and config["num_hidden_layers"] == 30
     assert tok.eos_token == "<|im_end|>" and tok.pad_token is not None
     assert PromptFormatter(tok).kind == "chat"

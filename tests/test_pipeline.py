@@ -262,7 +262,6 @@ def test_arms_seeds_sampled_data_and_comparison(tmp_path, tiny_model_dir):
 
 def test_shipped_compare_config_is_valid(tmp_path):
     from conftest import shared_path
-
     from paser.pipeline import load_config, with_evaluation_data
 
     shared_path("instruct", "pool.jsonl")
@@ -282,7 +281,6 @@ def test_shipped_compare_config_is_valid(tmp_path):
 
 def test_tokens_config_compares_at_equal_tokens():
     from conftest import shared_path
-
     from paser.pipeline import load_config
 
     shared_path("instruct", "pool.jsonl")
@@ -314,7 +312,6 @@ def test_tokens_config_compares_at_equal_tokens():
 
 def test_study_config_recipes_and_set_overrides(tmp_path):
     from conftest import shared_path
-
     from paser.pipeline import load_config
 
     shared_path("instruct", "pool.jsonl")

@@ -6,8 +6,16 @@ from transformers import TrainerCallback
 
 from paser.data import PromptFormatter, Record
 from paser.errors import ConfigError
-from paser.recover import (DEFAULT_LR, IGNORE_INDEX, RecoverConfig, collate_for_training, labels_for, resolve_loss,
-                           resolve_original, run_recovery)
+from paser.recover import (
+    DEFAULT_LR,
+    IGNORE_INDEX,
+    RecoverConfig,
+    collate_for_training,
+    labels_for,
+    resolve_loss,
+    resolve_original,
+    run_recovery,
+)
 
 
 def test_loss_positions_are_exactly_the_response_tokens(tiny_tokenizer):
@@ -32,18 +40,6 @@ def test_loss_positions_are_exactly_the_response_tokens(tiny_tokenizer):
     nll = [-logp[r, t - 1, batch["labels"][r, t]] for r in range(2) for t in range(batch["labels"].shape[1])
            if batch["labels"][r, t] != IGNORE_INDEX]
     assert out.loss.item() == pytest.approx(torch.stack(nll).mean().item(), rel=1e-5)
-
-
-@pytest.fixture()
-def sparse_tiny(tmp_path, tiny_model_dir):
-    from paser.models import load_model
-    from paser.prune import magnitude_prune_
-
-    model, tok = load_model(str(tiny_model_dir))
-    magnitude_prune_(model, 0.5)
-    model.save_pretrained(tmp_path / "sparse")
-    tok.save_pretrained(tmp_path / "sparse")
-    return tmp_path / "sparse"
 
 
 def small_config(tmp_path, model, **overrides):
@@ -265,11 +261,11 @@ def test_a_new_objective_is_one_registered_class(tmp_path, sparse_tiny, tiny_mod
     """The recovery trainer asks the objective for the loss: a throw-away objective registered here trains."""
     from paser.objectives import OBJECTIVES, Objective
 
-    assert OBJECTIVES.names() == ("nll", "kd", "mix", "rho")
+    assert OBJECTIVES.names() == ("nll", "kd", "mix", "rho", "kd-features")
 
     @OBJECTIVES.register("quarter_mix_test")
     class QuarterMix(Objective):
-        needs_teacher = True
+        terms = frozenset({"kd", "nll"})
 
         def loss(self, terms, config):
             return 0.25 * terms["kd"] + 0.75 * terms["nll"]
@@ -299,3 +295,48 @@ def test_rho_recovery_runs_with_the_live_teacher(tmp_path, sparse_tiny, tiny_mod
     log = run_recovery(small_config(tmp_path, sparse_tiny, epochs=1, loss="rho", teacher=str(tiny_model_dir)))
     assert log["steps"] > 0 and all({"nll", "kd"} <= set(p) for p in log["loss_curve"])
     assert log["zeros_after_merge"] == log["zeros_kept"]
+
+
+def test_an_objective_without_the_teacher_trains_as_itself(tmp_path, sparse_tiny):
+    """No objective is silently replaced by plain NLL: one that reads only the student's NLL but returns zero
+    leaves every weight where it was, where NLL itself moves them."""
+    from safetensors.torch import load_file
+
+    from paser.objectives import OBJECTIVES, Objective
+
+    @OBJECTIVES.register("frozen_test")
+    class Frozen(Objective):
+        terms = frozenset({"nll"})
+
+        def loss(self, terms, config):
+            return 0.0 * terms["nll"]
+
+    def moved(loss):
+        out = tmp_path / loss
+        run_recovery(small_config(tmp_path, sparse_tiny, epochs=1, loss=loss, adapter="full", out=out))
+        before, after = load_file(str(sparse_tiny / "model.safetensors")), load_file(str(out / "merged" / "model.safetensors"))
+        return sum(int(not torch.equal(before[k], after[k])) for k in before)
+
+    try:
+        assert moved("frozen_test") == 0
+    finally:
+        OBJECTIVES.unregister("frozen_test")
+    assert moved("nll") > 0
+
+
+def test_an_objective_asks_for_terms_that_exist():
+    from paser.objectives import OBJECTIVES, Objective
+
+    with pytest.raises(ValueError, match="unknown terms"):
+        @OBJECTIVES.register("typo_test")
+        class Typo(Objective):
+            terms = frozenset({"kl"})
+
+
+def test_feature_distillation_logs_its_terms_and_needs_the_live_teacher(tmp_path, sparse_tiny, tiny_model_dir):
+    log = run_recovery(small_config(tmp_path, sparse_tiny, epochs=1, loss="kd-features", teacher=str(tiny_model_dir),
+                                    feature_weight=0.5))
+    for p in log["loss_curve"]:
+        assert p["loss"] == pytest.approx(p["kd"] + 0.5 * p["features"], rel=2e-3)
+    with pytest.raises(ConfigError, match="hidden states"):
+        small_config(tmp_path, sparse_tiny, loss="kd-features", teacher=str(tiny_model_dir), teacher_cache="topk").validate()

@@ -9,8 +9,7 @@ from scipy.special import softmax
 
 from paser.data import PromptFormatter, load_records
 from paser.errors import ConfigError
-from paser.score import (SCORERS, ScoreConfig, collate, get_scorer, jsd_and_nll, length_buckets, score_batch,
-                         score_records)
+from paser.score import SCORERS, ScoreConfig, collate, get_scorer, jsd_and_nll, length_buckets, score_batch, score_records
 
 
 def test_jsd_matches_scipy_on_random_distributions():

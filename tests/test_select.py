@@ -145,10 +145,9 @@ def test_cli_select_defaults_to_random_and_refuses_another_methods_options(tmp_p
 
 @pytest.mark.slow
 def test_embedded_model_and_pruned_copy(tmp_path, embedded):
+    from conftest import shared_path
     from paser.data import load_records
     from tests_helpers import magnitude_prune_copy
-
-    from conftest import shared_path
 
     pool = shared_path("instruct", "pool.jsonl")
     data = tmp_path / "pool100.jsonl"

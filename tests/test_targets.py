@@ -41,7 +41,7 @@ def test_original_targets_are_generated_once_cached_and_resumed(tmp_path, tiny_m
     monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
 
     # a killed run: four answers stored and a torn line; the rest is generated, the stored ones kept
-    lines = open(store, encoding="utf-8").read().splitlines()
+    lines = store.read_text(encoding="utf-8").splitlines()
     with open(store, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines[:4]) + "\n" + lines[4][: len(lines[4]) // 2])
     resumed, info3 = target.build(records, _settings(tmp_path, tiny_model_dir), tokenizer, "fp32")

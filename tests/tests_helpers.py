@@ -32,7 +32,8 @@ def write_demo_train(path: Path, n: int = 120) -> Path:
     return path
 
 
-WORDS = "the cat sat on a mat while two dogs ran over green hills to find red apples near old trees".split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "two", "dogs", "ran", "over", "green", "hills", "to", "find",
+         "red", "apples", "near", "old", "trees"]
 
 
 def _sentence(rng, n):

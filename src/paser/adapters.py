@@ -26,6 +26,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 
 from .sparsity import is_sparse
 
+
 class _MaskedLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scaling):

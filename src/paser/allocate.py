@@ -16,8 +16,8 @@ Rules (add one with ``@register_allocation("name")``):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

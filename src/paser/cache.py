@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -142,7 +143,7 @@ def write_npy(dest: str | Path, array: np.ndarray) -> None:
         np.save(tmp, array)
 
 
-def write_parquet(dest: str | Path, frame: "Any") -> None:
+def write_parquet(dest: str | Path, frame: Any) -> None:
     """Write a pandas DataFrame to parquet atomically."""
     with atomic_path(dest, suffix=".parquet") as tmp:
         frame.to_parquet(tmp, index=False)

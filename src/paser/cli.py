@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import click
 import typer
@@ -35,7 +35,7 @@ def _global_options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: the CPUs this process may use). Warns when another heavy job is running."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: the CPUs this process may use). Warns when another heavy job is running."),
 ) -> None:
     _state["debug"] = debug
     _state["threads"] = threads
@@ -55,19 +55,7 @@ def _global_options(
 
 
 # ------------------------------------------------------------------------------------------------ prune
-@app.command()
-def prune(
-    model: str = typer.Argument(..., help="Model spec: smollm2-135m-instruct, a local HF directory, a .gguf file or a hub id."),
-    method: str = typer.Option("wanda", help="wanda | sparsegpt | magnitude (unstructured or N:M) | taylor (structured: MLP channels and head groups)."),
-    sparsity: float = typer.Option(0.5, help="Fraction of weights (or, for taylor, of prunable channels/heads) to remove, in (0, 1)."),
-    pattern: Optional[str] = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4 (wanda, sparsegpt, magnitude)."),
-    calib_data: str = typer.Option("demo", help="Calibration data: any instruction source paser reads (formatted records packed into full windows), or a plain .txt file."),
-    calib_samples: int = typer.Option(128, help="Number of calibration samples."),
-    seq_len: int = typer.Option(256, help="Calibration sequence length in tokens."),
-    heldout_samples: int = typer.Option(32, help="Further windows of the calibration source, not calibrated on, for the perplexity before/after."),
-    out: Path = typer.Option(..., help="Output directory (a plain Hugging Face model directory)."),
-    seed: int = typer.Option(0, help="Seed."),
-) -> None:
+def prune(**settings: Any) -> None:
     """Prune a model: wanda and sparsegpt (llmcompressor one-shot), magnitude, taylor (structured).
 
     Unstructured methods zero weights (or N:M groups); taylor removes the least salient MLP channels and
@@ -77,41 +65,17 @@ def prune(
     """
     from .prune import PruneConfig, run_prune
 
-    report = run_prune(PruneConfig(model=model, out=out, method=method, sparsity=sparsity, pattern=pattern,
-                                   calib_data=calib_data, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
-                                   heldout_samples=heldout_samples))
+    report = run_prune(PruneConfig(**settings))
     typer.echo(f"{report['method']}: sparsity {report['achieved_sparsity']:.4f} of decoder linear weights; "
                f"perplexity {report['perplexity_before']:.2f} -> {report['perplexity_after']:.2f}; "
-               f"{report['seconds']:.0f}s -> {out}")
+               f"{report['seconds']:.0f}s -> {settings['out']}")
 
 
 # ----------------------------------------------------------------------------------------------- select
 # (registered below with every selection method's options)
 def select(
-    original: str = typer.Option(..., help="Original (dense) model spec."),
-    pruned: str = typer.Option(..., help="Pruned model spec (must share the original's tokenizer)."),
-    data: str = typer.Option(..., help="Instruction data: .jsonl/.json/.csv/.parquet, a hub dataset name, or 'demo'."),
-    budget: Optional[float] = typer.Option(None, help="Records to select: a count, or a fraction of the data when below 1."),
-    budget_tokens: Optional[float] = typer.Option(None, help="Training tokens to select instead (prompt + response within --max-length, what recovery trains on): a count, or a fraction of the pool's tokens when below 1. The method selects as for the largest record budget whose records fit."),
-    out: Path = typer.Option(..., help="Output directory: selected.jsonl, selection.json, scores.parquet."),
-    method: str = typer.Option("random", help="random (the default: seeded, loads no model; distilled by paser recover's default loss it passed every equal-token testbed, docs/fidelity.md) | paser (capability clusters, IFD inside, concept filter) | full | perplexity | loss_gap | ifd | nuggets | dsir."),
-    embedder: str = typer.Option("all-MiniLM-L6-v2", help="sentence-transformers model (default: the bundled all-MiniLM-L6-v2)."),
-    score: str = typer.Option("jsd", help="Degradation score: jsd (paper) | loss_gap | pruned_loss."),
-    max_length: int = typer.Option(256, help="Tokens per sample (prompt + response) when scoring."),
-    template: str = typer.Option("auto", help="Prompt template: auto (the tokenizer's chat template when it has one, else alpaca) | chat | alpaca."),
-    batch_size: int = typer.Option(16, help="Samples per scoring batch (length-bucketed)."),
-    dtype: str = typer.Option("auto", help="auto | bf16 | fp32 for the model passes (auto: bf16 only where the hardware has native bf16; JSD itself is always fp32)."),
-    seed: int = typer.Option(0, help="Seed for clustering, sampling inside clusters and the random baseline."),
-    columns: Optional[str] = typer.Option(None, help="Field mapping, e.g. instruction=question,output=answer."),
-    duplicates: str = typer.Option("keep", help="keep | drop duplicate (instruction, input) pairs."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N records of the data."),
-    bad_records: str = typer.Option("skip", help="skip: leave out unusable records (malformed, not UTF-8, empty or missing fields), count them by reason in selection.json | error: stop at the first."),
-    ifd_model: str = typer.Option("pruned", help="ifd: the model whose response losses define IFD (original | pruned)."),
-    resident: str = typer.Option("both", help="both: the two models in memory together | one: the original alone first (its top-k log-probabilities stored), then the pruned alone; JSD over the top-k tokens and one tail bucket (error bounded, see docs/method.md)."),
-    topk: int = typer.Option(64, help="--resident one: log-probabilities kept per position."),
-    device_map: Optional[str] = typer.Option(None, help="auto: spread each model over the GPUs and CPU memory (accelerate big-model loading), for models too big for one device."),
-    recipe: Optional[str] = typer.Option(None, help="A named recipe whose settings override the options: paper (the PASER paper exactly)."),
-    **declared: Any,  # every selection method's own declared options (Strategy.options)
+    recipe: str | None = typer.Option(None, help="A named recipe whose settings override the options: paper (the PASER paper exactly)."),
+    **settings: Any,  # SelectBase's fields and every selection method's declared options (Strategy.options)
 ) -> None:
     """Select recovery data with PASER, its ablations, or a baseline (random, full, perplexity, loss_gap, ifd, nuggets, dsir).
 
@@ -121,19 +85,12 @@ def select(
     from .recipes import apply_recipe
     from .select import SelectConfig, check_options_belong, run_selection
 
-    settings = dict(
-        original=original, pruned=pruned, data=data, budget=budget, budget_tokens=budget_tokens, out=out, method=method,
-        embedder=embedder, score=score, max_length=max_length, template=template, batch_size=batch_size, dtype=dtype,
-        seed=seed, columns=columns, duplicates=duplicates, limit=limit, bad_records=bad_records, ifd_model=ifd_model,
-        resident=resident, topk=topk, device_map=device_map,
-        **{k: v or None if k == "target_sources" else v for k, v in declared.items()})
-    from . import distributed
-
+    settings["target_sources"] = settings.get("target_sources") or None
     settings = apply_recipe(recipe, "select", settings) if recipe else settings
     check_options_belong(settings["method"], settings)
     result = run_selection(SelectConfig(**settings))
     if distributed.is_main():  # one table, not one per process
-        _print_selection(result.summary, out)
+        _print_selection(result.summary, Path(settings["out"]))
 
 
 def _print_selection(summary: dict, out: Path) -> None:
@@ -164,83 +121,33 @@ def _print_selection(summary: dict, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- recover
-# (registered below with every training target's and objective's options)
+# (registered below with every recovery method's, training target's and objective's options)
 def recover(
-    model: str = typer.Argument(..., help="Pruned model spec to recover."),
-    data: str = typer.Option(..., help="Training data: selected.jsonl from 'paser select' or any source paser reads."),
-    out: Path = typer.Option(..., help="Output directory: LoRA adapter, merged model, train_log.json."),
-    epochs: float = typer.Option(2, help="Training epochs."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (cosine schedule with warmup); default: 1e-3 for LoRA (a small slice trains few steps), 1e-4 for --adapter full."),
-    lora_r: int = typer.Option(8, help="LoRA rank."),
-    lora_alpha: int = typer.Option(16, help="LoRA alpha."),
-    lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),
-    lora_targets: str = typer.Option("all-linear", help="LoRA target modules (peft syntax), e.g. all-linear or q_proj,v_proj."),
-    cutoff_len: int = typer.Option(256, help="Maximum tokens per example."),
-    template: str = typer.Option("auto", help="Prompt template: auto (the tokenizer's chat template when it has one, else alpaca) | chat | alpaca."),
-    batch_size: int = typer.Option(64, help="Effective batch size (micro-batch x gradient accumulation)."),
-    micro_batch_size: int = typer.Option(4, help="Examples per forward pass."),
-    dtype: str = typer.Option("auto", help="auto (bf16 only where the hardware has native bf16) | bf16 | fp32."),
-    resume: bool = typer.Option(True, help="Continue from the last checkpoint in OUT/checkpoints when it was made with the same settings and data (--no-resume starts afresh)."),
-    warmup_ratio: float = typer.Option(0.05, help="Fraction of the optimizer steps spent warming up."),
-    save_steps: int = typer.Option(50, help="Checkpoint every N optimizer steps (what --resume restarts from)."),
-    seed: int = typer.Option(0, help="Seed for LoRA init, data order and dropout."),
-    limit: Optional[int] = typer.Option(None, help="Train on the first N records only."),
-    bad_records: str = typer.Option("skip", help="skip: leave out unusable records, count them in train_log.json | error: stop at the first."),
-    adapter: str = typer.Option("lora", help="lora | full (every weight trains; pruned positions stay zero)."),
-    sparse_lora: str = typer.Option("masked", help="masked: the LoRA update is masked to the pruned layer's non-zeros while training, so the merged model is the trained one | off: plain LoRA, zeros re-applied after the merge."),
-    targets: str = typer.Option("reference", help="What to train toward: reference (the data's answers) | original (the original model's own answers to the prompts, generated once and cached; needs the original: --teacher or the one paser prune recorded)."),
-    max_train_tokens: Optional[int] = typer.Option(None, help="Train on the records in order while their tokens (prompt + response within --cutoff-len) fit: keeps a token budget when --targets original changes the answers' lengths (paser run passes the selection's)."),
-    loss: str = typer.Option("auto", help="auto: kd when the original model is known (--teacher, or the model paser prune started from, recorded in MODEL/prune_report.json), else nll | nll (the targets' answers) | kd (distil the teacher's next-token distributions) | mix (half each, --kd-alpha) | rho (NLL on the 60% of tokens the student lost most against the original)."),
-    teacher: Optional[str] = typer.Option(None, help="The original, dense model: kd/mix/auto's teacher and original targets' author (default: the one recorded by paser prune)."),
-    kd_temperature: float = typer.Option(1.0, help="kd/mix: softmax temperature of both distributions."),
-    kd_positions: str = typer.Option("response", help="kd/mix: response | all (prompt positions too)."),
-    teacher_cache: str = typer.Option("none", help="kd/mix: none (the teacher runs beside the student) | topk (its top-k log-probs computed once and stored; only the student stays in memory)."),
-    teacher_topk: int = typer.Option(64, help="kd/mix with --teacher-cache topk: k."),
-    fsdp: bool = typer.Option(False, "--fsdp", help="Under accelerate launch / torchrun: shard parameters, gradients and optimizer state across the processes (FSDP2), for models that do not fit one device."),
-    group_by_length: bool = typer.Option(True, "--group-by-length/--no-group-by-length", help="Batch records of similar length (less padding); off: a seeded random order, identical for any number of processes."),
-    recipe: Optional[str] = typer.Option(None, help="A named recipe whose settings override the options: paper (NLL LoRA at lr 1e-4 unless --lr, zeros re-applied after the merge)."),
-    **declared: Any,  # every training target's and objective's declared options (their ``options``)
+    recipe: str | None = typer.Option(None, help="A named recipe whose settings override the options: paper (NLL LoRA at lr 1e-4 unless --lr, zeros re-applied after the merge)."),
+    **settings: Any,  # RecoverBase's fields and every method's, target's and objective's declared options
 ) -> None:
-    """Recover a pruned model on selected data: LoRA (or all weights), NLL or distillation from the original,
-    on the data's answers or the original model's own.
+    """Recover a pruned model on selected data toward the original: end-to-end (masked LoRA or all weights; KD from
+    the original, NLL, or another objective), or block by block against the original's block outputs.
 
-    Writes OUT/adapter (peft), OUT/merged (a plain model directory that keeps every pruned zero) and
-    OUT/train_log.json (loss curve per term, tokens/s, seconds per step, peak memory, and
-    merge_max_logit_diff: how far the merged model's logits are from the trained model's).
+    Writes OUT/merged (a plain model directory that keeps every pruned zero) and OUT/train_log.json (loss curve per
+    term or per block, tokens/s, seconds, peak memory; end-to-end: OUT/adapter and merge_max_logit_diff, how far the
+    merged model's logits are from the trained model's).
     """
+    from .recipes import apply_recipe
     from .recover import RecoverConfig, run_recovery
 
-    from .recipes import apply_recipe
-
-    settings = dict(
-        model=model, data=data, out=out, epochs=epochs, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, lora_targets=lora_targets, cutoff_len=cutoff_len, template=template, batch_size=batch_size,
-        micro_batch_size=micro_batch_size, dtype=dtype, resume=resume, warmup_ratio=warmup_ratio,
-        save_steps=save_steps, seed=seed, limit=limit, bad_records=bad_records, adapter=adapter,
-        sparse_lora=sparse_lora, loss=loss, teacher=teacher, kd_temperature=kd_temperature,
-        kd_positions=kd_positions, teacher_cache=teacher_cache, teacher_topk=teacher_topk,
-        group_by_length=group_by_length, fsdp=fsdp, targets=targets, max_train_tokens=max_train_tokens, **declared)
     train_log = run_recovery(RecoverConfig(**(apply_recipe(recipe, "recover", settings) if recipe else settings)))
-    from . import distributed
-
     if not distributed.is_main():
         return
     curve = train_log["loss_curve"]
     first, last = (curve[0]["loss"], curve[-1]["loss"]) if curve else (float("nan"), float("nan"))
     typer.echo(f"{train_log['steps']} steps in {train_log['seconds']:.0f}s ({train_log['tokens_per_s']} tok/s); "
-               f"loss {first:.3f} -> {last:.3f}; merged model: {out}/merged")
+               f"loss {first:.3g} -> {last:.3g}; merged model: {settings['out']}/merged")
 
 
 # --------------------------------------------------------------------------------------------- evaluate
 # (registered below with every measurement's options)
-def evaluate(
-    models: list[str] = typer.Argument(..., help="One or more model specs, compared side by side."),
-    batch_size: int = typer.Option(8, help="Batch size."),
-    dtype: str = typer.Option("auto", help="auto (bf16 only where the hardware has native bf16) | bf16 | fp32."),
-    label: list[str] = typer.Option([], help="Display name per model, in order (default: the model specs)."),
-    out: Path = typer.Option(Path("results.json"), help="Results file; a markdown table is written beside it (.md)."),
-    **measured: Any,  # every registered measurement's declared options (paser.evaluate: Measurement.options)
-) -> None:
+def evaluate(**settings: Any) -> None:  # EvaluateBase's fields and every measurement's declared options
     """Evaluate models side by side: zero-shot tasks (lm-eval), perplexity, demo skills, fidelity to the original.
 
     Each model is loaded once; tasks and tokenised text are built once for all models. Writes
@@ -249,14 +156,12 @@ def evaluate(
     from .evaluate import EvaluateConfig, run_evaluation
 
     settings = {name: [x.strip() for v in value for x in str(v).split(",") if x.strip()] if isinstance(value, list)
-                else value for name, value in measured.items()}  # list options: repeated or comma-separated
-    results = run_evaluation(EvaluateConfig(models=list(models), batch_size=batch_size, dtype=dtype,
-                                            labels=list(label) or None, out=out, **settings))
-    from . import distributed
-
+                else value for name, value in settings.items()}  # list options: repeated or comma-separated
+    settings["labels"] = settings["labels"] or None
+    results = run_evaluation(EvaluateConfig(**settings))
     if distributed.is_main():
         typer.echo(results["table"])
-        typer.echo(f"{results['seconds']:.0f}s; results -> {out}")
+        typer.echo(f"{results['seconds']:.0f}s; results -> {settings['out']}")
 
 
 def _cli_type(declared: Any) -> Any:
@@ -271,7 +176,7 @@ def _cli_type(declared: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         kinds = [a for a in args if a is not type(None)]
         inner = _cli_type(kinds[0]) if len(kinds) == 1 else str  # e.g. str | Path
-        return Optional[inner] if len(kinds) < len(args) else inner
+        return inner | None if len(kinds) < len(args) else inner
     if origin is list:
         return list[str]
     if origin is typing.Literal:
@@ -279,55 +184,57 @@ def _cli_type(declared: Any) -> Any:
     return declared
 
 
-def _with_declared_options(command: Any, fields: list[tuple[Any, Any]]) -> Any:
-    """``command``'s signature with one typer option per declared field (name, type, default, help), in place of
-    its ``**kwargs``: the CLI is built from the same declarations as the library config."""
+def _with_declared_options(command: Any, config: type, fields: list[tuple[Any, Any]]) -> Any:
+    """``command``'s signature with one typer parameter per declared field (name, type, default, help, choices), in
+    place of its ``**settings``: the CLI is built from the same declarations as the library config."""
     import dataclasses
     import inspect
 
+    from .options import choices
+
     signature = inspect.signature(command)
-    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()
+              if p.kind is not inspect.Parameter.VAR_KEYWORD]
     for f, declared in fields:
-        cli_type = _cli_type(declared)
+        cli_type, cli = _cli_type(declared), f.metadata.get("cli")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        flag = "--" + f.name.replace("_", "-")
-        decls = [f"{flag}/--no-{flag[2:]}"] if cli_type is bool else [flag]
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=cli_type,
-                                        default=typer.Option(default, *decls, help=f.metadata.get("help", ""))))
+        default = ... if default is dataclasses.MISSING else default
+        accepted = choices(config, f.name, declared)
+        help = f.metadata.get("help", "") + (f" Choices: {', '.join(accepted)}." if accepted else "")
+        if cli == "argument":
+            param = typer.Argument(default, help=help)
+        else:
+            flag = cli or "--" + f.name.replace("_", "-")
+            decls = [f"{flag}/--no-{flag[2:]}"] if cli_type is bool else [flag]
+            param = typer.Option(default, *decls, help=help)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=cli_type, default=param))
+    params.sort(key=lambda p: not isinstance(p.default, typer.models.ArgumentInfo))  # arguments first
     command.__signature__ = signature.replace(parameters=params)
     return command
 
 
 def _register_declared_commands() -> None:
-    from .evaluate.runner import measurement_fields
-    from .objectives import OBJECTIVES
-    from .options import declared_fields
-    from .recover import RecoverBase
-    from .targets import TARGETS
-
+    """prune, select, recover, evaluate and export, each built from its library config's declared fields."""
+    from .evaluate.runner import EvaluateBase, measurement_fields
+    from .export import ExportConfig
+    from .options import cli_fields
+    from .prune import PruneConfig
+    from .recover import RecoverBase, recover_options_owners
     from .select import SelectBase
     from .strategies import STRATEGIES
 
-    app.command(name="select")(_with_declared_options(select, declared_fields(SelectBase, STRATEGIES.items())))
-    app.command(name="recover")(
-        _with_declared_options(recover, declared_fields(RecoverBase, [*TARGETS.items(), *OBJECTIVES.items()])))
-    app.command(name="evaluate")(_with_declared_options(evaluate, measurement_fields()))
+    commands = [(prune, PruneConfig, cli_fields(PruneConfig)),
+                (select, SelectBase, cli_fields(SelectBase, STRATEGIES.items())),
+                (recover, RecoverBase, cli_fields(RecoverBase, recover_options_owners())),
+                (evaluate, EvaluateBase, cli_fields(EvaluateBase) + measurement_fields()),
+                (export, ExportConfig, cli_fields(ExportConfig))]
+    for command, config, fields in commands:
+        app.command(name=command.__name__)(_with_declared_options(command, config, fields))
 
-
-_register_declared_commands()
 
 
 # ----------------------------------------------------------------------------------------------- export
-@app.command()
-def export(
-    model: str = typer.Argument(..., help="A model folder: paser prune's output, paser recover's OUT/merged, or any save_pretrained folder."),
-    out: Path = typer.Option(..., help="Output folder (written whole or not at all): the checkpoint, its tokenizer, export_report.json."),
-    format: str = typer.Option("w4a16", "--format", help="dense (plain tensors) | w4a16 (int4 weights, groups of 128) | w8a8 (int8 weights per channel, int8 activations per token): compressed-tensors, what vLLM serves."),
-    method: str = typer.Option("rtn", help="rtn: round to nearest, no data, every zero stays zero | gptq: calibrated on --calib-data, pruned positions set back to zero."),
-    calib_data: Optional[str] = typer.Option(None, help="--method gptq: instruction records (default: the recovery data in MODEL/../train_log.json)."),
-    calib_samples: int = typer.Option(128, help="--method gptq: records to calibrate on."),
-    seq_len: int = typer.Option(256, help="--method gptq: tokens per calibration record at most."),
-) -> None:
+def export(**settings: Any) -> None:  # ExportConfig's fields
     """Export a pruned or recovered model as a deployable checkpoint: compressed-tensors quantized weights
     (llmcompressor; lm_head kept in full precision), its pruned zeros kept and checked.
 
@@ -336,25 +243,27 @@ def export(
     """
     from .export import ExportConfig, run_export
 
-    report = run_export(ExportConfig(model=model, out=str(out), format=format, method=method, calib_data=calib_data,
-                                     calib_samples=calib_samples, seq_len=seq_len))
+    report = run_export(ExportConfig(**settings))
     size = report["size_bytes"]
     sparsity = report["sparsity"]
     kept = (f"; pruned layers {report['pruned_layers']}, min sparsity {sparsity['input_min']:.4f} -> {sparsity['output_min']:.4f}"
             if report["pruned_layers"] else "; no pruned layer")
     typer.echo(f"{report['format']}: weights {size['input_weights'] / 1e6:.1f} MB -> {size['output_weights'] / 1e6:.1f} MB "
-               f"({size['weights_ratio']:.2f}x){kept}; {report['seconds']:.0f}s -> {out}")
+               f"({size['weights_ratio']:.2f}x){kept}; {report['seconds']:.0f}s -> {settings['out']}")
+
+
+_register_declared_commands()
 
 
 # -------------------------------------------------------------------------------------------------- run
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="Pipeline YAML config (sections model, prune or pruned, data, select, recover, evaluate, arms, seeds), or a shipped one by name: demo, compare, study, recovery, tokens."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default: the config's 'out')."),
-    from_stage: Optional[str] = typer.Option(None, "--from", help="Redo this stage (data, prune, select, recover, evaluate) and everything after it."),
-    task_dir: Optional[Path] = typer.Option(None, help="Replace the config's zero-shot task directory (evaluate.task_dir)."),
+    out: Path | None = typer.Option(None, help="Run directory (default: the config's 'out')."),
+    from_stage: str | None = typer.Option(None, "--from", help="Redo this stage (data, prune, select, recover, evaluate) and everything after it."),
+    task_dir: Path | None = typer.Option(None, help="Replace the config's zero-shot task directory (evaluate.task_dir)."),
     ppl: list[Path] = typer.Option([], help="Replace the config's perplexity texts (evaluate.ppl); repeatable."),
-    arms: Optional[str] = typer.Option(None, help="Run only these arms (comma-separated names); a later full run reuses what they finished."),
+    arms: str | None = typer.Option(None, help="Run only these arms (comma-separated names); a later full run reuses what they finished."),
     set_values: list[str] = typer.Option([], "--set", help="Override a config value: SECTION.KEY=VALUE or KEY=VALUE (VALUE as YAML), e.g. select.budget=0.05; repeatable."),
 ) -> None:
     """Run data -> prune -> select -> recover -> evaluate from one config, resumably.
@@ -407,7 +316,7 @@ def report(run_dir: Path = typer.Argument(..., help="A 'paser run' output direct
 @app.command()
 def validate(
     data: str = typer.Argument(..., help="Instruction data: .jsonl/.json/.csv/.parquet, a hub dataset name, or 'demo'."),
-    columns: Optional[str] = typer.Option(None, help="Field mapping, e.g. instruction=question,output=answer or messages=conversations."),
+    columns: str | None = typer.Option(None, help="Field mapping, e.g. instruction=question,output=answer or messages=conversations."),
     duplicates: str = typer.Option("keep", help="keep | drop duplicate (instruction, input) pairs."),
     report: bool = typer.Option(False, "--report", help="List every bad record (file:line: field: problem) instead of stopping at the first; exit 1 if there is any."),
 ) -> None:
@@ -440,8 +349,8 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Demo run directory."),
     show_config: bool = typer.Option(False, "--show-config", help="Print the demo's pipeline config (or --config NAME's) and stop."),
     config_name: str = typer.Option("demo", "--config", help="Which shipped config: demo, tokens (the equal-token study), compare (selection methods on a slice of the real pool), study (record-budget candidate recipes) or recovery (recovery objectives); run them with paser run NAME."),
-    export_data: Optional[Path] = typer.Option(None, help="Only write the built-in demo data (train.jsonl, heldout.jsonl) to this directory."),
-    from_stage: Optional[str] = typer.Option(None, "--from", help="Redo this stage and everything after it."),
+    export_data: Path | None = typer.Option(None, help="Only write the built-in demo data (train.jsonl, heldout.jsonl) to this directory."),
+    from_stage: str | None = typer.Option(None, "--from", help="Redo this stage and everything after it."),
 ) -> None:
     """The whole pipeline on the embedded SmolLM2-135M-Instruct and the built-in demo data.
 

@@ -52,6 +52,23 @@ def _value(metric: Metric, num: list[np.ndarray], den: list[np.ndarray], ref: di
     return (ref["pruned"] - value) / (ref["pruned"] - ref["dense"])
 
 
+def _difference(metric: Any, values: list[float], base_values: list[float], arm_boot: np.ndarray,
+                base_boot: np.ndarray, paired: bool, rng: np.random.Generator) -> dict[str, Any]:
+    """The arm's mean minus the baseline's, with the 95% interval of the bootstrap that resamples items (the
+    replicates' rows, shared by every model) and seeds (paired when both arms ran the same seeds)."""
+    replicates = arm_boot.shape[0]
+    arm_draw = rng.integers(0, arm_boot.shape[1], size=(replicates, arm_boot.shape[1]))
+    base_draw = arm_draw if paired else rng.integers(0, base_boot.shape[1], size=(replicates, base_boot.shape[1]))
+    rows = np.arange(replicates)[:, None]
+    diff = arm_boot[rows, arm_draw].mean(1) - base_boot[rows, base_draw].mean(1)
+    low, high = (float(v) for v in np.percentile(diff, [2.5, 97.5]))
+    delta = float(np.mean(values) - np.mean(base_values))
+    verdict = ("better" if (low > 0 if metric.higher_is_better else high < 0)
+               else "worse" if (high < 0 if metric.higher_is_better else low > 0) else "within noise")
+    return {"diff": delta, "ci_low": low, "ci_high": high, "paired_seeds": paired, "verdict": verdict,
+            "improvement": delta if metric.higher_is_better else -delta}
+
+
 def compare_arms(results: dict, arms: dict[str, dict[int, str]], baseline: str, references: dict[str, str] | None = None,
                  replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0) -> dict[str, Any]:
     """Per arm and metric: mean and std over seeds, and the paired-bootstrap difference against ``baseline``.
@@ -74,7 +91,7 @@ def compare_arms(results: dict, arms: dict[str, dict[int, str]], baseline: str, 
         ref_parts = {k: [_component(models[v], p) for p in metric.parts] for k, v in (references or {}).items()}
         sizes = [len(c[0]) for c in next(iter(parts.values()))]
 
-        def full(components, ref=None):
+        def full(components, ref=None, metric=metric):
             return float(_value(metric, [n.sum() for n, _ in components], [d.sum() for _, d in components], ref))
 
         plain = replace(metric, share_of_gap=False)  # the references' own figures
@@ -83,7 +100,7 @@ def compare_arms(results: dict, arms: dict[str, dict[int, str]], baseline: str, 
         # one multinomial weight matrix per component: the same resampled items for every model
         weights = [rng.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float64) for n in sizes]
 
-        def replicated(components):
+        def replicated(components, weights=weights):
             return ([w @ n for w, (n, _) in zip(weights, components)], [w @ d for w, (_, d) in zip(weights, components)])
 
         ref_boot = None
@@ -98,20 +115,9 @@ def compare_arms(results: dict, arms: dict[str, dict[int, str]], baseline: str, 
                      "per_seed": dict(zip(sorted(seeds), values))}
             if arm != baseline:
                 base_values = [full(parts[arms[baseline][s]], ref_full) for s in base_seeds]
-                paired = sorted(seeds) == base_seeds
-                arm_draw = rng.integers(0, len(labels), size=(replicates, len(labels)))
-                base_draw = arm_draw if paired else rng.integers(0, len(base_seeds), size=(replicates, len(base_seeds)))
-                arm_boot = np.stack([boot[label] for label in labels], 1)  # (replicates, seeds)
                 base_boot = np.stack([boot[arms[baseline][s]] for s in base_seeds], 1)
-                rows = np.arange(replicates)[:, None]
-                diff = arm_boot[rows, arm_draw].mean(1) - base_boot[rows, base_draw].mean(1)
-                low, high = (float(v) for v in np.percentile(diff, [2.5, 97.5]))
-                delta = float(np.mean(values) - np.mean(base_values))
-                good = delta if metric.higher_is_better else -delta
-                verdict = ("better" if (low > 0 if metric.higher_is_better else high < 0)
-                           else "worse" if (high < 0 if metric.higher_is_better else low > 0) else "within noise")
-                entry.update(diff=delta, ci_low=low, ci_high=high, paired_seeds=paired, verdict=verdict,
-                             improvement=good)
+                entry.update(_difference(metric, values, base_values, np.stack([boot[label] for label in labels], 1),
+                                         base_boot, sorted(seeds) == base_seeds, rng))
             out["arms"][arm]["metrics"][metric.name] = entry
     return out
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -53,7 +54,7 @@ class ColumnMap:
     messages: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "ColumnMap":
+    def parse(cls, text: str) -> ColumnMap:
         """Parse ``instruction=question,output=answer[,input=context]`` or ``messages=conversations``."""
         values: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
@@ -134,7 +135,7 @@ class SkippedRecords:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def merge(self, other: "SkippedRecords") -> None:
+    def merge(self, other: SkippedRecords) -> None:
         for reason, n in other.counts.items():
             self.counts[reason] = self.counts.get(reason, 0) + n
         self.examples.extend(other.examples)
@@ -358,6 +359,32 @@ def iter_records(source: str | Path, columns: ColumnMap | None = None, bad_recor
                                  skipped=skipped)
 
 
+def _detect_schema(items: Iterator[tuple[int, Any]], source: str) -> tuple[ColumnMap | None, list[tuple[int, Any]]]:
+    """The column map of the first row that has one, within ``SCHEMA_LOOKAHEAD`` rows, and the rows read to find
+    it; (None, []) when there are no rows; a clear error when the rows hold no usable schema."""
+    pending: list[tuple[int, Any]] = []
+    for index, item in items:
+        pending.append((index, item))
+        columns = _schema_of(item[2] if isinstance(item, tuple) else item)
+        if columns is not None:
+            return columns, pending
+        if len(pending) >= SCHEMA_LOOKAHEAD:
+            break
+    first = next((i[2] if isinstance(i, tuple) else i for _, i in pending
+                  if isinstance(i[2] if isinstance(i, tuple) else i, dict)), None)
+    if first is None and not pending:
+        return None, []
+    if first is None:
+        _, item = pending[0]
+        unit, number, row = item if isinstance(item, tuple) else ("record", 1, item)
+        if isinstance(row, DataError):
+            raise row
+        raise DataError(source, number, None, f"expected a JSON object, got {type(row).__name__}", unit=unit)
+    fields = ", ".join(sorted(map(str, first))) or "none"
+    raise DataError(source, None, None, f"cannot tell which fields hold instruction and output (fields: {fields}); "
+                    "pass --columns instruction=FIELD,output=FIELD[,input=FIELD]")
+
+
 def iter_dict_records(rows: Iterable[Any], source: str, columns: ColumnMap | None = None,
                       bad_records: BadRecords = "error", skipped: SkippedRecords | None = None) -> Iterator[Record]:
     """Validate in-memory rows (dicts, or ``(unit, number, dict)`` triples) into records.
@@ -371,29 +398,9 @@ def iter_dict_records(rows: Iterable[Any], source: str, columns: ColumnMap | Non
     items = enumerate(iter(rows))
     pending: list[tuple[int, Any]] = []
     if columns is None:  # detect the schema from the first row that has one (bad rows before it are judged by it)
-        for index, item in items:
-            pending.append((index, item))
-            row = item[2] if isinstance(item, tuple) else item
-            columns = _schema_of(row)
-            if columns is not None:
-                break
-            if len(pending) >= SCHEMA_LOOKAHEAD:
-                break
-        if columns is None:
-            first = next((i[2] if isinstance(i, tuple) else i for _, i in pending
-                          if isinstance(i[2] if isinstance(i, tuple) else i, dict)), None)
-            if first is None and not pending:
-                return
-            if first is None:
-                _, item = pending[0]
-                unit, number, row = item if isinstance(item, tuple) else ("record", 1, item)
-                if isinstance(row, DataError):
-                    raise row
-                raise DataError(source, number, None, f"expected a JSON object, got {type(row).__name__}", unit=unit)
-            fields = ", ".join(sorted(map(str, first))) or "none"
-            raise DataError(source, None, None,
-                            f"cannot tell which fields hold instruction and output (fields: {fields}); "
-                            "pass --columns instruction=FIELD,output=FIELD[,input=FIELD]")
+        columns, pending = _detect_schema(items, source)
+        if columns is None:  # no rows at all
+            return
 
     def chained() -> Iterator[tuple[int, Any]]:
         yield from pending
@@ -477,7 +484,7 @@ class Encoded:
     def input_ids(self) -> list[int]:
         return self.prompt_ids + self.response_ids
 
-    def first_response_tokens(self, n: int) -> "Encoded":
+    def first_response_tokens(self, n: int) -> Encoded:
         """The same prompt with only the first ``n`` response tokens (a cheaper, approximate score)."""
         return Encoded(self.prompt_ids, self.response_ids[:n], self.truncated)
 

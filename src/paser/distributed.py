@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import heapq
 import os
-from functools import lru_cache
+from collections.abc import Callable, Iterator, Sequence
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 
 def launched() -> bool:
@@ -23,7 +24,7 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-@lru_cache(maxsize=None)
+@cache
 def _state() -> Any:
     import torch
     from accelerate import PartialState

@@ -5,11 +5,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-
 from tqdm.auto import tqdm
 
 from . import faults

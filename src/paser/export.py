@@ -40,7 +40,7 @@ from pydantic import Field
 from . import faults
 from .cache import atomic_dir, package_versions, write_json
 from .errors import ConfigError, DataError, ModelError
-from .options import check_declared
+from .options import check_declared, option
 from .registry import Registry
 from .sparsity import SPARSE_LAYER_MIN_ZEROS, apply_masks, sparsity_masks
 
@@ -79,13 +79,18 @@ class W8A8(ExportFormat):
 
 @dataclass
 class ExportConfig:
-    model: str
-    out: str
-    format: str = "w4a16"
-    method: Literal["rtn", "gptq"] = "rtn"
-    calib_data: str | None = None  # gptq: instruction records (default: the recovery data in MODEL/train_log.json)
-    calib_samples: Annotated[int, Field(ge=1)] = 128
-    seq_len: Annotated[int, Field(ge=8)] = 256
+    model: str = option(help="A model folder: paser prune's output, paser recover's OUT/merged, or any save_pretrained "
+        "folder.", cli='argument')
+    out: str = option(help="Output folder (written whole or not at all): the checkpoint, its tokenizer, "
+        "export_report.json.")
+    format: str = option('w4a16', "dense (plain tensors) | w4a16 (int4 weights, groups of 128) | w8a8 (int8 weights per"
+        " channel, int8 activations per token): compressed-tensors, what vLLM serves.")
+    method: Literal["rtn", "gptq"] = option('rtn', "rtn: round to nearest, no data, every zero stays zero | gptq: "
+        "calibrated on --calib-data, pruned positions set back to zero.")
+    calib_data: str | None = option(None, "--method gptq: instruction records (default: the recovery data in "
+        "MODEL/../train_log.json).")
+    calib_samples: Annotated[int, Field(ge=1)] = option(128, "--method gptq: records to calibrate on.")
+    seq_len: Annotated[int, Field(ge=8)] = option(256, "--method gptq: tokens per calibration record at most.")
 
     REGISTERED: ClassVar[dict[str, Registry]] = {"format": EXPORT_FORMATS}
     CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset()  # every field is a ``paser export`` option
@@ -209,6 +214,17 @@ def _quantize(model: Any, tokenizer: Any, fmt: ExportFormat, config: ExportConfi
     return details
 
 
+def _calibration(config: ExportConfig, fmt: Any, folder: Path, tokenizer: Any) -> tuple[Any, str | None]:
+    """GPTQ's calibration windows and where they came from (none for rtn and dense)."""
+    if not (fmt.scheme and config.method == "gptq"):
+        return None, None
+    source = _calibration_source(config, folder)
+    try:
+        return calibration_windows(source, tokenizer, config.calib_samples, config.seq_len), source
+    except FileNotFoundError as exc:
+        raise DataError(f"calibration data not found: {exc.filename or source}") from None
+
+
 def run_export(config: ExportConfig) -> dict:
     """Write ``config.model`` to ``config.out`` in ``config.format``; returns ``export_report.json``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -218,13 +234,7 @@ def run_export(config: ExportConfig) -> dict:
     fmt = EXPORT_FORMATS.get(config.format)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    calibration, calib_source = None, None
-    if fmt.scheme and config.method == "gptq":
-        calib_source = _calibration_source(config, folder)
-        try:
-            calibration = calibration_windows(calib_source, tokenizer, config.calib_samples, config.seq_len)
-        except FileNotFoundError as exc:
-            raise DataError(f"calibration data not found: {exc.filename or calib_source}") from None
+    calibration, calib_source = _calibration(config, fmt, folder, tokenizer)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     except (OSError, ValueError) as exc:

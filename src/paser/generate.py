@@ -6,8 +6,9 @@ self-distilled training targets (:mod:`paser.targets.original`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm

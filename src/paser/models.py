@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -39,6 +39,10 @@ class ResolvedSpec:
     spec: str
     location: str
     is_local: bool
+
+
+Dtype = Literal["auto", "bf16", "fp32", "fp16"]  # the dtypes every config accepts (auto: resolve_dtype_name)
+DTYPE_HELP = "Model dtype; auto: bf16 where the hardware runs it natively (GPUs, AVX512-BF16 CPUs), else fp32."
 
 
 def fast_bf16_available() -> bool:
@@ -225,3 +229,12 @@ def check_compatible(original_tokenizer: Any, pruned_tokenizer: Any, original_mo
         b_out = pruned_model.get_output_embeddings().weight.shape[0]
         if a_out != b_out:
             raise ModelError(f"original and pruned models have different output sizes ({a_out} vs {b_out})")
+
+
+def peak_memory_gb() -> float:
+    """Peak memory of this process so far: the accelerator's allocations on a GPU, else the resident set (GiB)."""
+    import resource
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .errors import ConfigError
 
@@ -34,11 +35,35 @@ def check_declared(config: Any) -> None:
             raise ConfigError(f"{name} must be one of {', '.join(registry)}, not '{values[name]}'")
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
-    """A registered object's setting: a dataclass field whose ``help`` is its CLI option's help."""
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
+           cli: str | None = None) -> Any:
+    """A declared setting: a dataclass field whose ``help`` is its CLI option's help. No default: a required option.
+    ``cli``: ``"argument"`` (positional) or the option's flag when it is not the field's name (``"--label"``)."""
+    metadata = {"help": help, **({"cli": cli} if cli else {})}
     if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def cli_fields(base: type, owners: Iterable[tuple[str, Any]] = ()) -> list[tuple[dataclasses.Field, Any]]:
+    """Every field a command offers: the config's own (but its ``CONFIG_ONLY`` ones) and each owner's declared
+    options, as (field, resolved type), in declaration order."""
+    hints = typing.get_type_hints(base, include_extras=True)
+    config_only = getattr(base, "CONFIG_ONLY", frozenset())
+    own = [(f, hints[f.name]) for f in dataclasses.fields(base) if f.name not in config_only]
+    return own + declared_fields(base, owners)
+
+
+def choices(base: type, name: str, declared: Any) -> tuple[str, ...]:
+    """The values a field accepts when they are a closed set: a ``Literal``'s or its registry's names."""
+    registry = getattr(base, "REGISTERED", {}).get(name)
+    if registry is not None:
+        return tuple(registry.names())
+    while typing.get_origin(declared) is typing.Annotated:
+        declared = typing.get_args(declared)[0]
+    if typing.get_origin(declared) is typing.Literal:
+        return tuple(str(a) for a in typing.get_args(declared))
+    return ()
 
 
 def declared_fields(base: type, owners: Iterable[tuple[str, Any]]) -> list[tuple[dataclasses.Field, Any]]:

@@ -23,9 +23,10 @@ import logging
 import math
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Sequence
+from typing import Annotated, Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -33,7 +34,7 @@ from pydantic import Field
 from .cache import atomic_dir, write_json
 from .data import pad_right
 from .errors import ConfigError
-from .options import check_declared
+from .options import check_declared, option
 from .registry import Registry
 from .score import perplexity
 
@@ -50,16 +51,20 @@ class PruneConfig:
 
     CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset()  # every field is a ``paser prune`` option
 
-    model: str
-    out: str | Path
-    method: str = "wanda"  # a name in PRUNING_METHODS
-    sparsity: Annotated[float, Field(gt=0, lt=1)] = 0.5
-    pattern: str | None = None  # "N:M", e.g. "2:4"
-    calib_data: str = "demo"  # any instruction source paser reads, or a plain .txt file
-    calib_samples: Annotated[int, Field(ge=1)] = 128
-    seq_len: Annotated[int, Field(ge=8)] = 256
-    heldout_samples: Annotated[int, Field(ge=1)] = 32  # calibration-source samples (not used for calibration) for perplexity
-    seed: int = 0
+    model: str = option(help="Model spec: smollm2-135m-instruct, a local HF directory, a .gguf file or a hub id.", cli='argument')
+    out: str | Path = option(help="Output directory (a plain Hugging Face model directory).")
+    method: str = option('wanda', "wanda | sparsegpt | magnitude (unstructured or N:M) | taylor (structured: MLP "
+        "channels and head groups).")
+    sparsity: Annotated[float, Field(gt=0, lt=1)] = option(0.5, "Fraction of weights (or, for taylor, of prunable "
+        "channels/heads) to remove, in (0, 1).")
+    pattern: str | None = option(None, "N:M semi-structured pattern, e.g. 2:4 (wanda, sparsegpt, magnitude).")
+    calib_data: str = option('demo', "Calibration data: any instruction source paser reads (formatted records packed "
+        "into full windows), or a plain .txt file.")
+    calib_samples: Annotated[int, Field(ge=1)] = option(128, "Number of calibration samples.")
+    seq_len: Annotated[int, Field(ge=8)] = option(256, "Calibration sequence length in tokens.")
+    heldout_samples: Annotated[int, Field(ge=1)] = option(32, "Further windows of the calibration source, not "
+        "calibrated on, for the perplexity before/after.")
+    seed: int = option(0, "Seed.")
 
     def nm(self) -> tuple[int, int] | None:
         if not self.pattern:
@@ -130,6 +135,36 @@ def _head_groups(config: Any) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
+def _salience(linear: torch.nn.Linear) -> torch.Tensor:
+    """First-order Taylor importance of each weight: |w * dL/dw|."""
+    return (linear.weight.detach() * linear.weight.grad).abs().float()
+
+
+def _drop_mlp_channels(tp: Any, mlp: torch.nn.Module, drop: int) -> None:
+    """Remove the ``drop`` least salient intermediate channels (gate, up and down projections together)."""
+    score = _salience(mlp.gate_proj).sum(1) + _salience(mlp.up_proj).sum(1) + _salience(mlp.down_proj).sum(0)
+    channels = score.argsort()[:drop].tolist()
+    tp.prune_linear_out_channels(mlp.gate_proj, channels)
+    tp.prune_linear_out_channels(mlp.up_proj, channels)
+    tp.prune_linear_in_channels(mlp.down_proj, channels)
+
+
+def _drop_head_groups(tp: Any, attn: torch.nn.Module, drop: int, kv_heads: int, q_per_kv: int, head_dim: int) -> int:
+    """Remove the ``drop`` least salient key/value head groups with their query heads; returns how many."""
+    q = _salience(attn.q_proj).sum(1).view(kv_heads, q_per_kv * head_dim).sum(1)
+    k = _salience(attn.k_proj).sum(1).view(kv_heads, head_dim).sum(1)
+    v = _salience(attn.v_proj).sum(1).view(kv_heads, head_dim).sum(1)
+    o = _salience(attn.o_proj).sum(0).view(kv_heads, q_per_kv * head_dim).sum(1)
+    groups = (q + k + v + o).argsort()[:drop].tolist()
+    q_rows = [g * q_per_kv * head_dim + i for g in groups for i in range(q_per_kv * head_dim)]
+    kv_rows = [g * head_dim + i for g in groups for i in range(head_dim)]
+    tp.prune_linear_out_channels(attn.q_proj, q_rows)
+    tp.prune_linear_out_channels(attn.k_proj, kv_rows)
+    tp.prune_linear_out_channels(attn.v_proj, kv_rows)
+    tp.prune_linear_in_channels(attn.o_proj, q_rows)
+    return len(groups)
+
+
 def taylor_prune_(model: torch.nn.Module, batches: Sequence[Sequence[Sequence[int]]], ratio: float,
                   progress: bool = True) -> dict:
     """LLM-Pruner-style structured pruning in place; returns what was removed.
@@ -158,31 +193,12 @@ def taylor_prune_(model: torch.nn.Module, batches: Sequence[Sequence[Sequence[in
         labels = ids.masked_fill(mask == 0, -100)
         model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss.backward()
 
-    def salience(linear: torch.nn.Linear) -> torch.Tensor:
-        return (linear.weight.detach() * linear.weight.grad).abs().float()
-
     removed_groups = 0
     with torch.no_grad():
         for layer in layers:
-            mlp, attn = layer.mlp, layer.self_attn
-            score = salience(mlp.gate_proj).sum(1) + salience(mlp.up_proj).sum(1) + salience(mlp.down_proj).sum(0)
-            drop = score.argsort()[:drop_channels].tolist()
-            tp.prune_linear_out_channels(mlp.gate_proj, drop)
-            tp.prune_linear_out_channels(mlp.up_proj, drop)
-            tp.prune_linear_in_channels(mlp.down_proj, drop)
+            _drop_mlp_channels(tp, layer.mlp, drop_channels)
             if drop_groups:
-                q = salience(attn.q_proj).sum(1).view(kv_heads, q_per_kv * head_dim).sum(1)
-                k = salience(attn.k_proj).sum(1).view(kv_heads, head_dim).sum(1)
-                v = salience(attn.v_proj).sum(1).view(kv_heads, head_dim).sum(1)
-                o = salience(attn.o_proj).sum(0).view(kv_heads, q_per_kv * head_dim).sum(1)
-                groups = (q + k + v + o).argsort()[:drop_groups].tolist()
-                q_rows = [g * q_per_kv * head_dim + i for g in groups for i in range(q_per_kv * head_dim)]
-                kv_rows = [g * head_dim + i for g in groups for i in range(head_dim)]
-                tp.prune_linear_out_channels(attn.q_proj, q_rows)
-                tp.prune_linear_out_channels(attn.k_proj, kv_rows)
-                tp.prune_linear_out_channels(attn.v_proj, kv_rows)
-                tp.prune_linear_in_channels(attn.o_proj, q_rows)
-                removed_groups += len(groups)
+                removed_groups += _drop_head_groups(tp, layer.self_attn, drop_groups, kv_heads, q_per_kv, head_dim)
     model.zero_grad(set_to_none=True)
 
     config.intermediate_size = channels - drop_channels

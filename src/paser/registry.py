@@ -15,7 +15,8 @@ function is stored as it is. Unknown names fail with a :class:`~paser.errors.Con
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 

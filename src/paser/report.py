@@ -63,81 +63,86 @@ def _missing(what: str) -> str:
 
 # ----------------------------------------------------------------------------------------- sections
 def _selection_section(run_dir: Path, methods: list[str], paser_key: str = "paser") -> str:
-    import matplotlib.pyplot as plt
-    import numpy as np
     import pandas as pd
 
-    parts = []
     paser_dir = run_dir / "select" / paser_key
     summary = _read_json(paser_dir / "selection.json")
     scores_path = paser_dir / "scores.parquet"
     if summary and "clusters" in summary and scores_path.exists():
-        table = pd.read_parquet(scores_path)
-        fig, ax = plt.subplots(figsize=(7.5, 5.5))
-        cmap = plt.get_cmap("tab10" if summary["k"] <= 10 else "tab20")
-        for c in sorted(table["cluster"].unique()):
-            members = table[table["cluster"] == c]
-            ax.scatter(members["map_x"], members["map_y"], s=9, color=cmap(c % cmap.N), alpha=0.55, label=f"{c}")
-        chosen = table[table["selected"]]
-        ax.scatter(chosen["map_x"], chosen["map_y"], s=22, facecolors="none", edgecolors="black", linewidths=0.7,
-                   label="selected")
-        ax.set_title(f"Clusters (K = {summary['k']}) in diffusion space, 2 principal components")
-        ax.legend(fontsize=7, ncol=2, loc="best", markerscale=1.5, title="cluster")
-        parts.append("<h2>Clusters</h2>" + _figure_html(fig, "cluster map"))
-
-        clusters = summary["clusters"]
-        ids = [c["cluster"] for c in clusters]
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-        left.bar(ids, [c["cds"] for c in clusters], color="#4c72b0")
-        left.set_title("Capability degradation score (mean JSD) per cluster")
-        left.set_xlabel("cluster")
-        width = 0.4
-        right.bar(np.array(ids) - width / 2, [c["budget"] for c in clusters], width, label="budget", color="#dd8452")
-        right.bar(np.array(ids) + width / 2, [c["selected"] for c in clusters], width, label="selected",
-                  color="#55a868")
-        right.set_title(f"Budget ('{summary['allocation']}' rule) and selection per cluster")
-        right.set_xlabel("cluster")
-        right.legend()
-        rows = [[c["cluster"], c["size"], f"{c['cds']:.4f}", c["budget"], c["selected"], c["rejected"]]
-                for c in clusters]
-        parts.append("<h2>Degradation and budget</h2>" + _figure_html(fig, "CDS and budget per cluster")
-                     + _table(["cluster", "size", "CDS", "budget", "selected", "CCG rejected"], rows))
-
-        ccg = summary.get("ccg", {})
-        examples = [[c["cluster"], e["instruction"], e["conflict"]] for c in clusters
-                    for e in c.get("rejection_examples", [])]
-        text = (f"<p>Concept-consistency filter {'on' if ccg.get('enabled') else 'off'}: "
-                f"{ccg.get('rejected', 0)} candidates rejected, {ccg.get('admitted_despite_conflict', 0)} admitted "
-                f"despite a conflict to reach the budget; the graph holds {ccg.get('graph_nodes', 0)} concepts "
-                f"and {ccg.get('graph_edges', 0)} co-occurrence edges.</p>")
-        parts.append("<h2>What the concept-consistency filter rejected</h2>" + text
-                     + (_table(["cluster", "instruction", "why"], examples, text_columns=3) if examples else ""))
+        parts = _cluster_parts(summary, pd.read_parquet(scores_path))
     else:
-        parts.append("<h2>Clusters</h2>" + _missing(f"PASER selection (select/{paser_key})"))
+        parts = ["<h2>Clusters</h2>" + _missing(f"PASER selection (select/{paser_key})")]
+    return "".join(parts) + _jsd_part(run_dir, methods)
+
+
+def _cluster_parts(summary: dict, table: Any) -> list[str]:
+    """PASER's clusters in diffusion space, each cluster's degradation, budget and picks, and what CCG rejected."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    cmap = plt.get_cmap("tab10" if summary["k"] <= 10 else "tab20")
+    for c in sorted(table["cluster"].unique()):
+        members = table[table["cluster"] == c]
+        ax.scatter(members["map_x"], members["map_y"], s=9, color=cmap(c % cmap.N), alpha=0.55, label=f"{c}")
+    chosen = table[table["selected"]]
+    ax.scatter(chosen["map_x"], chosen["map_y"], s=22, facecolors="none", edgecolors="black", linewidths=0.7,
+               label="selected")
+    ax.set_title(f"Clusters (K = {summary['k']}) in diffusion space, 2 principal components")
+    ax.legend(fontsize=7, ncol=2, loc="best", markerscale=1.5, title="cluster")
+    parts = ["<h2>Clusters</h2>" + _figure_html(fig, "cluster map")]
+
+    clusters = summary["clusters"]
+    ids = [c["cluster"] for c in clusters]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    left.bar(ids, [c["cds"] for c in clusters], color="#4c72b0")
+    left.set_title("Capability degradation score (mean JSD) per cluster")
+    left.set_xlabel("cluster")
+    width = 0.4
+    right.bar(np.array(ids) - width / 2, [c["budget"] for c in clusters], width, label="budget", color="#dd8452")
+    right.bar(np.array(ids) + width / 2, [c["selected"] for c in clusters], width, label="selected", color="#55a868")
+    right.set_title(f"Budget ('{summary['allocation']}' rule) and selection per cluster")
+    right.set_xlabel("cluster")
+    right.legend()
+    rows = [[c["cluster"], c["size"], f"{c['cds']:.4f}", c["budget"], c["selected"], c["rejected"]] for c in clusters]
+    parts.append("<h2>Degradation and budget</h2>" + _figure_html(fig, "CDS and budget per cluster")
+                 + _table(["cluster", "size", "CDS", "budget", "selected", "CCG rejected"], rows))
+
+    ccg = summary.get("ccg", {})
+    examples = [[c["cluster"], e["instruction"], e["conflict"]] for c in clusters for e in c.get("rejection_examples", [])]
+    text = (f"<p>Concept-consistency filter {'on' if ccg.get('enabled') else 'off'}: "
+            f"{ccg.get('rejected', 0)} candidates rejected, {ccg.get('admitted_despite_conflict', 0)} admitted "
+            f"despite a conflict to reach the budget; the graph holds {ccg.get('graph_nodes', 0)} concepts "
+            f"and {ccg.get('graph_edges', 0)} co-occurrence edges.</p>")
+    parts.append("<h2>What the concept-consistency filter rejected</h2>" + text
+                 + (_table(["cluster", "instruction", "why"], examples, text_columns=3) if examples else ""))
+    return parts
+
+
+def _jsd_part(run_dir: Path, methods: list[str]) -> str:
+    """The JSD of all records against that of each method's picks."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
 
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     drawn = False
     for method in methods:
         path = run_dir / "select" / method / "scores.parquet"
-        if not path.exists():
-            continue
-        table = pd.read_parquet(path)
-        if "jsd" not in table:
+        table = pd.read_parquet(path) if path.exists() else None
+        if table is None or "jsd" not in table:
             continue
         if not drawn:
             ax.hist(table["jsd"], bins=40, density=True, alpha=0.35, color="gray", label="all records")
             drawn = True
         ax.hist(table.loc[table["selected"], "jsd"], bins=40, density=True, histtype="step", linewidth=1.6,
                 label=f"selected by {method}")
-    if drawn:
-        ax.set_xlabel("JSD between the original and pruned next-token distributions (mean over response)")
-        ax.set_ylabel("density")
-        ax.legend()
-        parts.append("<h2>JSD distribution</h2>" + _figure_html(fig, "JSD distribution"))
-    else:
+    if not drawn:
         plt.close(fig)
-        parts.append("<h2>JSD distribution</h2>" + _missing("scores"))
-    return "".join(parts)
+        return "<h2>JSD distribution</h2>" + _missing("scores")
+    ax.set_xlabel("JSD between the original and pruned next-token distributions (mean over response)")
+    ax.set_ylabel("density")
+    ax.legend()
+    return "<h2>JSD distribution</h2>" + _figure_html(fig, "JSD distribution")
 
 
 def _training_section(run_dir: Path, methods: list[str]) -> str:

@@ -22,9 +22,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -304,25 +305,14 @@ def batched_values(encoded: Sequence[Encoded], compute: Any, columns: Sequence[s
     partial = None
     if cache_file:
         partial = cache_file.with_suffix(f".rank{rank}.partial.parquet" if world > 1 else ".partial.parquet")
-    carried = np.zeros(n, dtype=bool)  # rows this process's partial file must keep holding
-    for path in _partial_files(cache_file):
-        done = pd.read_parquet(path)
-        rows = done["index"].to_numpy()
-        for c in columns:
-            values[c][rows] = done[c].to_numpy()
-        if world == 1 or path == partial:
-            carried[rows] = True
+    carried = _resume_from_partials(cache_file, partial, values, columns, world)
     first = values[columns[0]]
     todo = [i for i in range(n) if np.isnan(first[i])]
     if len(todo) < n:
         log.info("resuming scoring: %d of %d samples already scored", n - len(todo), n)
     distributed.barrier()  # every rank has read the partial files before any rank writes one
-    lengths = [len(encoded[i].input_ids) for i in todo]
-    batches = [[todo[j] for j in b] for b in length_buckets(lengths, config.batch_size, config.max_batch_tokens)]
-    if world > 1:  # whole batches, as one process forms them (identical results), balanced by token count
-        tokens = [sum(len(encoded[i].input_ids) for i in b) for b in batches]
-        batches = [batches[j] for j in distributed.shard_by_tokens(tokens, world)[rank]]
-        lengths = [len(encoded[i].input_ids) for b in batches for i in b]
+    batches = _my_batches(encoded, todo, config, rank, world)
+    lengths = [len(encoded[i].input_ids) for b in batches for i in b]
     mine = np.zeros(n, dtype=bool)
 
     def table(rows: np.ndarray) -> pd.DataFrame:
@@ -340,16 +330,52 @@ def batched_values(encoded: Sequence[Encoded], compute: Any, columns: Sequence[s
                 last_save = time.monotonic()
                 faults.reached("score.saved")
     if world > 1:  # each rank filled its shard: merge
-        rows = np.flatnonzero(mine)
-        for part_rows, part in distributed.all_gather((rows, {c: values[c][rows] for c in columns})):
-            for c in columns:
-                values[c][part_rows] = part[c]
+        _merge_ranks(values, columns, mine)
     if cache_file and distributed.is_main():
         write_parquet(cache_file, table(np.arange(n)))
         for f in _partial_files(cache_file):
             f.unlink(missing_ok=True)
     distributed.barrier()  # the cache file exists for everyone before anyone moves on
     return values
+
+
+def _merge_ranks(values: dict[str, np.ndarray], columns: Sequence[str], mine: np.ndarray) -> None:
+    """Every rank's rows into every rank's ``values``."""
+    from . import distributed
+
+    rows = np.flatnonzero(mine)
+    for part_rows, part in distributed.all_gather((rows, {c: values[c][rows] for c in columns})):
+        for c in columns:
+            values[c][part_rows] = part[c]
+
+
+def _resume_from_partials(cache_file: Path | None, partial: Path | None, values: dict[str, np.ndarray],
+                          columns: Sequence[str], world: int) -> np.ndarray:
+    """Fill ``values`` from the partial files of an interrupted run; returns the rows this process's own partial
+    file must keep holding."""
+    carried = np.zeros(len(values[columns[0]]), dtype=bool)
+    for path in _partial_files(cache_file):
+        done = pd.read_parquet(path)
+        rows = done["index"].to_numpy()
+        for c in columns:
+            values[c][rows] = done[c].to_numpy()
+        if world == 1 or path == partial:
+            carried[rows] = True
+    return carried
+
+
+def _my_batches(encoded: Sequence[Encoded], todo: list[int], config: ScoreConfig, rank: int, world: int
+                ) -> list[list[int]]:
+    """The length-bucketed batches still to do; under a launcher, this process's share of whole batches (as one
+    process forms them, so the values are identical), balanced by token count."""
+    from . import distributed
+
+    lengths = [len(encoded[i].input_ids) for i in todo]
+    batches = [[todo[j] for j in b] for b in length_buckets(lengths, config.batch_size, config.max_batch_tokens)]
+    if world > 1:
+        tokens = [sum(len(encoded[i].input_ids) for i in b) for b in batches]
+        batches = [batches[j] for j in distributed.shard_by_tokens(tokens, world)[rank]]
+    return batches
 
 
 def _partial_files(cache_file: Path | None) -> list[Path]:

@@ -40,8 +40,8 @@ from .cluster import ClusterResult
 from .data import ColumnMap, PromptFormatter, Record, encode_records, load_records
 from .embed import DEFAULT_EMBEDDER
 from .errors import ConfigError, DataError
-from .models import check_compatible, load_tokenizer, resolve_dtype_name
-from .options import check_declared, joined_config
+from .models import DTYPE_HELP, Dtype, check_compatible, load_tokenizer, resolve_dtype_name
+from .options import check_declared, joined_config, option
 from .score import SCORERS
 from .strategies import STRATEGIES, SelectionContext, get_strategy
 from .strategies.paser import CLUSTER_METHODS
@@ -61,35 +61,39 @@ class SelectBase:
                                             "cluster_method": CLUSTER_METHODS}
     CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"cache_dir"})
 
-    original: str
-    pruned: str
-    data: str
-    budget: float | None = None  # a record count, or a fraction of the data when below 1
-    # training tokens (prompt + response within max_length, what recovery trains on): a count, or a fraction of the
-    # pool's tokens when below 1; when given, the method selects as it would for the largest record budget whose
-    # selection fits, and ``budget`` is not used
-    budget_tokens: float | None = None
-    out: str | Path | None = None
-    # a registered strategy: random (the default: the recipe that passed every equal-token testbed, docs/fidelity.md)
-    # | paser | full | perplexity | loss_gap | ifd | nuggets | dsir
-    method: str = "random"
-    embedder: str = DEFAULT_EMBEDDER
-    max_length: Annotated[int, Field(ge=8)] = 256
-    batch_size: Annotated[int, Field(ge=1)] = 16
-    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"  # auto: bf16 on GPUs and bf16-capable CPUs, else fp32
-    score: str = "jsd"  # jsd | loss_gap | pruned_loss (see paser.score)
-    seed: int = 0
-    template: Literal["auto", "chat", "alpaca"] = "auto"
-    columns: str | None = None
-    duplicates: Literal["keep", "drop"] = "keep"
-    bad_records: Literal["skip", "error"] = "skip"  # skip: leave unusable records out and report them | error: stop at the first
-    limit: Annotated[int, Field(ge=1)] | None = None  # use only the first N records
+    original: str = option(help="Original (dense) model spec.")
+    pruned: str = option(help="Pruned model spec (must share the original's tokenizer).")
+    data: str = option(help="Instruction data: .jsonl/.json/.csv/.parquet, a hub dataset name, or 'demo'.")
+    budget: float | None = option(None, "Records to select: a count, or a fraction of the data when below 1.")
+    budget_tokens: float | None = option(None, "Training tokens to select instead (prompt + response within "
+        "--max-length, what recovery trains on): a count, or a fraction of the pool's tokens when below 1. "
+        "The method selects as for the largest record budget whose records fit.")
+    out: str | Path | None = option(None, "Output directory: selected.jsonl, selection.json, scores.parquet.")
+    method: str = option('random', "random (the default: seeded, loads no model; distilled by paser recover's default "
+        "loss it passed every equal-token testbed, docs/fidelity.md) | paser (capability clusters, IFD "
+        "inside, concept filter) | full | perplexity | loss_gap | ifd | nuggets | dsir.")
+    embedder: str = option(DEFAULT_EMBEDDER, "sentence-transformers model (default: the bundled all-MiniLM-L6-v2).")
+    max_length: Annotated[int, Field(ge=8)] = option(256, "Tokens per sample (prompt + response) when scoring.")
+    batch_size: Annotated[int, Field(ge=1)] = option(16, "Samples per scoring batch (length-bucketed).")
+    dtype: Dtype = option("auto", DTYPE_HELP)
+    score: str = option('jsd', "Degradation score: jsd (paper) | loss_gap | pruned_loss.")
+    seed: int = option(0, "Seed for clustering, sampling inside clusters and the random baseline.")
+    template: Literal["auto", "chat", "alpaca"] = option('auto', "Prompt template: auto (the tokenizer's chat template "
+        "when it has one, else alpaca) | chat | alpaca.")
+    columns: str | None = option(None, "Field mapping, e.g. instruction=question,output=answer.")
+    duplicates: Literal["keep", "drop"] = option('keep', "keep | drop duplicate (instruction, input) pairs.")
+    bad_records: Literal["skip", "error"] = option('skip', "skip: leave out unusable records (malformed, not UTF-8, "
+        "empty or missing fields), count them by reason in selection.json | error: stop at the first.")
+    limit: Annotated[int, Field(ge=1)] | None = option(None, "Use only the first N records of the data.")
     cache_dir: str | Path | None = None  # default: $PASER_CACHE or ~/.cache/paser
-    ifd_model: Literal["original", "pruned"] = "pruned"  # ifd: the model whose losses define IFD (original | pruned)
-    # both models in memory | one: the original's top-k stored first, then the pruned alone
-    resident: Literal["both", "one"] = "both"
-    topk: Annotated[int, Field(ge=1)] = 64  # resident one: log-probabilities kept per position (the rest is one tail bucket)
-    device_map: str | None = None  # auto: each model spread over the GPUs (and CPU memory) by accelerate
+    ifd_model: Literal["original", "pruned"] = option('pruned', "ifd: the model whose response losses define IFD "
+        "(original | pruned).")
+    resident: Literal["both", "one"] = option('both', "both: the two models in memory together | one: the original "
+        "alone first (its top-k log-probabilities stored), then the pruned alone; JSD over the top-k tokens "
+        "and one tail bucket (error bounded, see docs/method.md).")
+    topk: Annotated[int, Field(ge=1)] = option(64, "--resident one: log-probabilities kept per position.")
+    device_map: str | None = option(None, "auto: spread each model over the GPUs and CPU memory (accelerate big-model "
+        "loading), for models too big for one device.")
 
     def validate(self) -> None:
         """The declared choices and bounds (:func:`paser.options.check_declared`), then what relates fields."""
@@ -176,41 +180,7 @@ def run_selection(config: SelectConfig) -> SelectionResult:
     config.validate()
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    cache = Path(config.cache_dir) if config.cache_dir else cache_root()
-
-    t0 = time.perf_counter()
-    columns = ColumnMap.parse(config.columns) if config.columns else None
-    records = load_records(config.data, columns, duplicates=config.duplicates, limit=config.limit,
-                           bad_records=config.bad_records)
-    skipped = records.skipped
-    timings["load_data"] = time.perf_counter() - t0
-
-    # Every method sees the same pool: records with a response token to score within max_length.
-    t0 = time.perf_counter()
-    tokenizer = load_tokenizer(config.original)
-    check_compatible(tokenizer, load_tokenizer(config.pruned))
-    formatter = PromptFormatter(tokenizer, template=config.template, max_length=config.max_length)
-    records, encoded = encode_records(formatter, records, config.bad_records, skipped)
-    timings["tokenize"] = time.perf_counter() - t0
-    if not records:
-        raise DataError(config.data, None, None, f"no usable records ({skipped.describe()})")
-    record_tokens = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
-    if config.budget_tokens is None:
-        budget = config.budget_count(len(records))
-        if config.budget >= 1 and config.budget > len(records):
-            log.warning("budget %d exceeds the %d records: selecting all", int(config.budget), len(records))
-    else:
-        budget = max(1, min(len(records), round(config.token_budget(int(record_tokens.sum())) / record_tokens.mean())))
-
-    table = pd.DataFrame({
-        "index": [r.index for r in records],  # positions in the input file, so outputs join back
-        "line": [r.number for r in records],
-        "prompt_tokens": [len(e.prompt_ids) for e in encoded],
-        "response_tokens": [len(e.response_ids) for e in encoded],
-        "truncated": [e.truncated for e in encoded],
-    })
-    ctx = SelectionContext(config, records, encoded, tokenizer, formatter.fingerprint,
-                           resolve_dtype_name(config.dtype), budget, cache, table, timings)
+    ctx, record_tokens, skipped = _selection_context(config, timings)
     t0 = time.perf_counter()
     strategy = get_strategy(config.method)
     if config.budget_tokens is None:
@@ -219,28 +189,11 @@ def run_selection(config: SelectConfig) -> SelectionResult:
         positions, details = select_within_tokens(strategy, ctx, record_tokens,
                                                   config.token_budget(int(record_tokens.sum())))
     timings["strategy"] = time.perf_counter() - t0
-    selected = np.zeros(len(records), dtype=bool)
+    selected = np.zeros(len(ctx.records), dtype=bool)
     selected[positions] = True
     ctx.table["selected"] = selected
-
-    score = ctx.table["score"].to_numpy(np.float64) if "score" in ctx.table else None
-    summary = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        "method": config.method, "n_records": len(records), "budget": ctx.budget, "n_selected": len(positions),
-        "tokens": {"budget": config.token_budget(int(record_tokens.sum())) if config.budget_tokens is not None else None,
-                   "selected": int(record_tokens[positions].sum()), "pool": int(record_tokens.sum()),
-                   "selected_response": int(ctx.table["response_tokens"].to_numpy()[positions].sum()),
-                   "per_record": "prompt + response tokens within max_length (what recovery trains on)"},
-        "skipped_records": skipped.summary(),
-        "scores_from_cache": ctx.info.get("scores_from_cache"), "score": None,  # the strategy names its score
-        "cost": {**ctx.cost, "seconds": None},
-        "score_all": _describe(score) if score is not None else {},
-        "score_selected": _describe(score[positions]) if score is not None else {},
-        **details,
-    }
-    if "jsd" in ctx.table:  # PASER's degradation signal, whatever the method, when it was computed
-        jsd = ctx.table["jsd"].to_numpy(np.float64)
-        summary["degradation"], summary["degradation_selected"] = _describe(jsd), _describe(jsd[positions])
+    summary = {**_summary(config, ctx, positions, record_tokens, skipped), **details}
+    records = ctx.records
     result = SelectionResult([records[i].index for i in positions], [records[i] for i in positions], ctx.table,
                              summary, ctx.info.get("cluster_result"), list(positions))
     writes = bool(config.out) and distributed.is_main()
@@ -257,6 +210,66 @@ def run_selection(config: SelectConfig) -> SelectionResult:
         write_json(Path(config.out) / "selection.json", summary)
     distributed.barrier()  # the outputs exist for every process
     return result
+
+
+def _selection_context(config: SelectConfig, timings: dict[str, float]) -> tuple[SelectionContext, np.ndarray, Any]:
+    """The pool every method sees (records with a response token to score within max_length), its per-record
+    table, the record budget, and each record's training tokens."""
+    t0 = time.perf_counter()
+    columns = ColumnMap.parse(config.columns) if config.columns else None
+    records = load_records(config.data, columns, duplicates=config.duplicates, limit=config.limit,
+                           bad_records=config.bad_records)
+    skipped = records.skipped
+    timings["load_data"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(config.original)
+    check_compatible(tokenizer, load_tokenizer(config.pruned))
+    formatter = PromptFormatter(tokenizer, template=config.template, max_length=config.max_length)
+    records, encoded = encode_records(formatter, records, config.bad_records, skipped)
+    timings["tokenize"] = time.perf_counter() - t0
+    if not records:
+        raise DataError(config.data, None, None, f"no usable records ({skipped.describe()})")
+    record_tokens = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+    if config.budget_tokens is None:
+        budget = config.budget_count(len(records))
+        if config.budget >= 1 and config.budget > len(records):
+            log.warning("budget %d exceeds the %d records: selecting all", int(config.budget), len(records))
+    else:
+        budget = max(1, min(len(records), round(config.token_budget(int(record_tokens.sum())) / record_tokens.mean())))
+    table = pd.DataFrame({
+        "index": [r.index for r in records],  # positions in the input file, so outputs join back
+        "line": [r.number for r in records],
+        "prompt_tokens": [len(e.prompt_ids) for e in encoded],
+        "response_tokens": [len(e.response_ids) for e in encoded],
+        "truncated": [e.truncated for e in encoded],
+    })
+    cache = Path(config.cache_dir) if config.cache_dir else cache_root()
+    ctx = SelectionContext(config, records, encoded, tokenizer, formatter.fingerprint,
+                           resolve_dtype_name(config.dtype), budget, cache, table, timings)
+    return ctx, record_tokens, skipped
+
+
+def _summary(config: SelectConfig, ctx: SelectionContext, positions: Any, record_tokens: np.ndarray,
+             skipped: Any) -> dict:
+    """selection.json's common part: budget, tokens, skipped records, cost, and the scores' distributions."""
+    score = ctx.table["score"].to_numpy(np.float64) if "score" in ctx.table else None
+    summary = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "method": config.method, "n_records": len(ctx.records), "budget": ctx.budget, "n_selected": len(positions),
+        "tokens": {"budget": config.token_budget(int(record_tokens.sum())) if config.budget_tokens is not None else None,
+                   "selected": int(record_tokens[positions].sum()), "pool": int(record_tokens.sum()),
+                   "selected_response": int(ctx.table["response_tokens"].to_numpy()[positions].sum()),
+                   "per_record": "prompt + response tokens within max_length (what recovery trains on)"},
+        "skipped_records": skipped.summary(),
+        "scores_from_cache": ctx.info.get("scores_from_cache"), "score": None,  # the strategy names its score
+        "cost": {**ctx.cost, "seconds": None},
+        "score_all": _describe(score) if score is not None else {},
+        "score_selected": _describe(score[positions]) if score is not None else {},
+    }
+    if "jsd" in ctx.table:  # PASER's degradation signal, whatever the method, when it was computed
+        jsd = ctx.table["jsd"].to_numpy(np.float64)
+        summary["degradation"], summary["degradation_selected"] = _describe(jsd), _describe(jsd[positions])
+    return summary
 
 
 def select_within_tokens(strategy: Any, ctx: SelectionContext, record_tokens: np.ndarray, token_budget: int

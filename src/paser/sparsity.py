@@ -15,9 +15,8 @@ def sparsity_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Zero masks of the linear layers that look pruned (>= 1% exact zeros)."""
     masks = {}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            if is_sparse(module.weight):
-                masks[name] = (module.weight == 0).cpu()
+        if isinstance(module, torch.nn.Linear) and is_sparse(module.weight):
+            masks[name] = (module.weight == 0).cpu()
     return masks
 
 

@@ -29,9 +29,10 @@ the bucketed values are exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ class TopK:
                      target_logprobs=self.target_logprobs)
 
     @classmethod
-    def load(cls, path: Any) -> "TopK":
+    def load(cls, path: Any) -> TopK:
         data = np.load(path)
         return cls(data["logprobs"], data["ids"], data["log_tail"], data["offsets"], data["target_logprobs"])
 

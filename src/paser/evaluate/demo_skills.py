@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any
 
 from pydantic import Field
 

@@ -14,14 +14,15 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
 from .. import faults
 from ..cache import package_versions, stable_hash, write_json, write_text
 from ..errors import ConfigError
-from ..options import check_declared, declared_fields, joined_config
+from ..models import DTYPE_HELP, Dtype
+from ..options import check_declared, declared_fields, joined_config, option
 from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,11 @@ class EvaluateBase:
 
     CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset()  # every field is a ``paser evaluate`` option (labels: --label)
 
-    models: list[str]
-    out: str | Path = "results.json"
-    batch_size: Annotated[int, Field(ge=1)] = 8
-    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
-    labels: list[str] | None = None  # display names for the table (default: the model specs)
+    models: list[str] = option(help="One or more model specs, compared side by side.", cli='argument')
+    out: str | Path = option('results.json', "Results file; a markdown table is written beside it (.md).")
+    batch_size: Annotated[int, Field(ge=1)] = option(8, "Batch size.")
+    dtype: Dtype = option("auto", DTYPE_HELP)
+    labels: list[str] | None = option(None, "Display name per model, in order (default: the model specs).", cli='--label')
 
     def validate(self) -> None:
         """Check everything that does not need a model: the declared bounds and choices, then each enabled

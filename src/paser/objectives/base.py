@@ -1,9 +1,18 @@
 """What a recovery objective is, and the registry they join.
 
-An objective turns the per-micro-batch loss terms into the loss the optimizer follows: ``nll`` (the
-reference answers' cross-entropy), ``kd`` (forward KL from the original model, the teacher) or any mix.
-It declares whether it needs the teacher; the trainer computes only the terms asked for and logs each.
-Full-parameter vs LoRA is an adapter choice beside it (``RecoverConfig.adapter``).
+An objective turns the loss terms of a micro-batch into the loss the optimizer follows. It declares the terms it
+reads (``terms``); the trainer (:class:`paser.distill.RecoveryTrainer`, the one training path of every objective)
+computes those and no others, and logs each beside the loss. The terms:
+
+- ``nll``: the student's mean cross-entropy on the response tokens (alone, token-weighted over the optimizer step,
+  as the stock Trainer's loss);
+- ``token_nll``: the same per response token (batch order);
+- ``kd``: forward KL from the original model (the teacher) to the student (:mod:`paser.distill`);
+- ``teacher_token_nll``: the teacher's cross-entropy per response token;
+- ``features``: SquareHead's per-layer hidden-state loss against the teacher (:func:`paser.distill.feature_loss`).
+
+A term other than the student's own (``TEACHER_TERMS``) needs the original model. Full-parameter vs LoRA is an
+adapter choice beside it (``RecoverConfig.adapter``).
 
 A new objective is one module in this package plus its import in ``__init__``; its settings, if any, are a
 dataclass in ``options`` (they become ``RecoverConfig`` fields and ``paser recover`` options)::
@@ -14,7 +23,7 @@ dataclass in ``options`` (they become ``RecoverConfig`` fields and ``paser recov
 
     @OBJECTIVES.register("reverse_kd")
     class ReverseKD(Objective):
-        needs_teacher = True
+        terms = frozenset({"kd"})
         options = ReverseKDOptions
         def loss(self, terms, config): return config.reverse_kd_weight * terms["kd"]
 """
@@ -27,20 +36,43 @@ import torch
 
 from ..registry import Registry
 
+TERMS = frozenset({"nll", "token_nll", "kd", "teacher_token_nll", "features"})
+TEACHER_TERMS = frozenset({"kd", "teacher_token_nll", "features"})
+LIVE_TEACHER_TERMS = frozenset({"features"})  # the stored top-k teacher cannot give them
+
 
 class Objective:
-    """A recovery loss. ``needs_teacher``: the original model's next-token distributions are computed (live or
-    from its stored top-k); ``version`` enters the recovery's checkpoint key."""
+    """A recovery loss over the ``terms`` it declares; ``version`` enters the recovery's checkpoint key."""
 
     name = "base"
-    needs_teacher = False
+    terms: ClassVar[frozenset[str]] = frozenset({"nll"})
     version = 1
     options: ClassVar[type | None] = None  # a dataclass of its settings (fields of RecoverConfig, paser.options.option)
 
+    @property
+    def needs_teacher(self) -> bool:
+        return bool(self.terms & TEACHER_TERMS)
+
+    @property
+    def needs_live_teacher(self) -> bool:
+        return bool(self.terms & LIVE_TEACHER_TERMS)
+
     def loss(self, terms: dict[str, torch.Tensor], config: Any) -> torch.Tensor:
-        """The loss from the terms and the recovery settings. Terms: ``nll`` (mean over response tokens); with a
-        teacher also ``kd``, and per response token ``token_nll`` (the student's) and ``teacher_token_nll``."""
+        """The loss from the declared terms and the recovery settings."""
         raise NotImplementedError
 
 
-OBJECTIVES: Registry[Objective] = Registry("recovery objective")
+class _Objectives(Registry[Objective]):
+    def register(self, name: str) -> Any:
+        add = super().register(name)
+
+        def checked(obj: Any) -> Any:
+            unknown = set(obj.terms) - TERMS
+            if unknown:
+                raise ValueError(f"objective '{name}' declares unknown terms {sorted(unknown)}; known: {sorted(TERMS)}")
+            return add(obj)
+
+        return checked
+
+
+OBJECTIVES: Registry[Objective] = _Objectives("recovery objective")

@@ -12,7 +12,7 @@ from .base import OBJECTIVES, Objective
 
 @OBJECTIVES.register("kd")
 class KD(Objective):
-    needs_teacher = True
+    terms = frozenset({"kd"})
 
     def loss(self, terms: dict[str, torch.Tensor], config: Any) -> torch.Tensor:
         return terms["kd"]

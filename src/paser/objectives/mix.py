@@ -19,7 +19,7 @@ class MixOptions:
 
 @OBJECTIVES.register("mix")
 class Mix(Objective):
-    needs_teacher = True
+    terms = frozenset({"kd", "nll"})
     options = MixOptions
 
     def loss(self, terms: dict[str, torch.Tensor], config: Any) -> torch.Tensor:

@@ -19,7 +19,7 @@ from .base import OBJECTIVES, Objective
 
 @OBJECTIVES.register("rho")
 class Rho(Objective):
-    needs_teacher = True
+    terms = frozenset({"token_nll", "teacher_token_nll"})
     keep = 0.6  # share of the response tokens trained on
 
     def loss(self, terms: dict[str, torch.Tensor], config: Any) -> torch.Tensor:

@@ -22,18 +22,29 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .. import distributed, faults
 from ..cache import file_fingerprint, stable_hash, write_json, write_text
 from ..data import sample_data
 from ..errors import ConfigError, PaserError
 from .comparison import _mean_cost, _read_cost, write_comparison
-from .schema import (CALIBRATION, HELDOUT, STAGES, PipelineConfig, _arm_key, _arm_recover, _declared, _evaluate_kwargs,
-                     _resolve, _select_config)
+from .schema import (
+    CALIBRATION,
+    HELDOUT,
+    STAGES,
+    PipelineConfig,
+    _arm_key,
+    _arm_recover,
+    _declared,
+    _evaluate_kwargs,
+    _resolve,
+    _select_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +76,7 @@ class _PeakMemory:
         while not self._stop.wait(0.2):
             self.peak = max(self.peak, self._process.memory_info().rss)
 
-    def __enter__(self) -> "_PeakMemory":
+    def __enter__(self) -> _PeakMemory:
         self._thread.start()
         return self
 
@@ -146,147 +157,184 @@ def _read_selection(directory: Path) -> dict:
 def run_pipeline(config: PipelineConfig, out: str | Path | None = None, from_stage: str | None = None) -> dict:
     """Run (or resume) the pipeline; returns what ``OUT/run.json`` holds (under a launcher, on rank 0; the other
     processes take part in scoring, training and evaluation and return an empty dict)."""
-    from ..evaluate import EvaluateConfig, run_evaluation
-    from ..objectives import OBJECTIVES
-    from ..prune import PRUNING_METHODS, PruneConfig, run_prune
-    from ..targets import TARGETS
-    from ..recover import RecoverConfig, run_recovery
-    from ..report import build_report
-    from ..select import other_methods_options, run_selection
-    from ..strategies import get_strategy
-
     if from_stage is not None and from_stage not in STAGES:
         raise ConfigError(f"--from must be one of {', '.join(STAGES)}, not '{from_stage}'")
     if config.threads is not None:
         from ..runtime import configure_threads
 
         configure_threads(config.threads)
-    out = Path(out or config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    runner = _Runner(config, out, from_stage)
-    main = distributed.is_main()  # under a launcher: rank 0 alone prunes and writes the run's files
-    if main:
-        write_text(out / "config.yaml", _yaml(config.as_dict()))
-
-    model_id = _model_identity(config.model)
-    data_id = _data_identity(config)
-    files: dict[str, str] = {}
-    data_hash = stable_hash("source", data_id, config.data)
-    if config.data["sample"] is not None:  # a fixed slice of the source, plus held-out and calibration records
-        directory = out / "data"
-        with runner.stage("data", directory, {"data": data_id, "settings": config.data}) as notes:
-            if notes is not None and main:
-                notes.update(sample_data(config.data, directory))
-        data_hash = runner.records[-1].hash
-        files = {"slice": str(directory / "slice.jsonl")}
-        for key, token in (("heldout", HELDOUT), ("calibration", CALIBRATION)):
-            if config.data[key]:
-                files[token] = str(directory / f"{key}.jsonl")
-
-    # prune (or take the given pruned model)
-    if config.pruned is not None:
-        pruned, prune_hash = config.pruned, stable_hash("given", _model_identity(config.pruned))
-        prune_label = "pruned"
-    else:
-        directory = out / "prune"
-        prune_settings = {**config.prune, "calib_data": _resolve(config.prune["calib_data"], files)}
-        inputs = {"model": model_id,
-                  "prune": _declared(config.prune, {"method": PRUNING_METHODS.get(config.prune["method"]).version}),
-                  "calibration": data_hash if config.prune["calib_data"] == CALIBRATION else None}
-        with runner.stage("prune", directory, inputs) as notes:
-            if notes is not None and main:
-                run_prune(PruneConfig(model=config.model, out=directory, **prune_settings))
-        pruned, prune_hash = str(directory), runner.records[-1].hash
-        prune_label = f"pruned ({config.prune['method']} {config.prune.get('pattern') or format(config.prune['sparsity'], 'g')})"
-
-    # select and recover, per arm and seed
-    recovered: dict[str, str] = {}
-    recover_hashes = {}
-    arm_labels: dict[str, dict[int, str]] = {}
-    costs: dict[str, list[dict]] = {}
+    run = PipelineRun(config, Path(out or config.out), from_stage)
+    run.data()
+    run.prune()
     for arm in config.arms:
         for seed in arm["seeds"]:
-            key = _arm_key(arm, seed)
-            directory = out / "select" / key
-            select_config = _select_config(config, pruned, arm, seed, directory, files.get("slice"))
-            # what the arm's method reads: another method's changed default must not redo this selection
-            unread = {"out", "original", "pruned", "data"} | other_methods_options(select_config.method)
-            select_settings = {k: v for k, v in dataclasses.asdict(select_config).items() if k not in unread}
-            inputs = {"model": model_id, "pruned": prune_hash, "data": data_hash,
-                      "select": _declared(select_settings,
-                                          {"method": get_strategy(select_config.method).cache_version(select_config)})}
-            with runner.stage("select", directory, inputs) as notes:
-                if notes is not None:
-                    summary = run_selection(select_config).summary
-                    notes.update(scores_from_cache=summary["scores_from_cache"],
-                                 embeddings_from_cache=summary.get("embeddings_from_cache"),
-                                 clusters_from_cache=summary.get("clusters_from_cache"))
-            costs.setdefault(arm["name"], []).append(_read_cost(directory))
+            run.select(arm, seed)
+            run.recover(arm, seed)
+    run.evaluate()
+    run.export()
+    return run.finish()
 
-            directory = out / "recover" / key
-            settings = _arm_recover(config, arm, seed)
-            if not TARGETS.get(settings["targets"]).keeps_answers and settings.get("max_train_tokens") is None:
-                # the targets change the answers' lengths: keep the selection's token budget in training
-                budget = (_read_selection(out / "select" / key).get("tokens") or {}).get("budget")
-                settings["max_train_tokens"] = budget
-            # the selected records themselves, not the selection's settings: a selection redone by a changed
-            # option it does not act on (or a changed hash formula) picks the same records and keeps the recovery
-            selected = file_fingerprint(out / "select" / key / "selected.jsonl")["sha256"]
-            inputs = {"pruned": prune_hash, "selection": selected, "dtype": config.dtype,
-                      "recover": _declared(settings, {"objective": OBJECTIVES.get(settings["loss"]).version,
-                                                      "targets": TARGETS.get(settings["targets"]).version})}
-            with runner.stage("recover", directory, inputs) as notes:
-                if notes is not None:
-                    run_recovery(RecoverConfig(model=pruned, data=str(out / "select" / key / "selected.jsonl"),
-                                               out=directory, dtype=config.dtype,
-                                               bad_records=config.data["bad_records"], **settings))
-            recovered[key] = str(directory / "merged")
-            recover_hashes[key] = runner.records[-1].hash
-            shown = key if len(arm["seeds"]) > 1 else arm["name"]  # a one-seed arm's label is its name
-            arm_labels.setdefault(arm["name"], {})[seed] = f"{prune_label} + {shown}"
 
-    # evaluate everything side by side
-    directory = out / "evaluate"
-    models = [config.model, pruned, *recovered.values()]
-    labels = ["dense", prune_label, *(label for arm in config.arms for label in arm_labels[arm["name"]].values())]
-    evaluate_kwargs = _evaluate_kwargs(config, models, directory / "results.json", labels, files)
-    evaluate_config = EvaluateConfig(**evaluate_kwargs)
-    inputs = {"model": model_id, "pruned": prune_hash, "recovered": recover_hashes, "data": data_hash,
-              "evaluate": _declared({k: v for k, v in evaluate_kwargs.items() if k not in ("models", "out")},
-                                    {m.name: m.version for m in evaluate_config.measurements()})}
-    with runner.stage("evaluate", directory, inputs) as notes:
-        if notes is not None:
-            run_evaluation(evaluate_config)
-    if config.export is not None:  # each recovered model as a deployable checkpoint
+class PipelineRun:
+    """The stages of one ``paser run`` in order, each skipped when its inputs' hash is unchanged; what a stage
+    produces (paths and hashes) is kept here for the stages after it."""
+
+    def __init__(self, config: PipelineConfig, out: Path, from_stage: str | None):
+        self.config, self.out, self.from_stage = config, out, from_stage
+        out.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+        self.runner = _Runner(config, out, from_stage)
+        self.main = distributed.is_main()  # under a launcher: rank 0 alone prunes and writes the run's files
+        if self.main:
+            write_text(out / "config.yaml", _yaml(config.as_dict()))
+        self.model_id = _model_identity(config.model)
+        self.data_id = _data_identity(config)
+        self.files: dict[str, str] = {}
+        self.data_hash = stable_hash("source", self.data_id, config.data)
+        self.recovered: dict[str, str] = {}
+        self.recover_hashes: dict[str, str] = {}
+        self.arm_labels: dict[str, dict[int, str]] = {}
+        self.costs: dict[str, list[dict]] = {}
+
+    def data(self) -> None:
+        """A fixed slice of the source, plus held-out and calibration records (when the config samples one)."""
+        if self.config.data["sample"] is None:
+            return
+        directory = self.out / "data"
+        with self.runner.stage("data", directory, {"data": self.data_id, "settings": self.config.data}) as notes:
+            if notes is not None and self.main:
+                notes.update(sample_data(self.config.data, directory))
+        self.data_hash = self.runner.records[-1].hash
+        self.files = {"slice": str(directory / "slice.jsonl")}
+        for key, token in (("heldout", HELDOUT), ("calibration", CALIBRATION)):
+            if self.config.data[key]:
+                self.files[token] = str(directory / f"{key}.jsonl")
+
+    def prune(self) -> None:
+        """Prune the model (or take the given pruned one)."""
+        from ..prune import PRUNING_METHODS, PruneConfig, run_prune
+
+        config = self.config
+        if config.pruned is not None:
+            self.pruned, self.prune_hash = config.pruned, stable_hash("given", _model_identity(config.pruned))
+            self.prune_label = "pruned"
+            return
+        directory = self.out / "prune"
+        settings = {**config.prune, "calib_data": _resolve(config.prune["calib_data"], self.files)}
+        inputs = {"model": self.model_id,
+                  "prune": _declared(config.prune, {"method": PRUNING_METHODS.get(config.prune["method"]).version}),
+                  "calibration": self.data_hash if config.prune["calib_data"] == CALIBRATION else None}
+        with self.runner.stage("prune", directory, inputs) as notes:
+            if notes is not None and self.main:
+                run_prune(PruneConfig(model=config.model, out=directory, **settings))
+        self.pruned, self.prune_hash = str(directory), self.runner.records[-1].hash
+        amount = config.prune.get("pattern") or format(config.prune["sparsity"], "g")
+        self.prune_label = f"pruned ({config.prune['method']} {amount})"
+
+    def select(self, arm: dict, seed: int) -> None:
+        from ..select import other_methods_options, run_selection
+        from ..strategies import get_strategy
+
+        key = _arm_key(arm, seed)
+        directory = self.out / "select" / key
+        select_config = _select_config(self.config, self.pruned, arm, seed, directory, self.files.get("slice"))
+        # what the arm's method reads: another method's changed default must not redo this selection
+        unread = {"out", "original", "pruned", "data"} | other_methods_options(select_config.method)
+        settings = {k: v for k, v in dataclasses.asdict(select_config).items() if k not in unread}
+        inputs = {"model": self.model_id, "pruned": self.prune_hash, "data": self.data_hash,
+                  "select": _declared(settings, {"method": get_strategy(select_config.method).cache_version(select_config)})}
+        with self.runner.stage("select", directory, inputs) as notes:
+            if notes is not None:
+                summary = run_selection(select_config).summary
+                notes.update(scores_from_cache=summary["scores_from_cache"],
+                             embeddings_from_cache=summary.get("embeddings_from_cache"),
+                             clusters_from_cache=summary.get("clusters_from_cache"))
+        self.costs.setdefault(arm["name"], []).append(_read_cost(directory))
+
+    def recover(self, arm: dict, seed: int) -> None:
+        from ..objectives import OBJECTIVES
+        from ..recover import RecoverConfig, run_recovery
+        from ..recovery import RECOVERY_METHODS
+        from ..targets import TARGETS
+
+        key = _arm_key(arm, seed)
+        directory, selected = self.out / "recover" / key, self.out / "select" / key / "selected.jsonl"
+        settings = _arm_recover(self.config, arm, seed)
+        if not TARGETS.get(settings["targets"]).keeps_answers and settings.get("max_train_tokens") is None:
+            # the targets change the answers' lengths: keep the selection's token budget in training
+            settings["max_train_tokens"] = (_read_selection(selected.parent).get("tokens") or {}).get("budget")
+        # the selected records themselves, not the selection's settings: a selection redone by a changed
+        # option it does not act on (or a changed hash formula) picks the same records and keeps the recovery
+        versions = {"method": RECOVERY_METHODS.get(settings["method"]).version,
+                    "objective": OBJECTIVES.get(settings["loss"]).version,
+                    "targets": TARGETS.get(settings["targets"]).version}
+        inputs = {"pruned": self.prune_hash, "selection": file_fingerprint(selected)["sha256"],
+                  "dtype": self.config.dtype, "recover": _declared(settings, versions)}
+        with self.runner.stage("recover", directory, inputs) as notes:
+            if notes is not None:
+                run_recovery(RecoverConfig(model=self.pruned, data=str(selected), out=directory, dtype=self.config.dtype,
+                                           bad_records=self.config.data["bad_records"], **settings))
+        self.recovered[key] = str(directory / "merged")
+        self.recover_hashes[key] = self.runner.records[-1].hash
+        shown = key if len(arm["seeds"]) > 1 else arm["name"]  # a one-seed arm's label is its name
+        self.arm_labels.setdefault(arm["name"], {})[seed] = f"{self.prune_label} + {shown}"
+
+    def evaluate(self) -> None:
+        """Every model side by side: the original, the pruned one and each recovery."""
+        from ..evaluate import EvaluateConfig, run_evaluation
+
+        directory = self.out / "evaluate"
+        models = [self.config.model, self.pruned, *self.recovered.values()]
+        labels = ["dense", self.prune_label,
+                  *(label for arm in self.config.arms for label in self.arm_labels[arm["name"]].values())]
+        kwargs = _evaluate_kwargs(self.config, models, directory / "results.json", labels, self.files)
+        evaluate_config = EvaluateConfig(**kwargs)
+        inputs = {"model": self.model_id, "pruned": self.prune_hash, "recovered": self.recover_hashes,
+                  "data": self.data_hash,
+                  "evaluate": _declared({k: v for k, v in kwargs.items() if k not in ("models", "out")},
+                                        {m.name: m.version for m in evaluate_config.measurements()})}
+        with self.runner.stage("evaluate", directory, inputs) as notes:
+            if notes is not None:
+                run_evaluation(evaluate_config)
+
+    def export(self) -> None:
+        """Each recovered model as a deployable checkpoint (when the config has an ``export`` section)."""
+        if self.config.export is None:
+            return
         from ..export import EXPORT_FORMATS, ExportConfig, run_export
 
-        for key, merged in recovered.items():
-            export_dir = out / "export" / key
-            inputs = {"recovered": recover_hashes[key],
-                      "export": _declared(config.export, {"format": EXPORT_FORMATS.get(config.export["format"]).version})}
-            with runner.stage("export", export_dir, inputs) as notes:
-                if notes is not None and main:
-                    report = run_export(ExportConfig(model=merged, out=str(export_dir / "model"), **config.export))
+        version = EXPORT_FORMATS.get(self.config.export["format"]).version
+        for key, merged in self.recovered.items():
+            directory = self.out / "export" / key
+            inputs = {"recovered": self.recover_hashes[key], "export": _declared(self.config.export, {"format": version})}
+            with self.runner.stage("export", directory, inputs) as notes:
+                if notes is not None and self.main:
+                    report = run_export(ExportConfig(model=merged, out=str(directory / "model"), **self.config.export))
                     notes.update(weights_ratio=report["size_bytes"]["weights_ratio"],
                                  min_sparsity=report["sparsity"]["output_min"])
-    if not main:
-        return {}
-    if config.baseline and len(config.arms) > 1:
-        write_comparison(directory, arm_labels, config.baselines, {"dense": "dense", "pruned": prune_label},
-                         {arm: _mean_cost(c) for arm, c in costs.items()})
 
-    run = {"config": config.as_dict(), "out": str(out), "from_stage": from_stage,
-           "arms": [{"name": arm["name"], "method": arm["method"], "seed": seed, "key": _arm_key(arm, seed),
-                     "label": arm_labels[arm["name"]][seed]} for arm in config.arms for seed in arm["seeds"]],
-           "stages": [dataclasses.asdict(r) for r in runner.records],
-           "seconds": round(time.perf_counter() - started, 2)}
-    write_json(out / "run.json", run)
-    try:
-        build_report(out)
-    except PaserError as exc:  # the results stand without the report; say why it is missing
-        log.warning("report not built: %s", exc)
-    return run
+    def finish(self) -> dict:
+        """The comparison, ``run.json`` and the report (rank 0)."""
+        from ..report import build_report
+
+        config = self.config
+        if not self.main:
+            return {}
+        if config.baseline and len(config.arms) > 1:
+            write_comparison(self.out / "evaluate", self.arm_labels, config.baselines,
+                             {"dense": "dense", "pruned": self.prune_label},
+                             {arm: _mean_cost(c) for arm, c in self.costs.items()})
+        run = {"config": config.as_dict(), "out": str(self.out), "from_stage": self.from_stage,
+               "arms": [{"name": arm["name"], "method": arm["method"], "seed": seed, "key": _arm_key(arm, seed),
+                         "label": self.arm_labels[arm["name"]][seed]} for arm in config.arms for seed in arm["seeds"]],
+               "stages": [dataclasses.asdict(r) for r in self.runner.records],
+               "seconds": round(time.perf_counter() - self.started, 2)}
+        write_json(self.out / "run.json", run)
+        try:
+            build_report(self.out)
+        except PaserError as exc:  # the results stand without the report; say why it is missing
+            log.warning("report not built: %s", exc)
+        return run
 
 
 def _yaml(data: Any) -> str:

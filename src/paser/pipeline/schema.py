@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import ConfigError
+from ..models import Dtype
 
 log = logging.getLogger(__name__)
 
@@ -131,21 +134,11 @@ def parse_config(raw: Any, where: str = "<config>") -> PipelineConfig:
         raise ConfigError(f"{where}: give either 'prune' (settings) or 'pruned' (an already pruned model), not both")
     model = str(raw.get("model") or DEFAULT_MODEL)
     dtype = str(raw.get("dtype", "auto"))
-    if dtype not in {"auto", "bf16", "fp32"}:
-        raise ConfigError(f"{where}: dtype must be auto, bf16 or fp32, not '{dtype}'")
+    if dtype not in typing.get_args(Dtype):
+        raise ConfigError(f"{where}: dtype must be one of {', '.join(typing.get_args(Dtype))}, not '{dtype}'")
     spec = _section_spec()
 
-    data = raw.get("data") or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: section 'data' must be a mapping")
-    for key in data:
-        if key not in DATA_KEYS:
-            raise ConfigError(f"{where}: unknown key 'data.{key}' (known: {', '.join(DATA_KEYS)})")
-    data = {**DATA_KEYS, **data}
-    if data["limit"] is not None and (not isinstance(data["limit"], int) or data["limit"] < 1):
-        raise ConfigError(f"{where}: data.limit must be a positive integer, not {data['limit']!r}")
-    if data["bad_records"] not in ("skip", "error"):
-        raise ConfigError(f"{where}: data.bad_records must be skip or error, not {data['bad_records']!r}")
+    data = _check_data(raw.get("data"), where)
     threads = raw.get("threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ConfigError(f"{where}: threads must be a positive integer, not {threads!r}")
@@ -169,15 +162,7 @@ def parse_config(raw: Any, where: str = "<config>") -> PipelineConfig:
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
         raise ConfigError(f"{where}: seeds must be a list of distinct integers, not {seeds!r}")
     arms = _parse_arms(raw.get("arms"), select, recover, seeds, spec, where)
-    names = [a["name"] for a in arms]
-    baseline = raw.get("baseline", "random" if "random" in names and len(arms) > 1 else None)
-    baselines = [] if baseline is None else [baseline] if isinstance(baseline, str) else baseline
-    if not isinstance(baselines, list) or not all(isinstance(b, str) for b in baselines) \
-            or len(set(baselines)) != len(baselines) or (baseline is not None and not baselines):
-        raise ConfigError(f"{where}: baseline must be an arm's name or a list of distinct arm names, not {baseline!r}")
-    for name in baselines:
-        if name not in names:
-            raise ConfigError(f"{where}: baseline '{name}' is not an arm (arms: {', '.join(names)})")
+    baselines = _check_baselines(raw, [a["name"] for a in arms], where)
     _check_data_sampling(data, where)
     evaluate = _check_section("evaluate", raw.get("evaluate"), *spec["evaluate"], where, {"models": ["-"]})
     export = (_check_section("export", raw["export"], *spec["export"], where, {"model": "-", "out": "-"})
@@ -188,6 +173,35 @@ def parse_config(raw: Any, where: str = "<config>") -> PipelineConfig:
                             arms=arms, seeds=list(seeds), baselines=baselines, export=export)
     _semantic_checks(config)
     return config
+
+
+def _check_data(data: Any, where: str) -> dict[str, Any]:
+    """The ``data`` section with its defaults filled in."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: section 'data' must be a mapping")
+    for key in data:
+        if key not in DATA_KEYS:
+            raise ConfigError(f"{where}: unknown key 'data.{key}' (known: {', '.join(DATA_KEYS)})")
+    data = {**DATA_KEYS, **data}
+    if data["limit"] is not None and (not isinstance(data["limit"], int) or data["limit"] < 1):
+        raise ConfigError(f"{where}: data.limit must be a positive integer, not {data['limit']!r}")
+    if data["bad_records"] not in ("skip", "error"):
+        raise ConfigError(f"{where}: data.bad_records must be skip or error, not {data['bad_records']!r}")
+    return data
+
+
+def _check_baselines(raw: dict, names: list[str], where: str) -> list[str]:
+    """The arms every other is compared with (default: random, when there is such an arm and another)."""
+    baseline = raw.get("baseline", "random" if "random" in names and len(names) > 1 else None)
+    baselines = [] if baseline is None else [baseline] if isinstance(baseline, str) else baseline
+    if not isinstance(baselines, list) or not all(isinstance(b, str) for b in baselines) \
+            or len(set(baselines)) != len(baselines) or (baseline is not None and not baselines):
+        raise ConfigError(f"{where}: baseline must be an arm's name or a list of distinct arm names, not {baseline!r}")
+    for name in baselines:
+        if name not in names:
+            raise ConfigError(f"{where}: baseline '{name}' is not an arm (arms: {', '.join(names)})")
+    return baselines
 
 
 def _semantic_checks(config: PipelineConfig) -> None:
@@ -307,66 +321,76 @@ def with_evaluation_data(config: PipelineConfig, task_dir: str | None = None, pp
 # ------------------------------------------------------------------------------------- stage wiring
 def _parse_arms(raw_arms: Any, select: dict, recover: dict, seeds: list[int], spec: dict, where: str) -> list[dict]:
     """Arms from ``arms:`` (or the ``select.methods`` shorthand), each with validated overrides and seeds."""
-    import re
 
-    from ..select import METHODS as SELECT_METHODS
 
     if raw_arms is None:
         raw_arms = [{"name": m, "method": m} for m in select["methods"]]
     if not isinstance(raw_arms, list) or not raw_arms:
         raise ConfigError(f"{where}: arms must be a non-empty list of {{name, method, select, recover, seeds}}")
-    arms = []
-    for i, arm in enumerate(raw_arms):
-        if not isinstance(arm, dict):
-            raise ConfigError(f"{where}: arms[{i}] must be a mapping")
-        for key in arm:
-            if key not in ARM_KEYS:
-                raise ConfigError(f"{where}: arms[{i}]: unknown key '{key}' (known: {', '.join(sorted(ARM_KEYS))})")
-        recipe = arm.get("recipe")
-        if recipe is not None:  # a named recipe's settings, under the arm's own overrides
-            from ..recipes import recipe_settings
-
-            rs, rr = recipe_settings(recipe, "select"), recipe_settings(recipe, "recover")
-            unset = {k: v for k, v in recipe_settings(recipe, "unset").items() if recover.get(k) is None}
-            arm = {**arm, "method": arm.get("method") or rs.pop("method"),
-                   "select": {**{k: v for k, v in rs.items() if k != "method"}, **(arm.get("select") or {})},
-                   "recover": {**rr, **unset, **(arm.get("recover") or {})}}
-        name, method = str(arm.get("name") or arm.get("method") or ""), arm.get("method")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
-            raise ConfigError(f"{where}: arms[{i}]: name must be letters, digits, '_', '.', '+' or '-', not {name!r}")
-        if method not in SELECT_METHODS:
-            raise ConfigError(f"{where}: arms[{i}] ({name}): method must be one of {', '.join(SELECT_METHODS)}, "
-                              f"not {method!r}")
-        overrides = {}
-        for section in ("select", "recover"):
-            values = arm.get(section) or {}
-            base = {k: v for k, v in (select if section == "select" else recover).items() if k != "methods"}
-            if not isinstance(values, dict):
-                raise ConfigError(f"{where}: arms[{i}].{section} must be a mapping")
-            if "methods" in values or "seed" in values:
-                raise ConfigError(f"{where}: arms[{i}].{section}: set seeds with 'seeds', methods with 'method'")
-            probe = ({"original": "-", "pruned": "-", "data": "-", "budget": 0.2} if section == "select"
-                     else {"model": "-", "data": "-", "out": "-"})
-            cls, wired, _ = spec[section]
-            checked = _check_section(f"arms[{i}].{section}", {**base, **values}, cls, wired, {}, where, probe)
-            overrides[section] = {k: checked[k] for k in values}
-        arm_seeds = arm.get("seeds", seeds)
-        if (not isinstance(arm_seeds, list) or not arm_seeds
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in arm_seeds)):
-            raise ConfigError(f"{where}: arms[{i}].seeds must be a non-empty list of integers")
-        arms.append({"name": name, "method": method, "select": overrides["select"], "recover": overrides["recover"],
-                     "seeds": list(arm_seeds), **({"recipe": recipe} if recipe else {})})
+    arms = [_parse_arm(i, arm, select, recover, seeds, spec, where) for i, arm in enumerate(raw_arms)]
     names = [a["name"] for a in arms]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: arm names must be distinct, not {names}")
     return arms
 
 
+def _parse_arm(i: int, arm: Any, select: dict, recover: dict, seeds: list[int], spec: dict, where: str) -> dict:
+    """One arm: its name and method, its select and recover overrides checked against the sections, its seeds."""
+    import re
+
+    from ..select import METHODS as SELECT_METHODS
+
+    if not isinstance(arm, dict):
+        raise ConfigError(f"{where}: arms[{i}] must be a mapping")
+    for key in arm:
+        if key not in ARM_KEYS:
+            raise ConfigError(f"{where}: arms[{i}]: unknown key '{key}' (known: {', '.join(sorted(ARM_KEYS))})")
+    recipe = arm.get("recipe")
+    if recipe is not None:
+        arm = _with_recipe(arm, recipe, recover)
+    name, method = str(arm.get("name") or arm.get("method") or ""), arm.get("method")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+        raise ConfigError(f"{where}: arms[{i}]: name must be letters, digits, '_', '.', '+' or '-', not {name!r}")
+    if method not in SELECT_METHODS:
+        raise ConfigError(f"{where}: arms[{i}] ({name}): method must be one of {', '.join(SELECT_METHODS)}, "
+                          f"not {method!r}")
+    overrides = {}
+    for section in ("select", "recover"):
+        values = arm.get(section) or {}
+        base = {k: v for k, v in (select if section == "select" else recover).items() if k != "methods"}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: arms[{i}].{section} must be a mapping")
+        if "methods" in values or "seed" in values:
+            raise ConfigError(f"{where}: arms[{i}].{section}: set seeds with 'seeds', methods with 'method'")
+        probe = ({"original": "-", "pruned": "-", "data": "-", "budget": 0.2} if section == "select"
+                 else {"model": "-", "data": "-", "out": "-"})
+        cls, wired, _ = spec[section]
+        checked = _check_section(f"arms[{i}].{section}", {**base, **values}, cls, wired, {}, where, probe)
+        overrides[section] = {k: checked[k] for k in values}
+    arm_seeds = arm.get("seeds", seeds)
+    if (not isinstance(arm_seeds, list) or not arm_seeds
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in arm_seeds)):
+        raise ConfigError(f"{where}: arms[{i}].seeds must be a non-empty list of integers")
+    return {"name": name, "method": method, "select": overrides["select"], "recover": overrides["recover"],
+            "seeds": list(arm_seeds), **({"recipe": recipe} if recipe else {})}
+
+
+def _with_recipe(arm: dict, recipe: str, recover: dict) -> dict:
+    """A named recipe's settings, under the arm's own overrides."""
+    from ..recipes import recipe_settings
+
+    rs, rr = recipe_settings(recipe, "select"), recipe_settings(recipe, "recover")
+    unset = {k: v for k, v in recipe_settings(recipe, "unset").items() if recover.get(k) is None}
+    return {**arm, "method": arm.get("method") or rs.pop("method"),
+            "select": {**{k: v for k, v in rs.items() if k != "method"}, **(arm.get("select") or {})},
+            "recover": {**rr, **unset, **(arm.get("recover") or {})}}
+
+
 def _check_data_sampling(data: dict, where: str) -> None:
     sample = data["sample"]
-    if sample is not None:
-        if not isinstance(sample, dict) or set(sample) - {"n", "seed", "stratify"} or not isinstance(sample.get("n"), int):
-            raise ConfigError(f"{where}: data.sample must be {{n: INT, seed: INT, stratify: FIELD}}, not {sample!r}")
+    if sample is not None and (not isinstance(sample, dict) or set(sample) - {"n", "seed", "stratify"}
+                               or not isinstance(sample.get("n"), int)):
+        raise ConfigError(f"{where}: data.sample must be {{n: INT, seed: INT, stratify: FIELD}}, not {sample!r}")
     for key in ("heldout", "calibration"):
         if data[key] is not None and (not isinstance(data[key], int) or data[key] < 1):
             raise ConfigError(f"{where}: data.{key} must be a positive integer, not {data[key]!r}")
@@ -383,13 +407,15 @@ def _arm_key(arm: dict, seed: int) -> str:
 def _arm_recover(config: PipelineConfig, arm: dict, seed: int) -> dict[str, Any]:
     from ..objectives import OBJECTIVES
     from ..recover import resolve_lr
+    from ..recovery import RECOVERY_METHODS
     from ..targets import TARGETS
 
     settings = {**config.recover, **arm["recover"], "seed": seed}
     settings["lr"] = resolve_lr(settings.get("lr"), settings.get("adapter", "lora"))  # the stage key holds the lr used
     if settings["loss"] == "auto":
         settings["loss"] = "kd"  # the pipeline always knows the original model (paser.recover.resolve_loss)
-    needs_original = OBJECTIVES.get(settings["loss"]).needs_teacher or TARGETS.get(settings["targets"]).needs_original
+    needs_original = (OBJECTIVES.get(settings["loss"]).needs_teacher or TARGETS.get(settings["targets"]).needs_original
+                      or RECOVERY_METHODS.get(settings["method"]).needs_original)
     if needs_original and not settings.get("teacher"):
         settings["teacher"] = config.model  # distillation's teacher and the targets' author: the original model
     return settings

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -39,7 +40,7 @@ class Strategy:
         """What enters the pipeline's select-stage hash besides the settings (``version`` by default)."""
         return str(self.version)
 
-    def select(self, ctx: "SelectionContext") -> tuple[list[int], dict[str, Any]]:
+    def select(self, ctx: SelectionContext) -> tuple[list[int], dict[str, Any]]:
         raise NotImplementedError
 
 
@@ -233,8 +234,8 @@ class SelectionContext:
         if "concepts" not in self.info:
             import json
 
-            from ..ccg import extract_concepts
             from ..cache import write_json
+            from ..ccg import extract_concepts
 
             top = self.config.concepts_per_sample
             texts = [f"{r.user_text}\n{r.output}" for r in self.records]

@@ -15,17 +15,18 @@ outside it are not selected unless the budget needs them).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from ..data import Encoded
-from ..score import ScoreConfig, batched_values, collate, model_pass, response_loss_batch
 from ..cache import stable_hash
+from ..data import Encoded
 from ..options import option
+from ..score import ScoreConfig, batched_values, collate, model_pass, response_loss_batch
 from .base import SelectionContext, Strategy, register, top_k
 
 log = logging.getLogger(__name__)

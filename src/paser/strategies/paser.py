@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -38,8 +39,8 @@ from ..allocate import allocate, apportion, ies, rank_within, within_cluster_key
 from ..ccg import ConceptGraph, extract_concepts
 from ..cluster import ClusterResult
 from ..options import option
-from ..score import get_scorer
 from ..registry import Registry
+from ..score import get_scorer
 from .base import SelectionContext, Strategy, register
 from .sampled import exact_first, sampled_scores
 
@@ -105,25 +106,11 @@ def specific_concepts(ctx: SelectionContext) -> frozenset[str]:
 def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
     """PASER: clusters, per-cluster budgets by degradation, IES ranking, concept-consistency filter."""
     config = ctx.config
-    scorer = get_scorer(config.score)
-    sampled = None
-    if config.scoring == "exhaustive":
-        degradation = scorer(ctx.pair_scores())
     clusters = capability_clusters(ctx, config.cluster_method)
     ctx.info["cluster_result"] = clusters
-    labels = clusters.labels
-    k = clusters.k
+    labels, k = clusters.labels, clusters.k
     sizes = np.bincount(labels, minlength=k)
-    if config.scoring == "sampled":  # exact scores for a pilot and the likely picks, predictions elsewhere
-        sampled = sampled_scores(ctx, labels, k, scorer)
-        degradation, cds = sampled.score, sampled.cds
-        for column in sampled.table.columns:
-            ctx.table[column] = sampled.table[column].to_numpy()
-        ctx.table["scored_exactly"] = sampled.exact & ~sampled.prefix
-        if config.confirm_tokens is not None:
-            ctx.table["scored_prefix"] = sampled.prefix
-    else:
-        cds = np.array([degradation[labels == c].mean() if sizes[c] else 0.0 for c in range(k)])
+    degradation, cds, sampled = _degradation(ctx, labels, k, sizes)
     t0 = time.perf_counter()
     allocation = allocate(sizes, cds, ctx.budget, config.allocation)
     if allocation.fallback:
@@ -131,7 +118,62 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
     cost = ctx.table["prompt_tokens"].to_numpy() + ctx.table["response_tokens"].to_numpy()
     ctx.table["score"] = degradation
     efficiency = ies(degradation, cost)
-    examined_last = np.zeros(len(labels), dtype=bool)  # in its cluster, after every other member
+    order_key, examined_last = _order_key(ctx, degradation, efficiency, sampled)
+    ranked = [m[rank_within(order_key[m])] for m in (np.flatnonzero(labels == c) for c in range(k))]  # best first
+    cluster_order = list(rank_within(cds))  # most damaged capability first
+    picks = _ClusterFill(ctx, ranked, sizes)
+    for c in cluster_order:
+        picks.fill(c, int(allocation.budgets[c]))
+    picks.spend_what_is_left(allocation, cluster_order)
+    overridden = picks.admit_rejected(order_key, labels)
+    ctx.timings["select"] = time.perf_counter() - t0
+
+    ctx.table["cluster"] = labels
+    ctx.table["ies"] = efficiency
+    ctx.table["map_x"], ctx.table["map_y"] = _map_2d(clusters.coordinates)
+    within_rank = np.empty(len(labels), dtype=np.int64)
+    for c in range(k):
+        within_rank[ranked[c]] = np.arange(1, sizes[c] + 1)
+    ctx.table["rank"] = within_rank
+    order = [i for c in cluster_order for i in picks.chosen[c]]
+    details = {
+        "score": config.score, "k": k, "cluster_method": config.cluster_method, "allocation": config.allocation,
+        "within": config.within, "rank": config.rank, "examined_last": int(examined_last.sum()),
+        "allocation_fallback": allocation.fallback,
+        "clusters": [picks.cluster_summary(c, cds[c], allocation) for c in range(k)],
+        "eigenvalues": [float(v) for v in clusters.eigenvalues[: min(k + 8, 66)]],
+        "ccg": picks.ccg_summary(allocation, overridden),
+        "sampling": sampled.info if sampled is not None else {"scoring": "exhaustive"},
+        "embeddings_from_cache": ctx.info.get("embeddings_from_cache"),
+        "clusters_from_cache": ctx.info.get("clusters_from_cache"),
+    }
+    return order, details
+
+
+def _degradation(ctx: SelectionContext, labels: np.ndarray, k: int, sizes: np.ndarray) -> tuple[Any, np.ndarray, Any]:
+    """Each record's degradation score and each cluster's mean (CDS): exhaustive, or sampled (exact scores for a
+    pilot and the likely picks, predictions elsewhere; its columns join the record table)."""
+    config = ctx.config
+    scorer = get_scorer(config.score)
+    if config.scoring != "sampled":
+        degradation = scorer(ctx.pair_scores())
+        cds = np.array([degradation[labels == c].mean() if sizes[c] else 0.0 for c in range(k)])
+        return degradation, cds, None
+    sampled = sampled_scores(ctx, labels, k, scorer)
+    for column in sampled.table.columns:
+        ctx.table[column] = sampled.table[column].to_numpy()
+    ctx.table["scored_exactly"] = sampled.exact & ~sampled.prefix
+    if config.confirm_tokens is not None:
+        ctx.table["scored_prefix"] = sampled.prefix
+    return sampled.score, sampled.cds, sampled
+
+
+def _order_key(ctx: SelectionContext, degradation: Any, efficiency: np.ndarray, sampled: Any
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The within-cluster ranking key (``--rank``: ifd, score or IES) and the records examined last in their
+    cluster (IFD >= 1, references the original itself cannot predict): their key is -inf."""
+    config = ctx.config
+    examined_last = np.zeros(len(efficiency), dtype=bool)
     if config.rank == "ifd":  # the budgets are the allocation rule's; inside a cluster, the hardest-to-follow first
         from .model_scores import ifd_scores
 
@@ -150,93 +192,88 @@ def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
                          else ctx.pair_scores()["loss_original"]).to_numpy(np.float64)
         with np.errstate(invalid="ignore"):  # (sampled: known only where scored exactly)
             examined_last |= loss_original > np.nanquantile(loss_original, config.drop_original_loss_above)
-    order_key = np.where(examined_last, -np.inf, order_key)
-    members = [np.flatnonzero(labels == c) for c in range(k)]
-    ranked = [m[rank_within(order_key[m])] for m in members]  # per cluster, best first
+    return np.where(examined_last, -np.inf, order_key), examined_last
 
-    graph = ConceptGraph()
-    concepts: dict[int, frozenset[str]] = {}
-    specific = specific_concepts(ctx) if config.ccg and config.ccg_rule == "specific" else None
-    chosen: list[list[int]] = [[] for _ in range(k)]
-    rejected: list[list[tuple[int, tuple[str, str]]]] = [[] for _ in range(k)]
-    cursor = np.zeros(k, dtype=np.int64)
 
-    def fill(c: int, quota: int) -> None:
-        while len(chosen[c]) < quota and cursor[c] < sizes[c]:
-            i = int(ranked[c][cursor[c]])
-            cursor[c] += 1
-            if config.ccg:
-                if i not in concepts:
-                    r = ctx.records[i]
-                    found = extract_concepts(f"{r.user_text}\n{r.output}", config.concepts_per_sample)
-                    concepts[i] = found if specific is None else frozenset(c for c in found if c in specific)
-                pair = graph.conflict(concepts[i])
+class _ClusterFill:
+    """Each cluster's picks, taken in ranked order through the concept-consistency filter (CCG): a candidate
+    whose concepts would join two never co-occurring ones in the graph is rejected."""
+
+    def __init__(self, ctx: SelectionContext, ranked: list[np.ndarray], sizes: np.ndarray):
+        config = ctx.config
+        k = len(ranked)
+        self.ctx, self.config, self.ranked, self.sizes = ctx, config, ranked, sizes
+        self.graph = ConceptGraph()
+        self.concepts: dict[int, frozenset[str]] = {}
+        self.specific = specific_concepts(ctx) if config.ccg and config.ccg_rule == "specific" else None
+        self.chosen: list[list[int]] = [[] for _ in range(k)]
+        self.rejected: list[list[tuple[int, tuple[str, str]]]] = [[] for _ in range(k)]
+        self.cursor = np.zeros(k, dtype=np.int64)
+
+    def fill(self, c: int, quota: int) -> None:
+        """Take cluster ``c``'s next candidates until it holds ``quota`` or has none left."""
+        while len(self.chosen[c]) < quota and self.cursor[c] < self.sizes[c]:
+            i = int(self.ranked[c][self.cursor[c]])
+            self.cursor[c] += 1
+            if self.config.ccg:
+                pair = self.graph.conflict(self._concepts(i))
                 # the specific rule never lets a cluster reject more candidates than its quota
-                capped = specific is not None and len(rejected[c]) >= quota
+                capped = self.specific is not None and len(self.rejected[c]) >= quota
                 if pair is not None and not capped:
-                    rejected[c].append((i, pair))
+                    self.rejected[c].append((i, pair))
                     continue
-                graph.add(concepts[i])
-            chosen[c].append(i)
+                self.graph.add(self.concepts[i])
+            self.chosen[c].append(i)
 
-    cluster_order = list(rank_within(cds))  # most damaged capability first
-    for c in cluster_order:
-        fill(c, int(allocation.budgets[c]))
-    # Budget a cluster could not spend (CCG rejections) moves to clusters with unexamined candidates.
-    while (short := ctx.budget - sum(map(len, chosen))) > 0:
-        unexamined = sizes - cursor
-        if unexamined.sum() == 0:
-            break
-        weights = allocation.weights if np.any(allocation.weights[unexamined > 0] > 0) else sizes.astype(float)
-        extra = apportion(weights, short, unexamined)
-        for c in cluster_order:
-            if extra[c]:
-                fill(c, len(chosen[c]) + int(extra[c]))
-    overridden = 0
-    if (short := ctx.budget - sum(map(len, chosen))) > 0:
-        # Every candidate was examined: admit the rejected ones first in the order they were ranked in
-        # (the --rank order: IFD, IES or score) so exactly B come out.
-        pool = sorted((i for rej in rejected for i, _ in rej), key=lambda i: (-order_key[i], i))[:short]
+    def _concepts(self, i: int) -> frozenset[str]:
+        if i not in self.concepts:
+            r = self.ctx.records[i]
+            found = extract_concepts(f"{r.user_text}\n{r.output}", self.config.concepts_per_sample)
+            self.concepts[i] = found if self.specific is None else frozenset(c for c in found if c in self.specific)
+        return self.concepts[i]
+
+    def spend_what_is_left(self, allocation: Any, cluster_order: list[int]) -> None:
+        """Budget a cluster could not spend (CCG rejections) moves to clusters with unexamined candidates."""
+        while (short := self.ctx.budget - sum(map(len, self.chosen))) > 0:
+            unexamined = self.sizes - self.cursor
+            if unexamined.sum() == 0:
+                break
+            weights = allocation.weights if np.any(allocation.weights[unexamined > 0] > 0) else self.sizes.astype(float)
+            extra = apportion(weights, short, unexamined)
+            for c in cluster_order:
+                if extra[c]:
+                    self.fill(c, len(self.chosen[c]) + int(extra[c]))
+
+    def admit_rejected(self, order_key: np.ndarray, labels: np.ndarray) -> int:
+        """Every candidate was examined and the budget is not met: admit rejected ones in their ranked order
+        (the --rank order: IFD, IES or score) so exactly B come out; returns how many."""
+        short = self.ctx.budget - sum(map(len, self.chosen))
+        if short <= 0:
+            return 0
+        pool = sorted((i for rej in self.rejected for i, _ in rej), key=lambda i: (-order_key[i], i))[:short]
         for i in pool:
-            chosen[int(labels[i])].append(i)
-        overridden = len(pool)
-        log.warning("CCG rejected too many candidates: %d conflicting records admitted to reach the budget", overridden)
-    ctx.timings["select"] = time.perf_counter() - t0
+            self.chosen[int(labels[i])].append(i)
+        log.warning("CCG rejected too many candidates: %d conflicting records admitted to reach the budget", len(pool))
+        return len(pool)
 
-    ctx.table["cluster"] = labels
-    ctx.table["ies"] = efficiency
-    ctx.table["map_x"], ctx.table["map_y"] = _map_2d(clusters.coordinates)
-    within_rank = np.empty(len(labels), dtype=np.int64)
-    for c in range(k):
-        within_rank[ranked[c]] = np.arange(1, sizes[c] + 1)
-    ctx.table["rank"] = within_rank
-    per_cluster = []
-    for c in range(k):
-        per_cluster.append({
-            "cluster": c, "size": int(sizes[c]), "cds": float(cds[c]), "weight": float(allocation.weights[c]),
-            "budget": int(allocation.budgets[c]), "selected": len(chosen[c]), "rejected": len(rejected[c]),
-            "rejection_examples": [
-                {"index": ctx.records[i].index, "instruction": ctx.records[i].instruction[:160],
-                 "conflict": f"'{a}' and '{b}' are both in the graph but never co-occurred"}
-                for i, (a, b) in rejected[c][:3]],
-        })
-    order = [i for c in cluster_order for i in chosen[c]]
-    details = {
-        "score": config.score, "k": k, "cluster_method": config.cluster_method, "allocation": config.allocation,
-        "within": config.within, "rank": config.rank, "examined_last": int(examined_last.sum()),
-        "allocation_fallback": allocation.fallback,
-        "clusters": per_cluster, "eigenvalues": [float(v) for v in clusters.eigenvalues[: min(k + 8, 66)]],
-        "ccg": {"enabled": config.ccg, "rule": config.ccg_rule,
-                "specific_concepts": None if specific is None else len(specific),
-                "rejected": sum(map(len, rejected)), "admitted_despite_conflict": overridden,
+    def cluster_summary(self, c: int, cds: float, allocation: Any) -> dict:
+        records = self.ctx.records
+        return {"cluster": c, "size": int(self.sizes[c]), "cds": float(cds), "weight": float(allocation.weights[c]),
+                "budget": int(allocation.budgets[c]), "selected": len(self.chosen[c]), "rejected": len(self.rejected[c]),
+                "rejection_examples": [
+                    {"index": records[i].index, "instruction": records[i].instruction[:160],
+                     "conflict": f"'{a}' and '{b}' are both in the graph but never co-occurred"}
+                    for i, (a, b) in self.rejected[c][:3]]}
+
+    def ccg_summary(self, allocation: Any, overridden: int) -> dict:
+        k = len(self.chosen)
+        return {"enabled": self.config.ccg, "rule": self.config.ccg_rule,
+                "specific_concepts": None if self.specific is None else len(self.specific),
+                "rejected": sum(map(len, self.rejected)), "admitted_despite_conflict": overridden,
                 # capabilities the filter erased: clusters with a budget that ended with nothing selected
-                "clusters_emptied": sum(1 for c in range(k) if allocation.budgets[c] > 0 and not chosen[c]),
-                "concepts_extracted": len(concepts), "graph_nodes": len(graph.nodes), "graph_edges": len(graph.edges)},
-        "sampling": sampled.info if sampled is not None else {"scoring": "exhaustive"},
-        "embeddings_from_cache": ctx.info.get("embeddings_from_cache"),
-        "clusters_from_cache": ctx.info.get("clusters_from_cache"),
-    }
-    return order, details
+                "clusters_emptied": sum(1 for c in range(k) if allocation.budgets[c] > 0 and not self.chosen[c]),
+                "concepts_extracted": len(self.concepts), "graph_nodes": len(self.graph.nodes),
+                "graph_edges": len(self.graph.edges)}
 
 
 def _map_2d(coordinates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -104,10 +105,7 @@ def sampled_scores(ctx: SelectionContext, labels: np.ndarray, k: int,
     sizes = np.bincount(labels, minlength=k)
     tokens = ctx.table["prompt_tokens"].to_numpy() + ctx.table["response_tokens"].to_numpy()
     pilot = pilot_positions(labels, k, config.pilot, config.pilot_min, config.seed)
-    log.warning("sampled scoring: %d pilot records (of %d), then at most %d more confirmed exactly (oversample %g x "
-                "budget %d%s); exhaustive scoring would score all %d", len(pilot), n,
-                min(n, config.oversample * ctx.budget), config.oversample, ctx.budget,
-                f", capped at {config.max_scored} in all" if config.max_scored else "", n)
+    _announce(config, len(pilot), n, ctx.budget)
     t0 = time.perf_counter()
     pilot_table, pilot_cached = ctx.pair_scores_of(pilot)
     pilot_seconds = time.perf_counter() - t0
@@ -134,19 +132,7 @@ def sampled_scores(ctx: SelectionContext, labels: np.ndarray, k: int,
     predicted = predictor.predict(features)
     likely = within_cluster_key(ies(predicted, tokens), config.within, config.seed)  # as selection will draw
 
-    budgets = allocate(sizes, cds, ctx.budget, config.allocation).budgets
-    confirm = []
-    for c in range(k):
-        members = np.flatnonzero((labels == c) & ~exact)
-        want = int(np.ceil(config.oversample * budgets[c]))
-        if want and len(members):
-            confirm.append(members[np.argsort(-likely[members], kind="stable")[:want]])
-    confirm = np.concatenate(confirm) if confirm else np.zeros(0, dtype=np.int64)
-    if config.max_scored is not None and len(pilot) + len(confirm) > config.max_scored:
-        room = max(0, config.max_scored - len(pilot))
-        confirm = confirm[np.argsort(-likely[confirm], kind="stable")[:room]]
-        log.warning("sampled scoring: --max-scored %d leaves room for %d confirmations", config.max_scored, room)
-    confirm = np.sort(confirm)
+    confirm = _to_confirm(ctx, labels, sizes, cds, likely, exact, len(pilot))
     confirm_cost = tokens[confirm] if config.confirm_tokens is None else (
         ctx.table["prompt_tokens"].to_numpy()[confirm]
         + np.minimum(ctx.table["response_tokens"].to_numpy()[confirm], config.confirm_tokens))
@@ -162,18 +148,48 @@ def sampled_scores(ctx: SelectionContext, labels: np.ndarray, k: int,
         prefix[confirm] = config.confirm_tokens is not None
     confirm_seconds = time.perf_counter() - t0
     score = np.where(exact, score, predicted)
-    info = {
-        "scoring": "sampled", "pilot": int(len(pilot)), "confirmed": int(len(confirm)),
-        "scored_exactly": int((exact & ~prefix).sum()),
-        "scored_prefix": int(prefix.sum()),
-        "records": n, "scored_fraction": round(float(exact.mean()), 4), "oversample": config.oversample,
+    timing = {"pilot_seconds": round(pilot_seconds, 2), "confirm_seconds": round(confirm_seconds, 2)}
+    info = _sampling_info(config, len(pilot), len(confirm), exact, prefix, held_out, stderr, timing)
+    return SampledScores(score, exact, prefix, cds, stderr, pd.DataFrame(values), info)
+
+
+def _announce(config: Any, pilot: int, n: int, budget: int) -> None:
+    log.warning("sampled scoring: %d pilot records (of %d), then at most %d more confirmed exactly (oversample %g x "
+                "budget %d%s); exhaustive scoring would score all %d", pilot, n, min(n, config.oversample * budget),
+                config.oversample, budget, f", capped at {config.max_scored} in all" if config.max_scored else "", n)
+
+
+def _sampling_info(config: Any, pilot: int, confirmed: int, exact: np.ndarray, prefix: np.ndarray, held_out: Any,
+                   stderr: np.ndarray, timing: dict) -> dict:
+    """What sampled scoring did, for selection.json."""
+    return {
+        "scoring": "sampled", "pilot": int(pilot), "confirmed": int(confirmed),
+        "scored_exactly": int((exact & ~prefix).sum()), "scored_prefix": int(prefix.sum()),
+        "records": len(exact), "scored_fraction": round(float(exact.mean()), 4), "oversample": config.oversample,
         "max_scored": config.max_scored, "confirm_tokens": config.confirm_tokens,
-        "predictor": "ridge(embedding, log token counts)",
-        "predictor_heldout_spearman": held_out, "pilot_seconds": round(pilot_seconds, 2),
-        "confirm_seconds": round(confirm_seconds, 2),
+        "predictor": "ridge(embedding, log token counts)", "predictor_heldout_spearman": held_out, **timing,
         "cds_stderr": [None if np.isnan(v) else float(v) for v in stderr],
     }
-    return SampledScores(score, exact, prefix, cds, stderr, pd.DataFrame(values), info)
+
+
+def _to_confirm(ctx: SelectionContext, labels: np.ndarray, sizes: np.ndarray, cds: np.ndarray, likely: np.ndarray,
+                exact: np.ndarray, piloted: int) -> np.ndarray:
+    """The records to score exactly after the pilot: in each cluster, the ``oversample x budget`` likeliest picks
+    not yet scored, within ``max_scored`` in all (sorted positions)."""
+    config = ctx.config
+    budgets = allocate(sizes, cds, ctx.budget, config.allocation).budgets
+    confirm = []
+    for c in range(len(sizes)):
+        members = np.flatnonzero((labels == c) & ~exact)
+        want = int(np.ceil(config.oversample * budgets[c]))
+        if want and len(members):
+            confirm.append(members[np.argsort(-likely[members], kind="stable")[:want]])
+    confirm = np.concatenate(confirm) if confirm else np.zeros(0, dtype=np.int64)
+    if config.max_scored is not None and piloted + len(confirm) > config.max_scored:
+        room = max(0, config.max_scored - piloted)
+        confirm = confirm[np.argsort(-likely[confirm], kind="stable")[:room]]
+        log.warning("sampled scoring: --max-scored %d leaves room for %d confirmations", config.max_scored, room)
+    return np.sort(confirm)
 
 
 def exact_first(key: np.ndarray, exact: np.ndarray) -> np.ndarray:

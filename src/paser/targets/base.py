@@ -14,7 +14,8 @@ dataclass in ``options`` (``RecoverConfig`` fields and ``paser recover`` options
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from ..data import Record
 from ..registry import Registry

@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -115,18 +116,26 @@ class OriginalAnswers(Target):
         if not distributed.is_main():
             answers = _read_answers(store)
         seconds = time.perf_counter() - t0
-        out, empty, truncated, tokens = [], 0, 0, 0
-        for record, key in zip(records, keys):
-            answer = answers[key]
-            if not answer["text"].strip():
-                empty += 1
-                out.append(record)
-                continue
-            truncated += not answer["finished"]
-            tokens += answer["tokens"]
-            out.append(replace(record, output=answer["text"]))
+        out, empty, truncated, tokens = _answered(records, keys, answers)
         return out, {"targets": "original", "original": str(original_spec), "generation": generation,
                      "generated_records": len(missing), "cached_records": len(records) - len(missing),
                      "generated_tokens": int(sum(answers[keys[i]]["tokens"] for i in missing)),
                      "target_tokens": tokens, "generation_seconds": round(seconds, 2),
                      "empty_kept_reference": empty, "truncated": truncated, "cache": str(store)}
+
+
+def _answered(records: Sequence[Record], keys: list[str], answers: dict[str, dict]
+              ) -> tuple[list[Record], int, int, int]:
+    """Each record with the original's answer as its output (an empty answer keeps the reference); with how many
+    were empty, cut at the token limit, and the answers' tokens."""
+    out, empty, truncated, tokens = [], 0, 0, 0
+    for record, key in zip(records, keys):
+        answer = answers[key]
+        if not answer["text"].strip():
+            empty += 1
+            out.append(record)
+            continue
+        truncated += not answer["finished"]
+        tokens += answer["tokens"]
+        out.append(replace(record, output=answer["text"]))
+    return out, empty, truncated, tokens

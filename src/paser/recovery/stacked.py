@@ -1,0 +1,37 @@
+"""``blockwise+kd``: blockwise reconstruction (:mod:`paser.recovery.blockwise`), then end-to-end training of its
+result under the objective (``loss``; ``auto`` is KD from the original) with the adapter and rate of
+``end-to-end``. Each step resumes on its own: the blocks from ``OUT/blockwise``, the Trainer from ``OUT/checkpoints``.
+
+Recipe::
+
+    paser recover PRUNED --data selected.jsonl --out runs/stacked --method blockwise+kd
+    # paser run:  recover: {method: blockwise+kd}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..cache import write_json
+from .base import RECOVERY_METHODS, RecoveryMethod
+from .blockwise import Blockwise
+from .end_to_end import EndToEnd
+
+
+@RECOVERY_METHODS.register("blockwise+kd")
+class BlockwiseThenKD(RecoveryMethod):
+    needs_original = True
+
+    def run(self, config: Any, callbacks: Sequence[Any] = ()) -> dict:
+        out = Path(config.out)
+        first = Blockwise().run(replace(config, out=out / "stage-blockwise"), callbacks)
+        second = EndToEnd().run(replace(config, model=str(out / "stage-blockwise" / "merged")), callbacks)
+        train_log = {**second, "method": "blockwise+kd", "blockwise": first,
+                     "seconds": round(first["seconds"] + second["seconds"], 2),
+                     "trained_tokens": first["trained_tokens"] + second["trained_tokens"],
+                     "peak_memory_gb": max(first["peak_memory_gb"], second["peak_memory_gb"])}
+        write_json(out / "train_log.json", train_log)
+        return train_log

@@ -1,0 +1,119 @@
+"""Blockwise reconstruction: it moves each block toward the original's output, keeps every pruned zero,
+resumes at the block where it was killed, and refuses what it cannot do before any work."""
+
+import json
+
+import pytest
+import torch
+
+from paser.errors import ConfigError
+from paser.recover import run_recovery
+from test_recover import small_config
+
+
+@pytest.fixture()
+def blockwise_config(tmp_path, sparse_tiny, tiny_model_dir):
+    return small_config(tmp_path, sparse_tiny, method="blockwise", teacher=str(tiny_model_dir), block_lr=3e-3,
+                        block_epochs=2, block_batch_tokens=256)
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_blockwise_reduces_every_block_error_and_keeps_zeros(blockwise_config, sparse_tiny):
+    log = run_recovery(blockwise_config)
+    assert log["method"] == "blockwise" and len(log["blocks"]) == 2
+    for block in log["blocks"]:
+        assert block["loss_after"] < block["loss_before"], block
+        assert block["zeros_after"] == block["zeros_before"] > 0
+    before, after = _weights(sparse_tiny), _weights(blockwise_config.out / "merged")
+    assert before.keys() == after.keys()
+    changed = [k for k in before if "layers" in k and not torch.equal(before[k], after[k])]
+    assert changed, "no block weight moved"
+    for name, weight in before.items():
+        if name.endswith("proj.weight"):
+            assert torch.equal(after[name][weight == 0], weight[weight == 0])  # every pruned zero stays zero
+            assert (after[name] == 0).sum() == (weight == 0).sum()
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    assert not (blockwise_config.out / "blockwise" / "streams").exists()  # the streams are removed at the end
+
+
+def test_blockwise_resumes_at_the_block_it_was_killed_in(blockwise_config, monkeypatch, tmp_path):
+    from dataclasses import replace
+
+    from paser.recovery import blockwise
+
+    whole = run_recovery(replace(blockwise_config, out=tmp_path / "whole"))
+    real_block = blockwise.BlockwiseRun._block
+    calls = []
+
+    def dies_in_block_1(self, layer, streams):
+        calls.append(layer)
+        if layer == 1:
+            raise KeyboardInterrupt
+        return real_block(self, layer, streams)
+
+    monkeypatch.setattr(blockwise.BlockwiseRun, "_block", dies_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_recovery(blockwise_config)
+    progress = json.loads((blockwise_config.out / "blockwise" / "progress.json").read_text())
+    assert len(progress["blocks"]) == 1
+    monkeypatch.setattr(blockwise.BlockwiseRun, "_block", lambda self, layer, streams: (
+        calls.append(layer), real_block(self, layer, streams))[1])
+    resumed = run_recovery(blockwise_config)
+    assert calls == [0, 1, 1]  # block 0 once, block 1 again after the kill
+    assert [b["loss_after"] for b in resumed["blocks"]] == pytest.approx([b["loss_after"] for b in whole["blocks"]])
+    a, b = _weights(blockwise_config.out / "merged"), _weights(tmp_path / "whole" / "merged")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_blockwise_refuses_an_architecture_it_does_not_know(blockwise_config, sparse_tiny):
+    config = json.loads((sparse_tiny / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (sparse_tiny / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="Llama-family"):
+        run_recovery(blockwise_config)
+
+
+def test_blockwise_says_how_much_disk_it_needs(blockwise_config, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 1000))
+    with pytest.raises(ConfigError, match="GB of disk"):
+        run_recovery(blockwise_config)
+
+
+def test_blockwise_then_kd_stacks_both(blockwise_config, sparse_tiny):
+    from dataclasses import replace
+
+    log = run_recovery(replace(blockwise_config, method="blockwise+kd", epochs=1))
+    assert log["method"] == "blockwise+kd" and len(log["blockwise"]["blocks"]) == 2
+    assert log["config"]["model"].endswith("stage-blockwise/merged") and log["config"]["loss"] == "kd"
+    assert log["zeros_after_merge"] == log["zeros_kept"] > 0
+
+
+def test_the_block_loop_reproduces_the_model_forward(tiny_model_dir, tiny_tokenizer):
+    """Blocks called one at a time with paser's mask and rotary embedding give the model's own hidden states,
+    padding included: what blockwise trains toward is what the model computes."""
+    from paser.data import pad_right
+    from paser.models import load_model
+    from paser.recovery.blockwise import LayerReader
+
+    model, _ = load_model(str(tiny_model_dir), dtype="fp32")
+    ids, attention = pad_right([[5, 9, 13, 2, 7, 11], [4, 8, 3]], tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
+    reader = LayerReader(str(tiny_model_dir), "cpu")
+    context = reader.attention_context(attention)
+    with torch.no_grad():
+        hidden = reader.embeddings()(ids)
+        for layer in range(reader.n_layers):
+            hidden = reader.block(layer, torch.float32)(hidden, **context)
+            if layer + 1 < reader.n_layers:  # the last entry of hidden_states is after the final norm
+                real = attention.bool()
+                assert torch.allclose(hidden[real], expected[layer + 1][real], atol=1e-5)
