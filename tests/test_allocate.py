@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paser.allocate import ALLOCATION_RULES, allocate, apportion, ies, rank_within, register_allocation
+from paser.allocate import ALLOCATION_RULES, allocate, apportion, ies, rank_within
 from paser.errors import ConfigError
 
 clusters = st.integers(1, 12).flatmap(lambda k: st.tuples(
@@ -74,7 +74,7 @@ def test_blend_is_half_size_half_mass():
 
 
 def test_new_rule_is_a_few_lines():
-    @register_allocation("uniform_test")
+    @ALLOCATION_RULES.register("uniform_test")
     def uniform(sizes, cds):
         return np.ones(len(sizes))
 

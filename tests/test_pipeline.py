@@ -61,7 +61,7 @@ def test_yaml_errors_name_the_line(tmp_path):
 
 
 def test_demo_config_is_valid():
-    from paser.pipeline import _arm_recover, _select_config
+    from paser.pipeline import arm_recover_settings, arm_select_config
 
     config = parse_config(yaml.safe_load(demo_config_text()))
     arms = {arm["name"]: arm for arm in config.arms}
@@ -73,12 +73,12 @@ def test_demo_config_is_valid():
     from paser.select import SelectConfig
 
     assert SelectConfig(original="-", pruned="-", data="-", budget=1).method == arms["random-kd"]["method"] == "random"
-    selection = _select_config(config, "pruned/", arms["paser"], 0, "out/")
+    selection = arm_select_config(config, "pruned/", arms["paser"], 0, "out/")
     assert (selection.allocation, selection.within, selection.rank, selection.ccg_rule) == ("size", "top", "ifd", "specific")
-    assert _arm_recover(config, arms["paser"], 0) == _arm_recover(config, arms["random-kd"], 0)  # same training
-    assert _arm_recover(config, arms["random-kd"], 0)["loss"] == "kd"
-    assert _arm_recover(config, arms["random-kd"], 0)["teacher"] == config.model
-    assert _arm_recover(config, arms["random"], 0)["loss"] == "nll"
+    assert arm_recover_settings(config, arms["paser"], 0) == arm_recover_settings(config, arms["random-kd"], 0)  # same training
+    assert arm_recover_settings(config, arms["random-kd"], 0)["loss"] == "kd"
+    assert arm_recover_settings(config, arms["random-kd"], 0)["teacher"] == config.model
+    assert arm_recover_settings(config, arms["random"], 0)["loss"] == "nll"
 
 
 def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
@@ -337,18 +337,18 @@ def test_stage_hashes_come_from_every_declared_field_and_the_objects_versions(tm
     no hand-kept list decides what counts."""
     import dataclasses
 
-    from paser.pipeline import _declared
+    from paser.pipeline import declared_inputs
     from paser.select import SelectConfig
     from paser.strategies import get_strategy
 
     defaults = {f.name: getattr(SelectConfig(original="-", pruned="-", data="-", out="-", budget=0.2), f.name)
                 for f in dataclasses.fields(SelectConfig)}
-    base = _declared(defaults, {"method": "1"})
+    base = declared_inputs(defaults, {"method": "1"})
     assert base["settings"]["within"] == defaults["within"]  # defaults are hashed, not only overrides
-    changed_default = _declared({**defaults, "within": "top" if defaults["within"] != "top" else "sample"},
+    changed_default = declared_inputs({**defaults, "within": "top" if defaults["within"] != "top" else "sample"},
                                 {"method": "1"})
     assert stable_hash(changed_default) != stable_hash(base)
-    assert stable_hash(_declared(defaults, {"method": "2"})) != stable_hash(base)
+    assert stable_hash(declared_inputs(defaults, {"method": "2"})) != stable_hash(base)
     paser_strategy = get_strategy("paser")
     config = SelectConfig(original="-", pruned="-", data="-", out="-", budget=0.2, method="paser", rank="ies",
                           scoring="sampled")
@@ -375,46 +375,21 @@ def test_fidelity_follows_the_held_out_answers_unless_told_otherwise(tmp_path):
     """paser run measures fidelity to its model on the response_ppl sources, as many records as response_ppl_limit
     takes; fidelity_prompts / fidelity_prompts_limit override; fidelity: false turns it off."""
     from paser.pipeline import load_config
-    from paser.pipeline.schema import _evaluate_kwargs
+    from paser.pipeline.schema import evaluate_kwargs
 
     config_file = tmp_path / "run.yaml"
     config_file.write_text("evaluate:\n  tasks: []\n  response_ppl: [demo-heldout]\n  response_ppl_limit: 50\n")
-    wired = _evaluate_kwargs(load_config(config_file), ["m"], "r.json", files={})
+    wired = evaluate_kwargs(load_config(config_file), ["m"], "r.json", files={})
     assert wired["fidelity_prompts"] == ["demo-heldout"] and wired["fidelity_prompts_limit"] == 50
     assert wired["fidelity_to"] == "smollm2-135m-instruct"
-    wired = _evaluate_kwargs(load_config(config_file, ["evaluate.fidelity_prompts_limit=7"]), ["m"], "r.json", files={})
+    wired = evaluate_kwargs(load_config(config_file, ["evaluate.fidelity_prompts_limit=7"]), ["m"], "r.json", files={})
     assert wired["fidelity_prompts_limit"] == 7
-    wired = _evaluate_kwargs(load_config(config_file, ["evaluate.fidelity=false"]), ["m"], "r.json", files={})
+    wired = evaluate_kwargs(load_config(config_file, ["evaluate.fidelity=false"]), ["m"], "r.json", files={})
     assert wired["fidelity_prompts"] == [] and wired["fidelity_to"] is None
 
 
-def test_every_config_field_is_a_cli_option_or_declared_config_only():
-    """The CLI is tested against the library configs it builds: a new field needs its option, or a place in its
-    config's CONFIG_ONLY with the reason beside it."""
-    import dataclasses
-
-    from typer.main import get_command
-
-    from paser.cli import app
-    from paser.evaluate import EvaluateConfig
-    from paser.export import ExportConfig
-    from paser.prune import PruneConfig
-    from paser.recover import RecoverConfig
-    from paser.select import SelectConfig
-
-    commands = get_command(app).commands
-    renamed = {"labels": "label"}  # repeatable option, one value each
-    for command, cls in (("prune", PruneConfig), ("select", SelectConfig), ("recover", RecoverConfig),
-                         ("evaluate", EvaluateConfig), ("export", ExportConfig)):
-        options = {p.name for p in commands[command].params}
-        missing = {f.name for f in dataclasses.fields(cls)} - cls.CONFIG_ONLY
-        missing = {name for name in missing if renamed.get(name, name) not in options}
-        assert not missing, f"paser {command} lacks options for {sorted(missing)}"
-        assert not cls.CONFIG_ONLY & options, f"{cls.__name__}.CONFIG_ONLY names fields paser {command} offers"
-
-
 def test_an_arm_without_a_learning_rate_trains_at_its_adapters_default(tmp_path):
-    from paser.pipeline.schema import _arm_recover
+    from paser.pipeline.schema import arm_recover_settings
 
     raw = tiny_config("m", tmp_path, tmp_path / "run")
     del raw["recover"]["lr"]
@@ -422,5 +397,5 @@ def test_an_arm_without_a_learning_rate_trains_at_its_adapters_default(tmp_path)
     raw["arms"] = [{"name": "lora", "method": "random"}, {"name": "full", "method": "random", "recover": {"adapter": "full"}},
                    {"name": "lr", "method": "random", "recover": {"lr": 3e-4}}]
     config = parse_config(raw)
-    lrs = {arm["name"]: _arm_recover(config, arm, 0)["lr"] for arm in config.arms}
+    lrs = {arm["name"]: arm_recover_settings(config, arm, 0)["lr"] for arm in config.arms}
     assert lrs == {"lora": 1e-3, "full": 1e-4, "lr": 3e-4}  # the recovery stage is keyed by the lr it trains with

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +32,7 @@ def test_original_targets_are_generated_once_cached_and_resumed(tmp_path, tiny_m
     kept = [b.output == r.output for b, r in zip(built, records)]
     assert sum(kept) == info["empty_kept_reference"]  # only empty answers keep the reference
     assert info["truncated"] <= 10 - info["empty_kept_reference"]
-    store = info["cache"]
+    store = Path(info["cache"])
 
     # a second build reads every answer from the cache: no model is loaded
     monkeypatch.setattr("paser.models.load_model", lambda *a, **k: pytest.fail("model loaded despite cache"))

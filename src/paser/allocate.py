@@ -4,7 +4,7 @@ An allocation rule maps per-cluster statistics to non-negative weights; :func:`a
 into integer budgets that sum to exactly ``min(B, total capacity)`` with ``n_k <= |cluster_k|``:
 largest-remainder rounding, and budget that a full cluster cannot take goes to the others by weight.
 
-Rules (add one with ``@register_allocation("name")``):
+Rules (add one with ``@ALLOCATION_RULES.register("name")``):
 - ``cds``: n_k proportional to CDS_k, the cluster's mean degradation score (the PASER paper's rule);
 - ``mass``: n_k proportional to |cluster_k| x CDS_k (the cluster's total degradation);
 - ``size``: n_k proportional to |cluster_k| (also the fallback when every weight is zero);
@@ -25,25 +25,24 @@ from .registry import Registry
 
 AllocationRule = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (sizes, cds) -> weights
 ALLOCATION_RULES: Registry[AllocationRule] = Registry("allocation rule")
-register_allocation = ALLOCATION_RULES.register
 
 
-@register_allocation("cds")
+@ALLOCATION_RULES.register("cds")
 def cds_rule(sizes: np.ndarray, cds: np.ndarray) -> np.ndarray:
     return cds.astype(np.float64)
 
 
-@register_allocation("mass")
+@ALLOCATION_RULES.register("mass")
 def mass_rule(sizes: np.ndarray, cds: np.ndarray) -> np.ndarray:
     return sizes.astype(np.float64) * cds
 
 
-@register_allocation("size")
+@ALLOCATION_RULES.register("size")
 def size_rule(sizes: np.ndarray, cds: np.ndarray) -> np.ndarray:
     return sizes.astype(np.float64)
 
 
-@register_allocation("blend")
+@ALLOCATION_RULES.register("blend")
 def blend_rule(sizes: np.ndarray, cds: np.ndarray) -> np.ndarray:
     sizes = sizes.astype(np.float64)
     mean_cds = float((sizes * cds).sum() / sizes.sum()) if sizes.sum() else 0.0

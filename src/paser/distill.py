@@ -60,12 +60,13 @@ class RecoveryTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         wants = self.objective.terms
-        if self.token_weighted:
-            outputs = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items_in_batch)
-            terms = {"nll": outputs.loss}
-        else:
-            outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states="features" in wants)
-            terms = self._terms(outputs, inputs)
+        if self.token_weighted:  # the stock loss, with its scaling for token counts summed across processes
+            nll, outputs = super().compute_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels},
+                                                return_outputs=True, num_items_in_batch=num_items_in_batch)
+            loss = self.objective.loss({"nll": nll}, self.settings)
+            return (loss, outputs) if return_outputs else loss
+        outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states="features" in wants)
+        terms = self._terms(outputs, inputs)
         loss = self.objective.loss({name: terms[name] for name in wants}, self.settings)
         for name, value in terms.items():
             if value.dim() == 0:

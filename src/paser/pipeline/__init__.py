@@ -7,10 +7,10 @@
 
 from .comparison import write_comparison
 from .runner import StageRecord, run_pipeline
-from .schema import (SHIPPED_CONFIGS, STAGES, PipelineConfig, _arm_recover, _declared, _select_config,
+from .schema import (SHIPPED_CONFIGS, STAGES, PipelineConfig, arm_recover_settings, declared_inputs, arm_select_config,
                      demo_config_text, load_config, parse_config, shipped_config_text, with_arms,
                      with_evaluation_data)
 
 __all__ = ["SHIPPED_CONFIGS", "STAGES", "PipelineConfig", "StageRecord", "demo_config_text", "load_config",
            "parse_config", "run_pipeline", "shipped_config_text", "with_arms", "with_evaluation_data",
-           "write_comparison", "_arm_recover", "_declared", "_select_config"]
+           "write_comparison", "arm_recover_settings", "declared_inputs", "arm_select_config"]

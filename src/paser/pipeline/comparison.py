@@ -7,7 +7,7 @@ from pathlib import Path
 from ..cache import write_json, write_text
 
 
-def _read_cost(directory: Path) -> dict:
+def read_cost(directory: Path) -> dict:
     import json
 
     try:
@@ -16,7 +16,7 @@ def _read_cost(directory: Path) -> dict:
         return {}
 
 
-def _mean_cost(costs: list[dict]) -> dict:
+def mean_cost(costs: list[dict]) -> dict:
     keys = {k for c in costs for k in c}
     return {k: sum(c.get(k) or 0 for c in costs) / max(len(costs), 1) for k in keys}
 

@@ -32,18 +32,18 @@ from .. import distributed, faults
 from ..cache import file_fingerprint, stable_hash, write_json, write_text
 from ..data import sample_data
 from ..errors import ConfigError, PaserError
-from .comparison import _mean_cost, _read_cost, write_comparison
+from .comparison import mean_cost, read_cost, write_comparison
 from .schema import (
     CALIBRATION,
     HELDOUT,
     STAGES,
     PipelineConfig,
-    _arm_key,
-    _arm_recover,
-    _declared,
-    _evaluate_kwargs,
-    _resolve,
-    _select_config,
+    arm_key,
+    arm_recover_settings,
+    arm_select_config,
+    declared_inputs,
+    evaluate_kwargs,
+    resolve_data_file,
 )
 
 log = logging.getLogger(__name__)
@@ -220,9 +220,9 @@ class PipelineRun:
             self.prune_label = "pruned"
             return
         directory = self.out / "prune"
-        settings = {**config.prune, "calib_data": _resolve(config.prune["calib_data"], self.files)}
+        settings = {**config.prune, "calib_data": resolve_data_file(config.prune["calib_data"], self.files)}
         inputs = {"model": self.model_id,
-                  "prune": _declared(config.prune, {"method": PRUNING_METHODS.get(config.prune["method"]).version}),
+                  "prune": declared_inputs(config.prune, {"method": PRUNING_METHODS.get(config.prune["method"]).version}),
                   "calibration": self.data_hash if config.prune["calib_data"] == CALIBRATION else None}
         with self.runner.stage("prune", directory, inputs) as notes:
             if notes is not None and self.main:
@@ -235,21 +235,22 @@ class PipelineRun:
         from ..select import other_methods_options, run_selection
         from ..strategies import get_strategy
 
-        key = _arm_key(arm, seed)
+        key = arm_key(arm, seed)
         directory = self.out / "select" / key
-        select_config = _select_config(self.config, self.pruned, arm, seed, directory, self.files.get("slice"))
+        select_config = arm_select_config(self.config, self.pruned, arm, seed, directory, self.files.get("slice"))
         # what the arm's method reads: another method's changed default must not redo this selection
         unread = {"out", "original", "pruned", "data"} | other_methods_options(select_config.method)
         settings = {k: v for k, v in dataclasses.asdict(select_config).items() if k not in unread}
+        version = get_strategy(select_config.method).cache_version(select_config)
         inputs = {"model": self.model_id, "pruned": self.prune_hash, "data": self.data_hash,
-                  "select": _declared(settings, {"method": get_strategy(select_config.method).cache_version(select_config)})}
+                  "select": declared_inputs(settings, {"method": version})}
         with self.runner.stage("select", directory, inputs) as notes:
             if notes is not None:
                 summary = run_selection(select_config).summary
                 notes.update(scores_from_cache=summary["scores_from_cache"],
                              embeddings_from_cache=summary.get("embeddings_from_cache"),
                              clusters_from_cache=summary.get("clusters_from_cache"))
-        self.costs.setdefault(arm["name"], []).append(_read_cost(directory))
+        self.costs.setdefault(arm["name"], []).append(read_cost(directory))
 
     def recover(self, arm: dict, seed: int) -> None:
         from ..objectives import OBJECTIVES
@@ -257,9 +258,9 @@ class PipelineRun:
         from ..recovery import RECOVERY_METHODS
         from ..targets import TARGETS
 
-        key = _arm_key(arm, seed)
+        key = arm_key(arm, seed)
         directory, selected = self.out / "recover" / key, self.out / "select" / key / "selected.jsonl"
-        settings = _arm_recover(self.config, arm, seed)
+        settings = arm_recover_settings(self.config, arm, seed)
         if not TARGETS.get(settings["targets"]).keeps_answers and settings.get("max_train_tokens") is None:
             # the targets change the answers' lengths: keep the selection's token budget in training
             settings["max_train_tokens"] = (_read_selection(selected.parent).get("tokens") or {}).get("budget")
@@ -269,7 +270,7 @@ class PipelineRun:
                     "objective": OBJECTIVES.get(settings["loss"]).version,
                     "targets": TARGETS.get(settings["targets"]).version}
         inputs = {"pruned": self.prune_hash, "selection": file_fingerprint(selected)["sha256"],
-                  "dtype": self.config.dtype, "recover": _declared(settings, versions)}
+                  "dtype": self.config.dtype, "recover": declared_inputs(settings, versions)}
         with self.runner.stage("recover", directory, inputs) as notes:
             if notes is not None:
                 run_recovery(RecoverConfig(model=self.pruned, data=str(selected), out=directory, dtype=self.config.dtype,
@@ -287,11 +288,11 @@ class PipelineRun:
         models = [self.config.model, self.pruned, *self.recovered.values()]
         labels = ["dense", self.prune_label,
                   *(label for arm in self.config.arms for label in self.arm_labels[arm["name"]].values())]
-        kwargs = _evaluate_kwargs(self.config, models, directory / "results.json", labels, self.files)
+        kwargs = evaluate_kwargs(self.config, models, directory / "results.json", labels, self.files)
         evaluate_config = EvaluateConfig(**kwargs)
         inputs = {"model": self.model_id, "pruned": self.prune_hash, "recovered": self.recover_hashes,
                   "data": self.data_hash,
-                  "evaluate": _declared({k: v for k, v in kwargs.items() if k not in ("models", "out")},
+                  "evaluate": declared_inputs({k: v for k, v in kwargs.items() if k not in ("models", "out")},
                                         {m.name: m.version for m in evaluate_config.measurements()})}
         with self.runner.stage("evaluate", directory, inputs) as notes:
             if notes is not None:
@@ -306,7 +307,7 @@ class PipelineRun:
         version = EXPORT_FORMATS.get(self.config.export["format"]).version
         for key, merged in self.recovered.items():
             directory = self.out / "export" / key
-            inputs = {"recovered": self.recover_hashes[key], "export": _declared(self.config.export, {"format": version})}
+            inputs = {"recovered": self.recover_hashes[key], "export": declared_inputs(self.config.export, {"format": version})}
             with self.runner.stage("export", directory, inputs) as notes:
                 if notes is not None and self.main:
                     report = run_export(ExportConfig(model=merged, out=str(directory / "model"), **self.config.export))
@@ -323,9 +324,9 @@ class PipelineRun:
         if config.baseline and len(config.arms) > 1:
             write_comparison(self.out / "evaluate", self.arm_labels, config.baselines,
                              {"dense": "dense", "pruned": self.prune_label},
-                             {arm: _mean_cost(c) for arm, c in self.costs.items()})
+                             {arm: mean_cost(c) for arm, c in self.costs.items()})
         run = {"config": config.as_dict(), "out": str(self.out), "from_stage": self.from_stage,
-               "arms": [{"name": arm["name"], "method": arm["method"], "seed": seed, "key": _arm_key(arm, seed),
+               "arms": [{"name": arm["name"], "method": arm["method"], "seed": seed, "key": arm_key(arm, seed),
                          "label": self.arm_labels[arm["name"]][seed]} for arm in config.arms for seed in arm["seeds"]],
                "stages": [dataclasses.asdict(r) for r in self.runner.records],
                "seconds": round(time.perf_counter() - self.started, 2)}

@@ -22,7 +22,7 @@ STAGES = ("data", "prune", "select", "recover", "evaluate", "export")
 
 
 # ------------------------------------------------------------------------------------------- config
-def _declared(settings: dict[str, Any], versions: dict[str, Any]) -> dict[str, Any]:
+def declared_inputs(settings: dict[str, Any], versions: dict[str, Any]) -> dict[str, Any]:
     """A stage's settings as they enter its hash: every declared field with its value (defaults included, so a
     changed default redoes the stage) and the ``version`` of each registered object that reads them (so a change
     of behaviour under the same settings does too). Nothing is kept by hand."""
@@ -214,15 +214,15 @@ def _semantic_checks(config: PipelineConfig) -> None:
     if config.prune is not None:
         checks.append(("prune", lambda: PruneConfig(model=config.model, out="-", **config.prune).validate()))
     for arm in config.arms:
-        checks.append((f"arm '{arm['name']}'", lambda a=arm: _select_config(config, "-", a, a["seeds"][0], "-").validate()))
+        checks.append((f"arm '{arm['name']}'", lambda a=arm: arm_select_config(config, "-", a, a["seeds"][0], "-").validate()))
         checks.append((f"arm '{arm['name']}'", lambda a=arm: RecoverConfig(
             model="-", data="-", out="-", bad_records=config.data["bad_records"],
-            **_arm_recover(config, a, a["seeds"][0])).validate()))
+            **arm_recover_settings(config, a, a["seeds"][0])).validate()))
     if config.export is not None:
         from ..export import ExportConfig
 
         checks.append(("export", lambda: ExportConfig(model="-", out="-", **config.export).validate()))
-    checks.append(("evaluate", lambda: EvaluateConfig(**_evaluate_kwargs(config, ["-"], "-")).validate()))
+    checks.append(("evaluate", lambda: EvaluateConfig(**evaluate_kwargs(config, ["-"], "-")).validate()))
     for section, check in checks:
         try:
             check()
@@ -398,13 +398,13 @@ def _check_data_sampling(data: dict, where: str) -> None:
             raise ConfigError(f"{where}: data.{key} needs data.sample (they are drawn from what the sample leaves)")
 
 
-def _arm_key(arm: dict, seed: int) -> str:
+def arm_key(arm: dict, seed: int) -> str:
     """The arm's folder under select/ and recover/: ``<name>/s<seed>``, whatever the number of seeds, so a
     one-seed screen extended to more seeds reuses what it finished."""
     return f"{arm['name']}/s{seed}"
 
 
-def _arm_recover(config: PipelineConfig, arm: dict, seed: int) -> dict[str, Any]:
+def arm_recover_settings(config: PipelineConfig, arm: dict, seed: int) -> dict[str, Any]:
     from ..objectives import OBJECTIVES
     from ..recover import resolve_lr
     from ..recovery import RECOVERY_METHODS
@@ -421,7 +421,7 @@ def _arm_recover(config: PipelineConfig, arm: dict, seed: int) -> dict[str, Any]
     return settings
 
 
-def _select_config(config: PipelineConfig, pruned: str, arm: dict, seed: int, out: str | Path,
+def arm_select_config(config: PipelineConfig, pruned: str, arm: dict, seed: int, out: str | Path,
                    data_source: str | None = None) -> Any:
     from ..select import SelectConfig
 
@@ -433,7 +433,7 @@ def _select_config(config: PipelineConfig, pruned: str, arm: dict, seed: int, ou
                         **settings)
 
 
-def _resolve(value: Any, files: dict[str, str]) -> Any:
+def resolve_data_file(value: Any, files: dict[str, str]) -> Any:
     """``@heldout`` / ``@calibration`` become the data stage's files."""
     if isinstance(value, str) and value.startswith("@"):
         if value not in files:
@@ -442,12 +442,12 @@ def _resolve(value: Any, files: dict[str, str]) -> Any:
     return value
 
 
-def _evaluate_kwargs(config: PipelineConfig, models: list[str], out: str | Path,
+def evaluate_kwargs(config: PipelineConfig, models: list[str], out: str | Path,
                      labels: list[str] | None = None, files: dict[str, str] | None = None) -> dict[str, Any]:
     settings = dict(config.evaluate)
     for key in ("response_ppl", "fidelity_prompts"):
         if files is not None:
-            settings[key] = [_resolve(src, files) for src in settings[key]]
+            settings[key] = [resolve_data_file(src, files) for src in settings[key]]
         else:  # validation before the data stage has run: a placeholder that exists
             settings[key] = [src if not src.startswith("@") else "demo-heldout" for src in settings[key]]
     skip_missing = settings.pop("skip_missing_task_dir")

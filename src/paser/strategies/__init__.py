@@ -6,10 +6,10 @@
 - :mod:`.nuggets`: ``nuggets``
 - :mod:`.dsir`: ``dsir``
 
-A new method: subclass :class:`Strategy`, decorate it with :func:`register`, import its module here.
+A new method: subclass :class:`Strategy`, decorate it with ``@STRATEGIES.register("name")``, import its module here.
 """
 
 from . import baselines, dsir, model_scores, nuggets, paser  # noqa: F401  (registers the strategies)
-from .base import STRATEGIES, SelectionContext, Strategy, get_strategy, register
+from .base import STRATEGIES, SelectionContext, Strategy, get_strategy
 
-__all__ = ["STRATEGIES", "SelectionContext", "Strategy", "get_strategy", "register"]
+__all__ = ["STRATEGIES", "SelectionContext", "Strategy", "get_strategy"]

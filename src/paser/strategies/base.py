@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class Strategy:
-    """A selection method. Subclasses set ``name`` and implement :meth:`select`."""
+    """A selection method: registered by name (``@STRATEGIES.register``), implements :meth:`select`."""
 
     name = "base"
     description = ""
@@ -45,12 +45,6 @@ class Strategy:
 
 
 STRATEGIES: Registry[Strategy] = Registry("selection method")
-
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make a strategy available to ``paser select --method NAME`` and ``paser run`` arms
-    (its ``name`` is the registered name)."""
-    return STRATEGIES.register(cls.name)(cls)
 
 
 def get_strategy(name: str) -> Strategy:

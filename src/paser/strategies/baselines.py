@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import SelectionContext, Strategy, register
+from .base import STRATEGIES, SelectionContext, Strategy
 
 
-@register
+@STRATEGIES.register("random")
 class Random(Strategy):
-    name = "random"
     description = "a seeded uniform sample of the budget; loads no model"
 
     def select(self, ctx: SelectionContext) -> tuple[list[int], dict]:
@@ -17,9 +16,8 @@ class Random(Strategy):
         return [int(i) for i in rng.choice(len(ctx.records), size=ctx.budget, replace=False)], {}
 
 
-@register
+@STRATEGIES.register("full")
 class Full(Strategy):
-    name = "full"
     description = "every record (the reference the paper trains on)"
 
     def select(self, ctx: SelectionContext) -> tuple[list[int], dict]:

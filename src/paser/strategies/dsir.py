@@ -25,7 +25,7 @@ from scipy import sparse
 
 from ..errors import ConfigError
 from ..options import option
-from .base import SelectionContext, Strategy, register
+from .base import STRATEGIES, SelectionContext, Strategy
 
 WORD = re.compile(r"\w+")
 
@@ -94,9 +94,8 @@ class DSIROptions:
     dsir_buckets: Annotated[int, Field(ge=1)] = option(10_000, "dsir: hash buckets for the unigram + bigram features.")
 
 
-@register
+@STRATEGIES.register("dsir")
 class DSIR(Strategy):
-    name = "dsir"
     options = DSIROptions
     description = "importance resampling toward --target on hashed unigram+bigram features; no model"
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..data import Encoded
-from .base import SelectionContext, Strategy, register, top_k
+from .base import STRATEGIES, SelectionContext, Strategy, top_k
 
 
-@register
+@STRATEGIES.register("perplexity")
 class Perplexity(Strategy):
-    name = "perplexity"
     description = "the pruned model's response loss, highest first"
 
     def select(self, ctx: SelectionContext) -> tuple[list[int], dict]:
@@ -32,9 +31,8 @@ class Perplexity(Strategy):
         return top_k(loss, ctx.budget), {"score": "pruned response loss (nats/token)"}
 
 
-@register
+@STRATEGIES.register("loss_gap")
 class LossGap(Strategy):
-    name = "loss_gap"
     description = "pruned minus original response loss, highest first"
 
     def select(self, ctx: SelectionContext) -> tuple[list[int], dict]:
@@ -58,9 +56,8 @@ def ifd_scores(ctx: SelectionContext, which: str) -> tuple[np.ndarray, np.ndarra
     return conditioned / np.maximum(alone, 1e-8), conditioned, alone
 
 
-@register
+@STRATEGIES.register("ifd")
 class IFD(Strategy):
-    name = "ifd"
     description = "Instruction-Following Difficulty (Cherry LLM): keep IFD < 1, highest first"
 
     def select(self, ctx: SelectionContext) -> tuple[list[int], dict]:

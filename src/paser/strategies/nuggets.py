@@ -27,7 +27,7 @@ from ..cache import stable_hash
 from ..data import Encoded
 from ..options import option
 from ..score import ScoreConfig, batched_values, collate, model_pass, response_loss_batch
-from .base import SelectionContext, Strategy, register, top_k
+from .base import STRATEGIES, SelectionContext, Strategy, top_k
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,8 @@ class NuggetsOptions:
         None, "nuggets: score only a seeded sub-sample of N candidates (its cost is candidates x anchors passes).")
 
 
-@register
+@STRATEGIES.register("nuggets")
 class Nuggets(Strategy):
-    name = "nuggets"
     options = NuggetsOptions
     description = "one-shot learning value against a fixed anchor set (O(candidates x anchors) passes)"
 

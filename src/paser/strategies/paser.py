@@ -41,7 +41,7 @@ from ..cluster import ClusterResult
 from ..options import option
 from ..registry import Registry
 from ..score import get_scorer
-from .base import SelectionContext, Strategy, register
+from .base import STRATEGIES, SelectionContext, Strategy
 from .sampled import exact_first, sampled_scores
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,8 @@ def specific_concepts(ctx: SelectionContext) -> frozenset[str]:
 def select_paser(ctx: SelectionContext) -> tuple[list[int], dict]:
     """PASER: clusters, per-cluster budgets by degradation, IES ranking, concept-consistency filter."""
     config = ctx.config
+    if config.scoring != "sampled":
+        ctx.pair_scores()  # the long, resumable model pass first: a run killed in it has done nothing else yet
     clusters = capability_clusters(ctx, config.cluster_method)
     ctx.info["cluster_result"] = clusters
     labels, k = clusters.labels, clusters.k
@@ -329,9 +331,8 @@ class PaserOptions:
         "the pilot still reads whole records).")
 
 
-@register
+@STRATEGIES.register("paser")
 class Paser(Strategy):
-    name = "paser"
     description = "PASER: capability clusters, degradation-weighted budgets, IES ranking, concept consistency"
     options = PaserOptions
 
