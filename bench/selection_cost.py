@@ -3,7 +3,7 @@
 Cost model (forward-token passes; a training token costs ``--train-factor`` forward passes: forward plus
 backward, 3 by the usual 1 + 2 rule):
 
-- random (the default method since stop 30): nothing;
+- random (the default method): nothing;
 - exhaustive scoring (method paser): 2 models x N records x L tokens (``rank: ies`` or ``score`` need nothing
   more); paser's default ranking (``rank: ifd``) adds IFD's two passes of the pruned model (prompt + response, then the
   response alone): N x (2L - prompt) (mode ``exhaustive+ifd``);

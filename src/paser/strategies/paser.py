@@ -11,7 +11,7 @@
   a 54-record tool-call cluster of the study slice). ``rank="score"`` (the highest JSD per response token,
   what a token budget buys and what KD then trains away) won the equal-token screen at 20% of the tokens and
   lost WikiText-2 to random at 5%, so it is not the default.
-  The method itself is not the default since stop 30 (``random`` is): with distillation it wins at 20% of the
+  The method itself is not the default (``random`` is): with distillation it wins at 20% of the
   tokens on Wanda 50% and loses WikiText-2 to a random slice at 5% and on 2:4.
   ``--recipe paper`` restores ``cds``, ``rank="ies"`` (JSD / log cost), ``top`` and the paper's rule.
 - Other rules: ``allocation="mass"`` (size x mean JSD, a cluster's total degradation), ``"blend"``, and
