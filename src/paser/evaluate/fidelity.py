@@ -84,12 +84,11 @@ class Fidelity(Measurement):
         return [*config.ppl, *config.fidelity_prompts]
 
     def _generation(self, ctx: EvalContext) -> Any:
-        """Settings for the original's answers, in the shape the self-distilled targets read."""
-        from types import SimpleNamespace
+        """The original's greedy answers, generated and cached like the self-distilled targets."""
+        from ..targets.original import AnswerSettings
 
-        return SimpleNamespace(teacher=ctx.config.fidelity_to, target_max_new_tokens=ctx.config.fidelity_max_new_tokens,
-                               cutoff_len=ctx.config.response_max_length, target_do_sample=False, target_temperature=1.0,
-                               target_top_p=1.0, template="auto", seed=0, target_batch_size=ctx.config.batch_size * 2)
+        return AnswerSettings(teacher=ctx.config.fidelity_to, target_max_new_tokens=ctx.config.fidelity_max_new_tokens,
+                              cutoff_len=ctx.config.response_max_length, target_batch_size=ctx.config.batch_size * 2)
 
     def settings(self, ctx: EvalContext, item: str) -> dict[str, Any]:
         from ..cache import file_fingerprint, stable_hash

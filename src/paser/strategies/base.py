@@ -40,6 +40,11 @@ class Strategy:
         """What enters the pipeline's select-stage hash besides the settings (``version`` by default)."""
         return str(self.version)
 
+    def validate(self, config: Any) -> None:
+        """Raise :class:`~paser.errors.ConfigError` where the config's use of this method's own options is wrong.
+        Called for every registered method, whichever one runs: the one that owns an option says whether it may be
+        set for another (``config.method``)."""
+
     def select(self, ctx: SelectionContext) -> tuple[list[int], dict[str, Any]]:
         raise NotImplementedError
 
