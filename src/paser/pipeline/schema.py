@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -336,7 +337,6 @@ def _parse_arms(raw_arms: Any, select: dict, recover: dict, seeds: list[int], sp
 
 def _parse_arm(i: int, arm: Any, select: dict, recover: dict, seeds: list[int], spec: dict, where: str) -> dict:
     """One arm: its name and method, its select and recover overrides checked against the sections, its seeds."""
-    import re
 
     from ..select import METHODS as SELECT_METHODS
 

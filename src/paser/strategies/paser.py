@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -96,7 +97,6 @@ def specific_concepts(ctx: SelectionContext) -> frozenset[str]:
     """Concepts rare enough to carry meaning: in at most ``ccg_max_df`` of the pool's records (document
     frequency over every record's keyphrases). Boilerplate such as 'answer', 'write' or 'python' is left
     out of the graph, so it can never make two records conflict."""
-    from collections import Counter
 
     config = ctx.config
     frequency = Counter(c for found in ctx.concepts() for c in found)
