@@ -231,7 +231,9 @@ def _semantic_checks(config: PipelineConfig) -> None:
             raise ConfigError(f"{config.source}: {section}: {exc}") from None
 
 
-SHIPPED_CONFIGS = ("demo", "compare", "study", "recovery", "tokens")
+# every YAML file in paser/configs/ is a shipped config, run by its name (the demo first: it is the one to start from)
+SHIPPED_CONFIGS = tuple(sorted((f.name.removesuffix(".yaml") for f in resources.files("paser").joinpath("configs").iterdir()
+                               if f.name.endswith(".yaml")), key=lambda name: (name != "demo", name)))
 
 
 def shipped_config_text(name: str) -> str:
