@@ -9,6 +9,14 @@ from paser.pipeline import demo_config_text, load_config, parse_config, run_pipe
 from tests_helpers import write_fixtures
 
 
+def assert_every_image_is_a_png(page: str) -> None:
+    """No broken image: every inline image decodes to a PNG."""
+    import base64
+    import re
+
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert images and all(base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n") for data in images)
+
 def tiny_config(model_dir, task_dir, out, heldout="demo-heldout"):
     return {
         "model": str(model_dir), "out": str(out),
@@ -106,8 +114,11 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
         assert len((out / "select" / method / "s0" / "selected.jsonl").read_text().splitlines()) == 12
         assert (out / "recover" / method / "s0" / "merged" / "config.json").exists()
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 6 and "http://" not in page and "https://" not in page
-    assert "Methods compared" in page
+    assert page.count("data:image/png;base64,") == 7 and "http://" not in page and "https://" not in page
+    assert_every_image_is_a_png(page)
+    # the answer first: the headline chart before the tables; the comparison is an HTML table, not raw markdown
+    assert page.index("<h2>Headline</h2>") < page.index("<h2>Evaluation</h2>") < page.index("Methods compared")
+    assert 'alt="headline: fidelity to the original against random"' in page and "<pre>" not in page
     comparison = json.loads((out / "evaluate" / "comparison.json").read_text())
     assert comparison["baseline"] == "random" and set(comparison["arms"]) == {"paser", "random"}
     assert {"arc_easy (acc)", f"response ppl {heldout.name}"} <= set(comparison["metrics"])
@@ -130,7 +141,7 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
     assert versus["arms"]["random"]["metrics"][name]["diff"] == pytest.approx(-diff["diff"])
     assert "Δ = arm − paser" in (out / "evaluate" / "comparison-vs-paser.md").read_text()
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 7 and "forest plot of differences against paser" in page
+    assert page.count("data:image/png;base64,") == 8 and "forest plot of differences against paser" in page
     raw["baseline"] = "random"
     run_pipeline(parse_config(raw))
     assert not list((out / "evaluate").glob("comparison-vs-*"))

@@ -9,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import platform
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,6 @@ def checkpoint_seconds(default: float = 60.0) -> float:
 def entry_lock(path: str | Path, what: str = "this cache entry") -> Iterator[None]:
     """Hold an inter-process lock on one cache entry, so concurrent runs sharing ``PASER_CACHE`` compute it
     once: the second waits (and says so), then finds the first one's finished file."""
-    import logging
 
     from filelock import FileLock, Timeout
 
@@ -161,8 +163,6 @@ def _json_default(obj: Any) -> Any:
 
 def package_versions(*packages: str) -> dict[str, str]:
     """Python and the installed versions of ``packages`` (distribution names), for provenance records."""
-    import platform
-    from importlib import metadata
 
     versions = {"python": platform.python_version()}
     for package in packages:

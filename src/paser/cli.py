@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +171,6 @@ def evaluate(**settings: Any) -> None:  # EvaluateBase's fields and every measur
 def _cli_type(declared: Any) -> Any:
     """The plain type a typer option needs for a declared field type (bounds and choices stay declared and are
     checked by paser.options.check_declared)."""
-    import types
-    import typing
 
     origin, args = typing.get_origin(declared), typing.get_args(declared)
     if origin is typing.Annotated:
@@ -187,8 +189,6 @@ def _cli_type(declared: Any) -> Any:
 def _with_declared_options(command: Any, config: type, fields: list[tuple[Any, Any]]) -> Any:
     """``command``'s signature with one typer parameter per declared field (name, type, default, help, choices), in
     place of its ``**settings``: the CLI is built from the same declarations as the library config."""
-    import dataclasses
-    import inspect
 
     from .options import choices
 

@@ -137,29 +137,38 @@ def comparison_files(directory: Path, suffix: str) -> list[Path]:
     return [p for p in [headline, *sorted(directory.glob(f"{HEADLINE_STEM}-vs-*{suffix}"))] if p.exists()]
 
 
-def comparison_table(comparison: dict, costs: dict[str, Any] | None = None) -> str:
-    """Markdown: per arm and metric, mean +/- std over seeds, and the difference vs the baseline [95% CI]."""
+def comparison_cells(comparison: dict, costs: dict[str, Any] | None = None
+                     ) -> tuple[list[str], list[list[list[str]]], str]:
+    """The comparison as a table: its header, one row per arm whose cells are lists of lines (mean ± std over
+    seeds; the difference against the baseline [95% CI]), and the note that explains it."""
     metrics = comparison["metrics"]
     header = ["arm", "seeds", *metrics] + (["selection cost"] if costs else [])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for arm, data in comparison["arms"].items():
-        cells = [arm, ",".join(map(str, data["seeds"]))]
+        cells = [[arm], [",".join(map(str, data["seeds"]))]]
         for name in metrics:
             m = data["metrics"][name]
-            text = f"{m['mean']:.4g}" + (f" ± {m['std']:.2g}" if m.get("std") is not None else "")
+            lines = [f"{m['mean']:.4g}" + (f" ± {m['std']:.2g}" if m.get("std") is not None else "")]
             if "diff" in m:
                 mark = {"better": " ✓", "worse": " ✗"}.get(m["verdict"], "")
-                text += f"<br>Δ {m['diff']:+.3g} [{m['ci_low']:+.3g}, {m['ci_high']:+.3g}]{mark}"
-            cells.append(text)
+                lines.append(f"Δ {m['diff']:+.3g} [{m['ci_low']:+.3g}, {m['ci_high']:+.3g}]{mark}")
+            cells.append(lines)
         if costs:
-            cells.append(_cost_text(costs.get(arm)))
-        lines.append("| " + " | ".join(cells) + " |")
+            cells.append([_cost_text(costs.get(arm))])
+        rows.append(cells)
     arrows = ", ".join(f"{m} {'↑' if comparison['higher_is_better'][m] else '↓'}" for m in metrics)
-    lines.append("")
-    lines.append(f"Mean ± std over seeds; Δ = arm − {comparison['baseline']} with its 95% paired-bootstrap interval "
-                 f"({comparison['replicates']} replicates over seeds and items); ✓ better, ✗ worse beyond noise. "
-                 f"Better is {arrows}.")
-    return "\n".join(lines) + "\n"
+    note = (f"Mean ± std over seeds; Δ = arm − {comparison['baseline']} with its 95% paired-bootstrap interval "
+            f"({comparison['replicates']} replicates over seeds and items); ✓ better, ✗ worse beyond noise. "
+            f"Better is {arrows}.")
+    return header, rows, note
+
+
+def comparison_table(comparison: dict, costs: dict[str, Any] | None = None) -> str:
+    """Markdown: per arm and metric, mean +/- std over seeds, and the difference vs the baseline [95% CI]."""
+    header, rows, note = comparison_cells(comparison, costs)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("<br>".join(cell) for cell in row) + " |" for row in rows]
+    return "\n".join([*lines, "", note]) + "\n"
 
 
 def _cost_text(cost: dict | None) -> str:

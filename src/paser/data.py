@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -597,8 +598,6 @@ def pad_right(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[torch
 def sample_data(data: dict[str, Any], directory: Path) -> dict[str, Any]:
     """Write ``slice.jsonl`` (``data.sample``: n records, seeded, stratified by a field when present) and,
     from the records the slice leaves, ``heldout.jsonl`` and ``calibration.jsonl``; returns counts."""
-    import json
-    import random
 
     from .cache import write_jsonl
 

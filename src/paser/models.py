@@ -233,7 +233,7 @@ def check_compatible(original_tokenizer: Any, pruned_tokenizer: Any, original_mo
 
 def peak_memory_gb() -> float:
     """Peak memory of this process so far: the accelerator's allocations on a GPU, else the resident set (GiB)."""
-    import resource
+    import resource  # POSIX only: imported where it is used
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1024**3

@@ -27,7 +27,10 @@ table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.9rem; }
 th, td { border: 1px solid #ccc; padding: 0.25rem 0.55rem; text-align: right; }
 th { background: #f2f2f2; } td.text, th.text { text-align: left; }
 img { max-width: 100%; } .missing { color: #a33; } .note { color: #555; font-size: 0.9rem; }
+.wide { overflow-x: auto; max-width: 100%; } .headline { font-size: 1.05rem; }
 """
+HEADLINE_PREFIX = "KL removed"  # the headline metrics: fidelity to the original (the share of pruning's KL removed)
+FOREST_COLUMNS = 3
 
 
 def _figure_html(fig: Any, alt: str) -> str:
@@ -47,7 +50,18 @@ def _table(header: list[str], rows: list[list[Any]], text_columns: int = 1) -> s
 
     head = "".join(cell("th", i, h) for i, h in enumerate(header))
     body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
+
+
+def _lines_table(header: list[str], rows: list[list[list[str]]]) -> str:
+    """A table whose cells hold several lines each (escaped, then joined by real line breaks)."""
+    def cell(i: int, lines: list[str]) -> str:
+        cls = ' class="text"' if i == 0 else ""
+        return f"<td{cls}>" + "<br>".join(html.escape(line) for line in lines) + "</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(i, lines) for i, lines in enumerate(row)) + "</tr>" for row in rows)
+    return f"<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
 
 
 def _read_json(path: Path) -> Any | None:
@@ -206,42 +220,82 @@ def _evaluation_section(run_dir: Path, run: dict[str, Any] | None = None) -> str
     return "".join(parts)
 
 
+def _comparisons(run_dir: Path) -> list[dict]:
+    from .compare import comparison_files
+
+    return [c for c in map(_read_json, comparison_files(run_dir / "evaluate", ".json")) if c]
+
+
 def _comparison_section(run_dir: Path) -> str:
     """Per baseline (the headline one first): a forest plot of every arm's difference against it, with its
     95% interval, per metric, and the comparison table."""
-    from .compare import comparison_files
-
-    comparisons = [c for c in map(_read_json, comparison_files(run_dir / "evaluate", ".json")) if c]
+    comparisons = _comparisons(run_dir)
     if not comparisons:
         return ""
     return "<h2>Methods compared</h2>" + "".join(_comparison_html(c) for c in comparisons)
 
 
-def _comparison_html(comparison: dict) -> str:
+def _forest(comparison: dict, metrics: list[str], columns: int, title: str) -> Any:
+    """One panel per metric (``columns`` to a row): each arm's difference against the baseline, 95% interval."""
     import matplotlib.pyplot as plt
 
-    metrics = comparison["metrics"]
     arms = [a for a in comparison["arms"] if a != comparison["baseline"]]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.45 * len(arms) + 1.6), sharey=True,
-                             squeeze=False)
-    for ax, name in zip(axes[0], metrics):
+    columns = min(columns, len(metrics))
+    rows = -(-len(metrics) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(11, rows * (0.5 * len(arms) + 1.9)), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, metrics):
         for y, arm in enumerate(arms):
             m = comparison["arms"][arm]["metrics"][name]
             color = {"better": "#2a9d3a", "worse": "#c0392b"}.get(m["verdict"], "#555555")
             ax.errorbar(m["diff"], y, xerr=[[m["diff"] - m["ci_low"]], [m["ci_high"] - m["diff"]]], fmt="o",
                         color=color, capsize=3)
         ax.axvline(0, color="black", linewidth=0.8)
-        better = "→ better" if comparison["higher_is_better"][name] else "← better"
-        ax.set_title(f"{name}\n({better})", fontsize=8)
+        better = "higher is better" if comparison["higher_is_better"][name] else "lower is better"
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(f"arm − {comparison['baseline']} ({better})", fontsize=8)
         ax.set_yticks(range(len(arms)), arms)
-        ax.tick_params(labelsize=7)
-    fig.suptitle(f"Difference against {comparison['baseline']} (95% paired bootstrap)", fontsize=9)
+        ax.set_ylim(-0.6, len(arms) - 0.4)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    from .compare import comparison_table
+    return fig
 
-    table = html.escape(comparison_table(comparison, comparison.get("costs")))
-    return (_figure_html(fig, f"forest plot of differences against {comparison['baseline']}")
-            + f"<pre>{table}</pre>")
+
+def _comparison_html(comparison: dict) -> str:
+    from .compare import comparison_cells
+
+    baseline = comparison["baseline"]
+    fig = _forest(comparison, comparison["metrics"], FOREST_COLUMNS,
+                  f"Difference against {baseline} (95% paired bootstrap over seeds and items)")
+    header, rows, note = comparison_cells(comparison, comparison.get("costs"))
+    return (f"<h3>Against {html.escape(baseline)}</h3>"
+            + _figure_html(fig, f"forest plot of differences against {baseline}")
+            + _lines_table(header, rows) + f"<p class='note'>{html.escape(note)}</p>")
+
+
+def _headline_section(run_dir: Path) -> str:
+    """The answer first: every arm against the headline baseline on fidelity to the original, in one chart."""
+    comparisons = _comparisons(run_dir)
+    if not comparisons or len(comparisons[0]["arms"]) < 2:
+        return ""
+    comparison = comparisons[0]
+    metrics = [m for m in comparison["metrics"] if m.startswith(HEADLINE_PREFIX)] or comparison["metrics"][:1]
+    baseline = comparison["baseline"]
+    lines = []
+    for arm, data in comparison["arms"].items():
+        if arm == baseline:
+            continue
+        parts = []
+        for name in metrics:
+            m, base = data["metrics"][name], comparison["arms"][baseline]["metrics"][name]
+            parts.append(f"{name}: {m['mean']:.3g} against {base['mean']:.3g}, "
+                         f"Δ {m['diff']:+.3g} [{m['ci_low']:+.3g}, {m['ci_high']:+.3g}]")
+        lines.append(f"<li><b>{html.escape(arm)}</b>: {html.escape('; '.join(parts))}</li>")
+    fig = _forest(comparison, metrics, len(metrics), f"Fidelity to the original: each arm against {baseline}")
+    return ("<h2>Headline</h2>" + _figure_html(fig, f"headline: fidelity to the original against {baseline}")
+            + f"<ul class='headline'>{''.join(lines)}</ul>")
 
 
 def _stages_section(run: dict | None) -> str:
@@ -281,9 +335,10 @@ def build_report(run_dir: str | Path) -> Path:
     select = config.get("select", {})
     body = [f"<h1>{title}</h1>",
             f"<p class='note'>{html.escape(subtitle)}; data {html.escape(str(config.get('data', {}).get('source')))}; "
-            f"arms {', '.join(methods)} at budget {select.get('budget')}; run directory "
+            f"arms {', '.join(methods)} at budget {select.get('budget') or select.get('budget_tokens')}; run directory "
             f"{html.escape(str(run_dir.resolve()))}.</p>",
-            _evaluation_section(run_dir, run), _comparison_section(run_dir), _selection_section(run_dir, methods, paser_key),
+            _headline_section(run_dir), _evaluation_section(run_dir, run), _comparison_section(run_dir),
+            _selection_section(run_dir, methods, paser_key),
             _training_section(run_dir, methods),
             _stages_section(run)]
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>"

@@ -111,15 +111,8 @@ class SelectBase:
         if self.device_map is not None and distributed.launched():
             raise ConfigError("device_map spreads one copy of each model over the devices; under a launcher every "
                               "process holds its own copy: use one or the other")
-        if self.rank == "ifd" and self.scoring == "sampled":
-            raise ConfigError("scoring sampled predicts JSD, which ranks by IES: add --rank ies (rank: ies), or "
-                              "score exhaustively for the default IFD ranking")
-        if self.scoring == "sampled" and self.method != "paser":
-            raise ConfigError(f"scoring sampled applies to method paser, not '{self.method}'")
-        if self.confirm_tokens is not None and self.scoring != "sampled":
-            raise ConfigError("confirm_tokens applies to scoring sampled")
-        if self.method == "dsir" and not self.target:
-            raise ConfigError("method dsir needs a target text set (--target FILE)")
+        for _, strategy in STRATEGIES.items():  # each method checks its own options
+            strategy.validate(self)
 
     def budget_count(self, n_records: int) -> int:
         count = round(self.budget * n_records) if self.budget < 1 else int(self.budget)

@@ -28,6 +28,7 @@ the bucketed values are exact.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,7 +108,6 @@ def stored_topk(model_key: str, load: Any, encoded: Sequence[Encoded], pad_id: i
                 cache_dir: Path) -> TopK:
     """The top-k store of one model over ``encoded``, computed once and cached under ``cache_dir/teacher`` by
     the model's weights, the encodings, k and dtype. ``load()`` gives the model, called only on a miss."""
-    import logging
 
     from .cache import entry_lock, stable_hash
 

@@ -110,12 +110,21 @@ class Measurement:
     cache_kind = ""
     version = 1
     options: ClassVar[type | None] = None  # a dataclass of its settings (fields of EvaluateConfig), or None
+    # ``paser run`` only: keys of the evaluate section this measurement reads besides its options (with defaults),
+    # and its fields that name data sources (where ``@heldout`` resolves to the data stage's file)
+    pipeline_options: ClassVar[dict[str, Any]] = {}
+    data_sources: ClassVar[tuple[str, ...]] = ()
 
     def enabled(self, config: Any) -> bool:
         raise NotImplementedError
 
     def validate(self, config: Any) -> None:
         """Check this measurement's settings (no model loaded)."""
+
+    def pipeline_settings(self, settings: dict[str, Any], original: str, final: bool) -> None:
+        """Turn a ``paser run`` evaluate section into this measurement's :class:`EvaluateConfig` fields, in place:
+        pop its :attr:`pipeline_options`. ``original``: the run's model; ``final``: the data stage has run (warn
+        about what is skipped only then, not while the config is validated)."""
 
     def prepare(self, ctx: EvalContext) -> list[str]:
         """Read this measurement's inputs once; return its item names."""

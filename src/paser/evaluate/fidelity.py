@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -63,6 +63,21 @@ class Fidelity(Measurement):
     """KL to the original and top-1 agreement on the perplexity texts' windows."""
 
     options = FidelityOptions
+    pipeline_options: ClassVar[dict[str, Any]] = {"fidelity": True}
+    data_sources = ("fidelity_prompts",)
+
+    def pipeline_settings(self, settings: dict[str, Any], original: str, final: bool) -> None:
+        """Fidelity to the run's model unless ``fidelity: false``: on the perplexity texts' windows and on the
+        original's answers to the held-out prompts (the ``response_ppl`` sources, as many records as
+        ``response_ppl_limit`` takes, unless ``fidelity_prompts`` names some)."""
+        fidelity = settings.pop("fidelity")
+        if fidelity and not settings["fidelity_prompts"]:
+            settings["fidelity_prompts"] = list(settings["response_ppl"])
+            if settings["fidelity_prompts_limit"] is None:
+                settings["fidelity_prompts_limit"] = settings["response_ppl_limit"]
+        if not fidelity:
+            settings["fidelity_prompts"] = []
+        settings["fidelity_to"] = original if fidelity and (settings["ppl"] or settings["fidelity_prompts"]) else None
 
     key = "fidelity"
 
@@ -84,12 +99,11 @@ class Fidelity(Measurement):
         return [*config.ppl, *config.fidelity_prompts]
 
     def _generation(self, ctx: EvalContext) -> Any:
-        """Settings for the original's answers, in the shape the self-distilled targets read."""
-        from types import SimpleNamespace
+        """The original's greedy answers, generated and cached like the self-distilled targets."""
+        from ..targets.original import AnswerSettings
 
-        return SimpleNamespace(teacher=ctx.config.fidelity_to, target_max_new_tokens=ctx.config.fidelity_max_new_tokens,
-                               cutoff_len=ctx.config.response_max_length, target_do_sample=False, target_temperature=1.0,
-                               target_top_p=1.0, template="auto", seed=0, target_batch_size=ctx.config.batch_size * 2)
+        return AnswerSettings(teacher=ctx.config.fidelity_to, target_max_new_tokens=ctx.config.fidelity_max_new_tokens,
+                              cutoff_len=ctx.config.response_max_length, target_batch_size=ctx.config.batch_size * 2)
 
     def settings(self, ctx: EvalContext, item: str) -> dict[str, Any]:
         from ..cache import file_fingerprint, stable_hash

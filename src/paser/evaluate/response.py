@@ -75,6 +75,7 @@ class ResponsePerplexity(Measurement):
 
     key = "response_perplexity"
     cache_kind = "response"
+    data_sources = ("response_ppl",)
     options = ResponsePerplexityOptions
 
     def enabled(self, config: Any) -> bool:

@@ -7,12 +7,13 @@ comparison also reports the share of the pruned model's perplexity gap to the de
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
@@ -20,6 +21,8 @@ from ..cache import file_fingerprint
 from ..errors import ConfigError
 from ..score import sequence_nll
 from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, exp_of_first, measured_items, option, short_name
+
+log = logging.getLogger(__name__)
 
 
 def text_windows(tokenizer: Any, text: str, seqlen: int) -> list[list[int]]:
@@ -74,6 +77,14 @@ class TextPerplexity(Measurement):
 
     key = "perplexity"
     cache_kind = "ppl"
+    pipeline_options: ClassVar[dict[str, Any]] = {"skip_missing_ppl": False}
+
+    def pipeline_settings(self, settings: dict[str, Any], original: str, final: bool) -> None:
+        if settings.pop("skip_missing_ppl"):
+            missing = [path for path in settings["ppl"] if not Path(path).is_file()]
+            if missing and final:
+                log.warning("perplexity text(s) %s skipped: not found", ", ".join(missing))
+            settings["ppl"] = [path for path in settings["ppl"] if path not in missing]
     options = TextPerplexityOptions
 
     def enabled(self, config: Any) -> bool:

@@ -10,13 +10,14 @@ The table shows each task's conventional metric (:data:`TABLE_METRIC`, LLM-Prune
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -33,6 +34,8 @@ REQUIRED_FIELDS["winogrande"] = ("choices", "label", "context_options", "continu
 # The metric each task shows in the table (LLM-Pruner/Wanda convention); results.json keeps both.
 TABLE_METRIC = {"boolq": "acc", "piqa": "acc", "winogrande": "acc", "hellaswag": "acc_norm",
                 "arc_easy": "acc", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+
+log = logging.getLogger(__name__)
 
 
 def check_task_file(path: Path, task: str) -> int:
@@ -159,6 +162,14 @@ class ZeroShotTasks(Measurement):
     key = "tasks"
     cache_kind = "task"
     options = ZeroShotOptions
+    pipeline_options: ClassVar[dict[str, Any]] = {"skip_missing_task_dir": False}
+
+    def pipeline_settings(self, settings: dict[str, Any], original: str, final: bool) -> None:
+        task_dir = settings.get("task_dir")
+        if settings.pop("skip_missing_task_dir") and task_dir is not None and not Path(task_dir).is_dir():
+            if settings["tasks"] and final:
+                log.warning("zero-shot tasks %s skipped: %s not found", ", ".join(settings["tasks"]), task_dir)
+            settings["tasks"] = []  # e.g. the demo without ../shared/data/eval
 
     def enabled(self, config: Any) -> bool:
         return bool(config.tasks)

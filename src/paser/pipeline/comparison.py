@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..cache import write_json, write_text
 
 
 def read_cost(directory: Path) -> dict:
-    import json
 
     try:
         return json.loads((directory / "selection.json").read_text()).get("cost", {})
@@ -26,7 +26,6 @@ def write_comparison(directory: Path, arm_labels: dict[str, dict[int, str]], bas
     """``comparison.json`` and ``comparison.md`` beside the evaluation results (see :mod:`paser.compare`),
     against the first baseline; ``comparison-vs-<arm>.json`` / ``.md`` against each further one. Returns the
     headline comparison. Every earlier comparison file is removed first, so none outlives its run."""
-    import json
 
     from ..compare import compare_arms, comparison_files, comparison_stem, comparison_table
 

@@ -19,6 +19,7 @@ at the end.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -106,7 +107,6 @@ class _Runner:
         self.records: list[StageRecord] = []
 
     def _marker(self, directory: Path) -> dict[str, Any]:
-        import json
 
         try:
             return json.loads((directory / "stage.json").read_text())
@@ -146,7 +146,6 @@ class _Runner:
 
 
 def _read_selection(directory: Path) -> dict:
-    import json
 
     try:
         return json.loads((directory / "selection.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ def _section_fields(cls: type, wired: set[str]) -> dict[str, dataclasses.Field]:
 
 def _section_spec() -> dict[str, tuple[type, set[str], dict[str, Any]]]:
     """Section -> (library config class, fields the pipeline wires, extra pipeline-only keys with defaults)."""
-    from ..evaluate import EvaluateConfig
+    from ..evaluate import MEASUREMENTS, EvaluateConfig
     from ..export import ExportConfig
     from ..prune import PruneConfig
     from ..recover import RecoverConfig
@@ -48,7 +49,7 @@ def _section_spec() -> dict[str, tuple[type, set[str], dict[str, Any]]]:
                                   "cache_dir", "dtype", "bad_records"}, {"methods": ["paser", "random"]}),
         "recover": (RecoverConfig, {"model", "data", "out", "resume", "limit", "dtype", "bad_records"}, {}),
         "evaluate": (EvaluateConfig, {"models", "out", "labels", "dtype", "fidelity_to"},
-                     {"skip_missing_task_dir": False, "skip_missing_ppl": False, "fidelity": True}),
+                     {key: default for _, m in MEASUREMENTS.items() for key, default in m.pipeline_options.items()}),
     }
 
 
@@ -230,7 +231,9 @@ def _semantic_checks(config: PipelineConfig) -> None:
             raise ConfigError(f"{config.source}: {section}: {exc}") from None
 
 
-SHIPPED_CONFIGS = ("demo", "compare", "study", "recovery", "tokens")
+# every YAML file in paser/configs/ is a shipped config, run by its name (the demo first: it is the one to start from)
+SHIPPED_CONFIGS = tuple(sorted((f.name.removesuffix(".yaml") for f in resources.files("paser").joinpath("configs").iterdir()
+                               if f.name.endswith(".yaml")), key=lambda name: (name != "demo", name)))
 
 
 def shipped_config_text(name: str) -> str:
@@ -336,7 +339,6 @@ def _parse_arms(raw_arms: Any, select: dict, recover: dict, seeds: list[int], sp
 
 def _parse_arm(i: int, arm: Any, select: dict, recover: dict, seeds: list[int], spec: dict, where: str) -> dict:
     """One arm: its name and method, its select and recover overrides checked against the sections, its seeds."""
-    import re
 
     from ..select import METHODS as SELECT_METHODS
 
@@ -444,34 +446,17 @@ def resolve_data_file(value: Any, files: dict[str, str]) -> Any:
 
 def evaluate_kwargs(config: PipelineConfig, models: list[str], out: str | Path,
                      labels: list[str] | None = None, files: dict[str, str] | None = None) -> dict[str, Any]:
+    from ..evaluate import MEASUREMENTS
+
     settings = dict(config.evaluate)
-    for key in ("response_ppl", "fidelity_prompts"):
+    measurements = [measurement for _, measurement in MEASUREMENTS.items()]
+    for key in (key for measurement in measurements for key in measurement.data_sources):
         if files is not None:
             settings[key] = [resolve_data_file(src, files) for src in settings[key]]
         else:  # validation before the data stage has run: a placeholder that exists
             settings[key] = [src if not src.startswith("@") else "demo-heldout" for src in settings[key]]
-    skip_missing = settings.pop("skip_missing_task_dir")
-    task_dir = settings.get("task_dir")
-    if task_dir is not None and skip_missing and not Path(task_dir).is_dir():
-        if settings["tasks"] and files is not None:
-            log.warning("zero-shot tasks %s skipped: %s not found", ", ".join(settings["tasks"]), task_dir)
-        settings["tasks"] = []  # e.g. the demo without ../shared/data/eval
-    if settings.pop("skip_missing_ppl"):
-        missing = [path for path in settings["ppl"] if not Path(path).is_file()]
-        if missing and files is not None:
-            log.warning("perplexity text(s) %s skipped: not found", ", ".join(missing))
-        settings["ppl"] = [path for path in settings["ppl"] if path not in missing]
-    # fidelity to the original (the config's model), unless turned off: on the perplexity texts' windows and on
-    # the original's own answers to the held-out prompts (the response_ppl sources, as many records as response_ppl_limit
-    # takes, unless fidelity_prompts names some)
-    fidelity = settings.pop("fidelity")
-    if fidelity and not settings["fidelity_prompts"]:
-        settings["fidelity_prompts"] = list(settings["response_ppl"])
-        if settings["fidelity_prompts_limit"] is None:
-            settings["fidelity_prompts_limit"] = settings["response_ppl_limit"]
-    if not fidelity:
-        settings["fidelity_prompts"] = []
-    settings["fidelity_to"] = config.model if fidelity and (settings["ppl"] or settings["fidelity_prompts"]) else None
+    for measurement in measurements:  # each turns its pipeline-only keys into its own fields
+        measurement.pipeline_settings(settings, config.model, final=files is not None)
     return {**settings, "models": models, "out": out, "labels": labels, "dtype": config.dtype}
 
 

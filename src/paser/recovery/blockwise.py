@@ -27,6 +27,7 @@ Recipe::
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -395,7 +396,6 @@ class LayerReader:
         return torch.nn.Embedding.from_pretrained(weight.to(self.device, torch.float32))
 
     def block(self, layer: int, dtype: torch.dtype) -> torch.nn.Module:
-        import copy
 
         block = copy.deepcopy(self.skeleton.model.layers[layer]).to_empty(device=self.device)
         block.load_state_dict({k: v.to(dtype) for k, v in self._tensors(f"{self.prefix}{layer}.").items()})

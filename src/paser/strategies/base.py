@@ -9,6 +9,8 @@ disk keyed by its inputs (so ``random`` loads no model, and ten arms over one po
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +41,11 @@ class Strategy:
     def cache_version(self, config: Any) -> str:
         """What enters the pipeline's select-stage hash besides the settings (``version`` by default)."""
         return str(self.version)
+
+    def validate(self, config: Any) -> None:
+        """Raise :class:`~paser.errors.ConfigError` where the config's use of this method's own options is wrong.
+        Called for every registered method, whichever one runs: the one that owns an option says whether it may be
+        set for another (``config.method``)."""
 
     def select(self, ctx: SelectionContext) -> tuple[list[int], dict[str, Any]]:
         raise NotImplementedError
@@ -179,7 +186,6 @@ class SelectionContext:
     def _scores_one_resident(self, path: Path, encoded: Sequence[Encoded]) -> pd.DataFrame:
         """Pass 1: the original model alone, its top-k log-probabilities stored (:mod:`paser.teacher`); it is
         freed before pass 2, where the pruned model alone is scored against the store."""
-        import gc
 
         from ..models import load_model
         from ..score import PAIR_VALUES, ScoreConfig, batched_values, score_table
@@ -226,7 +232,6 @@ class SelectionContext:
     def concepts(self) -> list[frozenset[str]]:
         """Every record's keyphrases (:func:`paser.ccg.extract_concepts`), cached on disk."""
         if "concepts" not in self.info:
-            import json
 
             from ..cache import write_json
             from ..ccg import extract_concepts

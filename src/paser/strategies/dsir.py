@@ -99,6 +99,10 @@ class DSIR(Strategy):
     options = DSIROptions
     description = "importance resampling toward --target on hashed unigram+bigram features; no model"
 
+    def validate(self, config) -> None:
+        if config.method == "dsir" and not config.target:
+            raise ConfigError("method dsir needs a target text set (--target FILE)")
+
     def select(self, ctx: SelectionContext) -> tuple[list[int], dict]:
         config = ctx.config
         if not config.target:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -38,6 +39,7 @@ from pydantic import Field
 from ..allocate import allocate, apportion, ies, rank_within, within_cluster_key
 from ..ccg import ConceptGraph, extract_concepts
 from ..cluster import ClusterResult
+from ..errors import ConfigError
 from ..options import option
 from ..registry import Registry
 from ..score import get_scorer
@@ -95,7 +97,6 @@ def specific_concepts(ctx: SelectionContext) -> frozenset[str]:
     """Concepts rare enough to carry meaning: in at most ``ccg_max_df`` of the pool's records (document
     frequency over every record's keyphrases). Boilerplate such as 'answer', 'write' or 'python' is left
     out of the graph, so it can never make two records conflict."""
-    from collections import Counter
 
     config = ctx.config
     frequency = Counter(c for found in ctx.concepts() for c in found)
@@ -338,6 +339,15 @@ class Paser(Strategy):
 
     def select(self, ctx: SelectionContext) -> tuple[list[int], dict]:
         return select_paser(ctx)
+
+    def validate(self, config: Any) -> None:
+        if config.rank == "ifd" and config.scoring == "sampled":
+            raise ConfigError("scoring sampled predicts JSD, which ranks by IES: add --rank ies (rank: ies), or "
+                              "score exhaustively for the default IFD ranking")
+        if config.scoring == "sampled" and config.method != "paser":
+            raise ConfigError(f"scoring sampled applies to method paser, not '{config.method}'")
+        if config.confirm_tokens is not None and config.scoring != "sampled":
+            raise ConfigError("confirm_tokens applies to scoring sampled")
 
     def cache_version(self, config: Any) -> str:
         from .sampled import BEHAVIOUR_VERSION

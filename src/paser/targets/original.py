@@ -61,6 +61,17 @@ class OriginalAnswersOptions:
     target_batch_size: Annotated[int, Field(ge=1)] = option(16, "original targets: prompts per generation batch.")
 
 
+@dataclass
+class AnswerSettings(OriginalAnswersOptions):
+    """Everything :meth:`OriginalAnswers.build` reads: a recovery config has these fields; another caller (fidelity's
+    held-out answers) builds one."""
+
+    teacher: str | None = None
+    cutoff_len: int = 256
+    template: str = "auto"
+    seed: int = 0
+
+
 @TARGETS.register("original")
 class OriginalAnswers(Target):
     needs_original = True
