@@ -37,8 +37,10 @@ def draw_panel(ax, comparison: dict, metric: str, label: str, arms: list[str]) -
         ax.scatter(seeds, [row] * len(seeds), s=14, color="0.55", zorder=2)
         ax.scatter([entry["mean"]], [row], s=60, color="C0" if arm != comparison["baseline"] else "0.2", zorder=3)
         if "diff" in entry:
-            ax.annotate(f"Δ {entry['diff']:+.3g} [{entry['ci_low']:+.3g}, {entry['ci_high']:+.3g}]",
+            digits = 3 if abs(entry["mean"]) < 1 else 2
+            ax.annotate(f"Δ {entry['diff']:+.{digits}f} [{entry['ci_low']:+.{digits}f}, {entry['ci_high']:+.{digits}f}]",
                         (entry["mean"], row), xytext=(8, 6), textcoords="offset points", fontsize=8)
+    ax.margins(x=0.25)
     ax.set_yticks(range(len(arms)), arms)
     ax.set_ylim(-0.6, len(arms) - 0.4)
     ax.set_xlabel(label)

@@ -242,10 +242,11 @@ def _forest(comparison: dict, metrics: list[str], columns: int, title: str) -> A
     arms = [a for a in comparison["arms"] if a != comparison["baseline"]]
     columns = min(columns, len(metrics))
     rows = -(-len(metrics) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(11, rows * (0.5 * len(arms) + 1.9)), squeeze=False)
+    height = rows * (0.5 * len(arms) + 1.9) + 0.4
+    fig, axes = plt.subplots(rows, columns, figsize=(11, height), squeeze=False, sharey=True)
     for ax in axes.flat[len(metrics):]:
         ax.set_visible(False)
-    for ax, name in zip(axes.flat, metrics):
+    for i, (ax, name) in enumerate(zip(axes.flat, metrics)):
         for y, arm in enumerate(arms):
             m = comparison["arms"][arm]["metrics"][name]
             color = {"better": "#2a9d3a", "worse": "#c0392b"}.get(m["verdict"], "#555555")
@@ -257,9 +258,9 @@ def _forest(comparison: dict, metrics: list[str], columns: int, title: str) -> A
         ax.set_xlabel(f"arm − {comparison['baseline']} ({better})", fontsize=8)
         ax.set_yticks(range(len(arms)), arms)
         ax.set_ylim(-0.6, len(arms) - 0.4)
-        ax.tick_params(labelsize=8)
+        ax.tick_params(labelsize=8, labelleft=i % columns == 0)  # the arms' names once per row
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))  # room for the title above the panels
     return fig
 
 
