@@ -44,25 +44,31 @@ def test_blockwise_reduces_every_block_error_and_keeps_zeros(blockwise_config, s
 def test_blockwise_resumes_at_the_block_it_was_killed_in(blockwise_config, monkeypatch, tmp_path):
     from dataclasses import replace
 
+    from paser import faults
     from paser.recovery import blockwise
 
     whole = run_recovery(replace(blockwise_config, out=tmp_path / "whole"))
-    real_block = blockwise.BlockwiseRun._block
-    calls = []
+    real_block, real_reached = blockwise.BlockwiseRun._block, faults.reached
+    calls, steps_in_block_1 = [], []
 
-    def dies_in_block_1(self, layer, streams):
+    def counted(self, layer, streams):
         calls.append(layer)
-        if layer == 1:
-            raise KeyboardInterrupt
         return real_block(self, layer, streams)
 
-    monkeypatch.setattr(blockwise.BlockwiseRun, "_block", dies_in_block_1)
+    def killed_two_steps_into_block_1(name):
+        if name == "blockwise.step" and calls[-1] == 1:
+            steps_in_block_1.append(name)
+            if len(steps_in_block_1) == 2:
+                raise KeyboardInterrupt
+        real_reached(name)
+
+    monkeypatch.setattr(blockwise.BlockwiseRun, "_block", counted)
+    monkeypatch.setattr(faults, "reached", killed_two_steps_into_block_1)
     with pytest.raises(KeyboardInterrupt):
         run_recovery(blockwise_config)
     progress = json.loads((blockwise_config.out / "blockwise" / "progress.json").read_text())
-    assert len(progress["blocks"]) == 1
-    monkeypatch.setattr(blockwise.BlockwiseRun, "_block", lambda self, layer, streams: (
-        calls.append(layer), real_block(self, layer, streams))[1])
+    assert len(progress["blocks"]) == 1 and len(steps_in_block_1) == 2  # killed mid-block: block 0 kept
+    monkeypatch.setattr(faults, "reached", real_reached)
     resumed = run_recovery(blockwise_config)
     assert calls == [0, 1, 1]  # block 0 once, block 1 again after the kill
     assert [b["loss_after"] for b in resumed["blocks"]] == pytest.approx([b["loss_after"] for b in whole["blocks"]])

@@ -41,6 +41,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import Field
 
+from .. import faults
 from ..cache import atomic_dir, atomic_path, stable_hash, write_json
 from ..data import Encoded, pad_right
 from ..errors import ConfigError
@@ -284,6 +285,7 @@ class BlockTrainer:
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             self._rezero()
+            faults.reached("blockwise.step")  # a kill here loses only this block's steps: a rerun redoes the block
         for p in params:
             p.requires_grad_(False)
         after = self._loss_all(inputs, targets, context, attention, scale)
