@@ -44,23 +44,18 @@ def _figure_html(fig: Any, alt: str) -> str:
 
 
 def _table(header: list[str], rows: list[list[Any]], text_columns: int = 1) -> str:
-    def cell(tag: str, i: int, value: Any) -> str:
+    return _lines_table(header, [[[str(value)] for value in row] for row in rows], text_columns)
+
+
+def _lines_table(header: list[str], rows: list[list[list[str]]], text_columns: int = 1) -> str:
+    """A table whose cells hold one or more lines each (escaped, then joined by real line breaks); the first
+    ``text_columns`` are left-aligned text."""
+    def cell(tag: str, i: int, lines: list[str]) -> str:
         cls = ' class="text"' if i < text_columns else ""
-        return f"<{tag}{cls}>{html.escape(str(value))}</{tag}>"
+        return f"<{tag}{cls}>" + "<br>".join(html.escape(line) for line in lines) + f"</{tag}>"
 
-    head = "".join(cell("th", i, h) for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>" for row in rows)
-    return f"<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
-
-
-def _lines_table(header: list[str], rows: list[list[list[str]]]) -> str:
-    """A table whose cells hold several lines each (escaped, then joined by real line breaks)."""
-    def cell(i: int, lines: list[str]) -> str:
-        cls = ' class="text"' if i == 0 else ""
-        return f"<td{cls}>" + "<br>".join(html.escape(line) for line in lines) + "</td>"
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cell(i, lines) for i, lines in enumerate(row)) + "</tr>" for row in rows)
+    head = "".join(cell("th", i, [h]) for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(cell("td", i, lines) for i, lines in enumerate(row)) + "</tr>" for row in rows)
     return f"<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
 
 
@@ -226,10 +221,9 @@ def _comparisons(run_dir: Path) -> list[dict]:
     return [c for c in map(_read_json, comparison_files(run_dir / "evaluate", ".json")) if c]
 
 
-def _comparison_section(run_dir: Path) -> str:
+def _comparison_section(comparisons: list[dict]) -> str:
     """Per baseline (the headline one first): a forest plot of every arm's difference against it, with its
     95% interval, per metric, and the comparison table."""
-    comparisons = _comparisons(run_dir)
     if not comparisons:
         return ""
     return "<h2>Methods compared</h2>" + "".join(_comparison_html(c) for c in comparisons)
@@ -276,9 +270,8 @@ def _comparison_html(comparison: dict) -> str:
             + _lines_table(header, rows) + f"<p class='note'>{html.escape(note)}</p>")
 
 
-def _headline_section(run_dir: Path) -> str:
+def _headline_section(comparisons: list[dict]) -> str:
     """The answer first: every arm against the headline baseline on fidelity to the original, in one chart."""
-    comparisons = _comparisons(run_dir)
     if not comparisons or len(comparisons[0]["arms"]) < 2:
         return ""
     comparison = comparisons[0]
@@ -334,11 +327,12 @@ def build_report(run_dir: str | Path) -> Path:
     subtitle = (f"pruned with {prune.get('method')} at {prune.get('sparsity')}" if prune
                 else f"pruned model {config.get('pruned')}")
     select = config.get("select", {})
+    comparisons = _comparisons(run_dir)
     body = [f"<h1>{title}</h1>",
             f"<p class='note'>{html.escape(subtitle)}; data {html.escape(str(config.get('data', {}).get('source')))}; "
             f"arms {', '.join(methods)} at budget {select.get('budget') or select.get('budget_tokens')}; run directory "
             f"{html.escape(str(run_dir.resolve()))}.</p>",
-            _headline_section(run_dir), _evaluation_section(run_dir, run), _comparison_section(run_dir),
+            _headline_section(comparisons), _evaluation_section(run_dir, run), _comparison_section(comparisons),
             _selection_section(run_dir, methods, paser_key),
             _training_section(run_dir, methods),
             _stages_section(run)]

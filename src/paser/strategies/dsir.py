@@ -101,12 +101,10 @@ class DSIR(Strategy):
 
     def validate(self, config) -> None:
         if config.method == "dsir" and not config.target:
-            raise ConfigError("method dsir needs a target text set (--target FILE)")
+            raise ConfigError("method dsir needs a target text set: --target FILE (instruction data or .txt)")
 
     def select(self, ctx: SelectionContext) -> tuple[list[int], dict]:
-        config = ctx.config
-        if not config.target:
-            raise ConfigError("method dsir needs a target text set: --target FILE (instruction data or .txt)")
+        config = ctx.config  # its target was checked by validate (run_selection validates first)
         texts = target_texts(config.target, {r.key for r in ctx.records}, config.target_sources,
                              config.target_limit)
         pool = ngram_features([record_text(r) for r in ctx.records], config.dsir_buckets)
