@@ -22,7 +22,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import check_adapters_to_merge
 
 from .sparsity import is_sparse
 
@@ -73,7 +75,6 @@ class MaskedLoraLinear(LoraLinear):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Write exactly the effective weight the forward pass trained with, rounded once to the weight's
         dtype (adding a separately rounded delta would round twice: visible in bf16)."""
-        from peft.tuners.tuners_utils import check_adapters_to_merge
 
         names = check_adapters_to_merge(self, adapter_names)
         if not self.sparse or len(names) != 1 or self.lora_bias.get(names[0]):
@@ -101,7 +102,6 @@ class MaskedLoraLinear(LoraLinear):
 
 def lora_config(r: int, alpha: int, dropout: float, targets: Any, masked: bool) -> Any:
     """A peft ``LoraConfig``; with ``masked``, linear layers become :class:`MaskedLoraLinear`."""
-    from peft import LoraConfig
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0 if masked else dropout, target_modules=targets,
                         task_type="CAUSAL_LM")

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+# yake is imported when concepts are extracted: only the concept-consistency filter needs it.
+
 _WORD = re.compile(r"[a-z0-9][a-z0-9+#.\-]*")
 
 

@@ -31,6 +31,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import eigsh
 
+# faiss (optional) and scikit-learn are imported by the clustering that uses them.
+
 log = logging.getLogger(__name__)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .evaluate import MEASUREMENTS
 from .evaluate.base import Metric
 
 BOOTSTRAP_REPLICATES = 2000
@@ -39,7 +40,6 @@ def _component(entry: dict, part: tuple[str, str, str, str | None]) -> tuple[np.
 
 def metrics_of(results: dict) -> list[Metric]:
     """The comparable figures of every registered measurement that ``results`` holds per-item values for."""
-    from .evaluate import MEASUREMENTS
 
     return [metric for _, measurement in MEASUREMENTS.items() for metric in measurement.metrics(results)]
 

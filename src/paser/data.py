@@ -26,7 +26,11 @@ from typing import Any, Literal
 
 import torch
 
+from .cache import write_jsonl
+from .demo_data import demo_records
 from .errors import DataError
+
+# pyarrow and datasets are imported only for Parquet files and hub datasets.
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +356,6 @@ def iter_records(source: str | Path, columns: ColumnMap | None = None, bad_recor
     """
     source = str(source)
     if source in DEMO_SOURCES:
-        from .demo_data import demo_records
-
         yield from iter_dict_records(demo_records()[DEMO_SOURCES[source]], source=source)
         return
     yield from iter_dict_records(_iter_raw(source), source=source, columns=columns, bad_records=bad_records,
@@ -599,7 +601,6 @@ def sample_data(data: dict[str, Any], directory: Path) -> dict[str, Any]:
     """Write ``slice.jsonl`` (``data.sample``: n records, seeded, stratified by a field when present) and,
     from the records the slice leaves, ``heldout.jsonl`` and ``calibration.jsonl``; returns counts."""
 
-    from .cache import write_jsonl
 
     columns = ColumnMap.parse(data["columns"]) if data["columns"] else None
     records = load_records(data["source"], columns, duplicates="drop", bad_records=data["bad_records"])

@@ -18,6 +18,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
+from .cache import entry_lock
+
+# accelerate is imported only under a launcher.
+
 
 def launched() -> bool:
     """Whether this process is one of several started by accelerate or torchrun."""
@@ -26,7 +33,6 @@ def launched() -> bool:
 
 @cache
 def _state() -> Any:
-    import torch
     from accelerate import PartialState
 
     if not torch.cuda.is_available():
@@ -64,7 +70,6 @@ def shutdown(clean: bool = True) -> None:
     its work is done, failing a finished job. No-op without a launcher or before the group was set up."""
     if not launched() or _state.cache_info().currsize == 0:
         return
-    import torch.distributed as dist
 
     if dist.is_initialized():
         if clean:
@@ -74,7 +79,6 @@ def shutdown(clean: bool = True) -> None:
 
 def device() -> str | None:
     """Where this process's models go: its own GPU under a launcher, the GPU if there is one, else None (CPU)."""
-    import torch
 
     if launched():
         return str(_state().device)
@@ -85,7 +89,6 @@ def all_gather(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
     if not launched():
         return [obj]
-    import torch.distributed as dist
 
     _state()
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -109,7 +112,6 @@ def shard_by_tokens(lengths: Sequence[int], shards: int) -> list[list[int]]:
 def group_lock(path: str | Path, what: str) -> Iterator[None]:
     """:func:`paser.cache.entry_lock` for a group of processes computing one entry together: rank 0 holds the
     lock for all of them (a per-rank lock would have rank 1 wait on rank 0 while rank 0 waits for rank 1)."""
-    from .cache import entry_lock
 
     if not launched():
         with entry_lock(path, what):

@@ -15,6 +15,8 @@ from . import faults
 from .cache import cache_root, entry_lock, stable_hash, write_npy
 from .data import Record
 
+# sentence-transformers and the embedded encoder are imported when instructions are embedded (seconds).
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"

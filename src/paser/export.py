@@ -39,10 +39,14 @@ from pydantic import Field
 
 from . import faults
 from .cache import atomic_dir, package_versions, write_json
+from .data import PromptFormatter, load_records
 from .errors import ConfigError, DataError, ModelError
 from .options import check_declared, option
 from .registry import Registry
 from .sparsity import SPARSE_LAYER_MIN_ZEROS, apply_masks, sparsity_masks
+
+# llmcompressor, compressed-tensors, datasets and transformers are imported when an export runs: they take
+# seconds to load and nothing else in paser needs them.
 
 CALIBRATION_BATCH = 8
 
@@ -133,7 +137,6 @@ def _calibration_source(config: ExportConfig, folder: Path) -> str:
 def calibration_windows(source: str, tokenizer: Any, count: int, seq_len: int) -> list[list[int]]:
     """Formatted instruction records, one per window (prompt and answer, up to ``seq_len`` tokens), validated
     before the model loads: a bad record stops here with its file, line and field."""
-    from .data import PromptFormatter, load_records
 
     records = load_records(source, limit=count, bad_records="error")
     formatter = PromptFormatter(tokenizer, max_length=seq_len)

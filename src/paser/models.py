@@ -23,6 +23,8 @@ import torch
 from .cache import atomic_dir, cache_root, file_fingerprint, stable_hash
 from .errors import ModelError
 
+# transformers is imported when a model or tokenizer loads (seconds); `resource` where it is used (POSIX only).
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"

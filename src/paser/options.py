@@ -13,12 +13,13 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from .errors import ConfigError
 
 
 def check_declared(config: Any) -> None:
     """Raise :class:`ConfigError` naming the first field whose value its declaration refuses."""
-    from pydantic import TypeAdapter, ValidationError
 
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     try:

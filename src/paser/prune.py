@@ -32,11 +32,15 @@ import torch
 from pydantic import Field
 
 from .cache import atomic_dir, write_json
-from .data import pad_right
+from .data import PromptFormatter, iter_records, pad_right
 from .errors import ConfigError
+from .models import load_model, resolve_spec
 from .options import check_declared, option
 from .registry import Registry
 from .score import perplexity
+
+# transformers, datasets, llmcompressor and torch-pruning are imported by the pruning method that uses them: each
+# takes seconds to load, and `paser --help` imports this module.
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +228,6 @@ def layer_sparsity(model: torch.nn.Module) -> dict[str, float]:
 def calibration_sequences(source: str, tokenizer: Any, count: int, seq_len: int) -> list[list[int]]:
     """``count`` windows of exactly ``seq_len`` token ids: consecutive chunks of a plain text file, or of
     formatted instruction records packed end to end (so every window is full, as with C4 in Wanda)."""
-    from .data import PromptFormatter, iter_records
 
     if source.endswith(".txt"):
         path = Path(source)
@@ -312,7 +315,6 @@ class Taylor(PruningMethod):
     def check(self, config: PruneConfig) -> None:
         from transformers import AutoConfig
 
-        from .models import resolve_spec
 
         check_taylor_supported(AutoConfig.from_pretrained(resolve_spec(config.model).location), config.model)
 
@@ -324,7 +326,6 @@ class Taylor(PruningMethod):
 
 def run_prune(config: PruneConfig) -> dict:
     """Prune ``config.model`` and write the model directory and ``prune_report.json``; returns the report."""
-    from .models import load_model
 
     config.validate()
     method = PRUNING_METHODS.get(config.method)

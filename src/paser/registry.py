@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from .errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -47,8 +49,6 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            from .errors import ConfigError
-
             raise ConfigError(f"unknown {self.kind} '{name}'; choose one of {', '.join(self._entries)}") from None
 
     def unregister(self, name: str) -> None:

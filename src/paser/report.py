@@ -16,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from .cache import write_text
+from .compare import comparison_cells, comparison_files
 from .errors import ConfigError
+from .evaluate import table_rows
+
+# matplotlib and pandas are imported when a report is drawn, not when paser is imported.
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +185,6 @@ def _evaluation_section(run_dir: Path, run: dict[str, Any] | None = None) -> str
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .evaluate import table_rows
 
     results = _read_json(run_dir / "evaluate" / "results.json")
     if not results:
@@ -216,7 +219,6 @@ def _evaluation_section(run_dir: Path, run: dict[str, Any] | None = None) -> str
 
 
 def _comparisons(run_dir: Path) -> list[dict]:
-    from .compare import comparison_files
 
     return [c for c in map(_read_json, comparison_files(run_dir / "evaluate", ".json")) if c]
 
@@ -259,7 +261,6 @@ def _forest(comparison: dict, metrics: list[str], columns: int, title: str) -> A
 
 
 def _comparison_html(comparison: dict) -> str:
-    from .compare import comparison_cells
 
     baseline = comparison["baseline"]
     fig = _forest(comparison, comparison["metrics"], FOREST_COLUMNS,

@@ -9,6 +9,11 @@ from __future__ import annotations
 import logging
 import os
 
+import psutil
+import torch
+
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 BUSY_FRACTION = 0.75  # other processes using this share of our CPUs means another heavy job
@@ -28,12 +33,9 @@ def configure_threads(threads: int | None = None, warn_if_busy: bool = True) -> 
     Warns when other processes already keep these CPUs busy (not under a launcher: there the other
     processes are this job's own ranks).
     """
-    import torch
 
     cpus = available_cpus()
     if threads is not None and threads < 1:
-        from .errors import ConfigError
-
         raise ConfigError(f"threads must be at least 1, not {threads}")
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     threads = threads or max(1, cpus // local_processes)
@@ -53,7 +55,6 @@ def busy_cpus(interval: float = 0.25) -> float:
     A direct sample, not the load average: the 1-minute load average still counts a job that has just
     finished, and would warn about it.
     """
-    import psutil
 
     me = psutil.Process()
     mine = me.cpu_times()

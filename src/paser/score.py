@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import faults
+from . import distributed, faults
 from .cache import checkpoint_seconds, stable_hash, write_parquet
 from .data import Encoded, pad_right
 from .registry import Registry
@@ -295,7 +295,6 @@ def batched_values(encoded: Sequence[Encoded], compute: Any, columns: Sequence[s
     killed rank's finished work is kept, whatever the number of processes of the rerun. Every rank returns
     the merged values; rank 0 writes ``cache_file``.
     """
-    from . import distributed
 
     n = len(encoded)
     if cache_file and cache_file.exists():
@@ -341,7 +340,6 @@ def batched_values(encoded: Sequence[Encoded], compute: Any, columns: Sequence[s
 
 def _merge_ranks(values: dict[str, np.ndarray], columns: Sequence[str], mine: np.ndarray) -> None:
     """Every rank's rows into every rank's ``values``."""
-    from . import distributed
 
     rows = np.flatnonzero(mine)
     for part_rows, part in distributed.all_gather((rows, {c: values[c][rows] for c in columns})):
@@ -368,7 +366,6 @@ def _my_batches(encoded: Sequence[Encoded], todo: list[int], config: ScoreConfig
                 ) -> list[list[int]]:
     """The length-bucketed batches still to do; under a launcher, this process's share of whole batches (as one
     process forms them, so the values are identical), balanced by token count."""
-    from . import distributed
 
     lengths = [len(encoded[i].input_ids) for i in todo]
     batches = [[todo[j] for j in b] for b in length_buckets(lengths, config.batch_size, config.max_batch_tokens)]

@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .cache import atomic_path, entry_lock, stable_hash
 from .data import Encoded
-from .score import collate, length_buckets, model_pass
+from .score import collate, length_buckets, model_pass, per_row_sums
 
 LN2 = math.log(2.0)
 TAIL_FLOOR = math.log(1e-30)  # the student's tail mass is at least this (log): finite divergences
@@ -59,8 +60,6 @@ class TopK:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
     def save(self, path: Any) -> None:
-        from .cache import atomic_path
-
         with atomic_path(path, suffix=".npz") as tmp:
             np.savez(tmp, logprobs=self.logprobs, ids=self.ids, log_tail=self.log_tail, offsets=self.offsets,
                      target_logprobs=self.target_logprobs)
@@ -109,7 +108,6 @@ def stored_topk(model_key: str, load: Any, encoded: Sequence[Encoded], pad_id: i
     """The top-k store of one model over ``encoded``, computed once and cached under ``cache_dir/teacher`` by
     the model's weights, the encodings, k and dtype. ``load()`` gives the model, called only on a miss."""
 
-    from .cache import entry_lock, stable_hash
 
     key = stable_hash("teacher-topk-v2", model_key, [e.input_ids for e in encoded], [len(e.prompt_ids) for e in encoded],
                       k, dtype)
@@ -173,7 +171,6 @@ def fidelity_against_store(model: Any, store: TopK, encoded: Sequence[Encoded], 
         kl[sl] = bucketed_kl(torch.from_numpy(store.logprobs[r]).to(device), top_ids,
                              torch.from_numpy(store.log_tail[r]).to(device), logits).clamp_min(0).cpu()
         agree[sl] = (logits.argmax(-1) == top_ids[:, 0].long()).float().cpu()
-    from .score import per_row_sums
 
     kl_sums, counts = per_row_sums(kl, predicts_response)
     agree_sums, _ = per_row_sums(agree, predicts_response)

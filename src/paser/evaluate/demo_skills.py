@@ -13,7 +13,8 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from ..data import Record
+from .. import distributed
+from ..data import Record, iter_dict_records
 from ..demo_data import SKILLS, demo_records, normalize_answer
 from ..generate import generate_answers
 from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, option
@@ -32,7 +33,6 @@ def skill_accuracy(records: Sequence[Record], answers: Sequence[str]) -> dict[st
 
 def demo_heldout(per_skill: int | None = None, seed: int = 0) -> list[Record]:
     """The built-in held-out demo questions, the first ``per_skill`` of every skill (all when None)."""
-    from ..data import iter_dict_records
 
     heldout = demo_records(seed)["heldout"]
     chosen = [r for skill in SKILLS for r in [x for x in heldout if x["skill"] == skill][:per_skill]]
@@ -64,8 +64,6 @@ class DemoSkills(Measurement):
         return {"questions": ctx.config.demo_questions}
 
     def measure(self, ctx: EvalContext, model: LoadedModel, item: str) -> dict[str, Any]:
-        from .. import distributed
-
         t0 = time.perf_counter()
         demo = ctx.inputs[self.name]
         answers = distributed.map_sharded(demo, lambda part: generate_answers(

@@ -35,7 +35,15 @@ from typing import Annotated, Any, ClassVar
 import numpy as np
 from pydantic import Field
 
+from .. import distributed
+from ..cache import cache_root, file_fingerprint, stable_hash
+from ..data import Encoded, PromptFormatter, load_records, pad_right
 from ..errors import ConfigError
+from ..models import check_compatible, load_model, model_fingerprint
+from ..score import collate, fidelity_sums, next_token_positions
+from ..targets import TARGETS
+from ..targets.original import AnswerSettings
+from ..teacher import fidelity_against_store, stored_topk
 from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, first, measured_items, option, short_name
 from .text_perplexity import evaluation_windows, sharded_nll
 
@@ -90,8 +98,6 @@ class Fidelity(Measurement):
                               "give --ppl or --fidelity-prompts as well")
 
     def prepare(self, ctx: EvalContext) -> list[str]:
-        from ..data import load_records
-
         config = ctx.config
         ctx.inputs["fidelity_prompts"] = {
             source: load_records(source, limit=config.fidelity_prompts_limit, bad_records=config.bad_records)
@@ -100,15 +106,11 @@ class Fidelity(Measurement):
 
     def _generation(self, ctx: EvalContext) -> Any:
         """The original's greedy answers, generated and cached like the self-distilled targets."""
-        from ..targets.original import AnswerSettings
 
         return AnswerSettings(teacher=ctx.config.fidelity_to, target_max_new_tokens=ctx.config.fidelity_max_new_tokens,
                               cutoff_len=ctx.config.response_max_length, target_batch_size=ctx.config.batch_size * 2)
 
     def settings(self, ctx: EvalContext, item: str) -> dict[str, Any]:
-        from ..cache import file_fingerprint, stable_hash
-        from ..models import model_fingerprint
-
         original = {"original": model_fingerprint(ctx.config.fidelity_to),
                     **({"topk": ctx.config.fidelity_topk} if ctx.config.fidelity_topk else {})}
         if item in ctx.inputs["fidelity_prompts"]:
@@ -124,9 +126,6 @@ class Fidelity(Measurement):
         return ctx.inputs[self.name]
 
     def _load_original(self, ctx: EvalContext, model: LoadedModel) -> Any:
-        from .. import distributed
-        from ..models import check_compatible, load_model
-
         original, tokenizer = load_model(ctx.config.fidelity_to, dtype=ctx.dtype, device=distributed.device())
         check_compatible(model.tokenizer, tokenizer, original, model.model)
         return original.eval()
@@ -135,10 +134,6 @@ class Fidelity(Measurement):
         """The original's top-k store over ``encoded``: computed once (the original resident only for it)."""
         key = ("fidelity-topk", item)
         if key not in ctx.caches:
-            from ..cache import cache_root
-            from ..models import model_fingerprint
-            from ..teacher import stored_topk
-
             ctx.caches[key] = stored_topk(model_fingerprint(ctx.config.fidelity_to),
                                           lambda: self._load_original(ctx, model), encoded,
                                           model.tokenizer.pad_token_id, ctx.config.fidelity_topk, ctx.dtype, cache_root())
@@ -146,8 +141,6 @@ class Fidelity(Measurement):
 
     def _answered(self, ctx: EvalContext, model: LoadedModel, source: str) -> list[Any]:
         """The held-out prompts with the original's own answers, encoded (built once for all models)."""
-        from ..data import PromptFormatter
-        from ..targets import TARGETS
 
         key = ("fidelity-answers", source)
         if key not in ctx.caches:
@@ -159,9 +152,6 @@ class Fidelity(Measurement):
         return ctx.caches[key]
 
     def measure(self, ctx: EvalContext, model: LoadedModel, item: str) -> dict[str, Any]:
-        from ..data import pad_right
-        from ..score import collate, next_token_positions
-
         t0 = time.perf_counter()
         if item in ctx.inputs["fidelity_prompts"]:  # the original's answers, at their positions
             items, count, batch = self._answered(ctx, model, item), "records", ctx.config.batch_size
@@ -181,8 +171,6 @@ class Fidelity(Measurement):
         original = self._original(ctx, model)
 
         def sums(part: list[Any]) -> tuple[list[tuple[float, float]], list[int]]:
-            from ..score import fidelity_sums
-
             rows: list[tuple[float, float]] = []
             counts: list[int] = []
             for start in range(0, len(part), batch):
@@ -199,9 +187,6 @@ class Fidelity(Measurement):
 
     def _measure_against_store(self, ctx: EvalContext, model: LoadedModel, item: str, items: list[Any], count: str,
                                batch: int, t0: float) -> dict[str, Any]:
-        from ..data import Encoded
-        from ..teacher import fidelity_against_store
-
         # a window predicts every token after its first: its first token is the "prompt", the rest the "response"
         encoded = items if count == "records" else [Encoded(list(w[:1]), list(w[1:])) for w in items]
         store = self._store(ctx, model, item, encoded)

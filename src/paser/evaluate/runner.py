@@ -18,10 +18,10 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
-from .. import faults
+from .. import distributed, faults
 from ..cache import package_versions, stable_hash, write_json, write_text
 from ..errors import ConfigError
-from ..models import DTYPE_HELP, Dtype
+from ..models import DTYPE_HELP, Dtype, load_model, model_fingerprint, resolve_dtype_name
 from ..options import check_declared, declared_fields, joined_config, option
 from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement
 
@@ -89,8 +89,6 @@ class _PartsCache:
             return None
 
     def put(self, path: Path, value: Any) -> None:
-        from .. import distributed
-
         if distributed.is_main():
             write_json(path, {"value": value})
             faults.reached("evaluate.saved")
@@ -99,8 +97,6 @@ class _PartsCache:
 def _evaluate_model(spec: str, label: str, ctx: EvalContext, parts: _PartsCache,
                     plan: list[tuple[Measurement, str]]) -> dict[str, Any]:
     """Every measurement of one model, each taken from ``parts`` when it was finished before."""
-    from .. import distributed
-    from ..models import load_model, model_fingerprint
 
     t_model = time.perf_counter()
     model_key = model_fingerprint(spec)
@@ -130,8 +126,6 @@ def _evaluate_model(spec: str, label: str, ctx: EvalContext, parts: _PartsCache,
 
 def run_evaluation(config: Any) -> dict:
     """Evaluate every model; writes ``config.out`` (JSON) and a markdown table beside it; returns the results."""
-    from .. import distributed
-    from ..models import resolve_dtype_name
 
     config.validate()
     started = time.perf_counter()

@@ -17,6 +17,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
+from .. import distributed
 from ..cache import file_fingerprint
 from ..errors import ConfigError
 from ..score import sequence_nll
@@ -54,7 +55,6 @@ def evaluation_windows(ctx: EvalContext, model: LoadedModel, path: str) -> list[
 def sharded_nll(measure: Any, items: Sequence[Any], lengths: Sequence[int] | None = None,
                 ) -> tuple[list[float], list[int]]:
     """Per-item (NLL sum, token count) from ``measure`` over each rank's share of ``items``, in input order."""
-    from .. import distributed
 
     def pairs(part: list[Any]) -> list[tuple[float, int]]:
         nll, count = measure(part)

@@ -20,11 +20,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 import torch
+import yaml
 from pydantic import Field
 
+from .. import distributed
 from ..cache import file_fingerprint
 from ..errors import ConfigError, DataError
 from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, option
+
+# lm-eval and accelerate are imported when zero-shot tasks run: lm-eval takes seconds to load.
 
 ZERO_SHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 LOCAL_TASK_PREFIX = "paser_"
@@ -73,7 +77,6 @@ def write_task_configs(task_dir: str | Path, tasks: Sequence[str], dest: str | P
 
     ``lm_eval --include_path DEST --tasks paser_arc_easy ...`` runs the same tasks. Returns task -> name.
     """
-    import yaml
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -137,7 +140,6 @@ def run_task(lm: Any, task: Any, limit: int | None) -> dict:
 def _data_parallel(lm: Any) -> None:
     """Under a launcher, make lm-eval's evaluator split each task's requests across the processes and gather
     the per-question results on rank 0 (what it does for a model it loads itself; paser passes its own)."""
-    from .. import distributed
 
     if distributed.launched():
         from accelerate import Accelerator

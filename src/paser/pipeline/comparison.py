@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..cache import write_json, write_text
+from ..compare import compare_arms, comparison_files, comparison_stem, comparison_table
 
 
 def read_cost(directory: Path) -> dict:
@@ -27,7 +28,6 @@ def write_comparison(directory: Path, arm_labels: dict[str, dict[int, str]], bas
     against the first baseline; ``comparison-vs-<arm>.json`` / ``.md`` against each further one. Returns the
     headline comparison. Every earlier comparison file is removed first, so none outlives its run."""
 
-    from ..compare import compare_arms, comparison_files, comparison_stem, comparison_table
 
     results = json.loads((directory / "results.json").read_text())
     for stale in comparison_files(directory, ".json") + comparison_files(directory, ".md"):

@@ -16,6 +16,9 @@ from typing import Any
 from ..errors import ConfigError
 from ..models import Dtype
 
+# The stage modules are imported inside the functions that read their configs: they load torch, transformers and
+# peft, and `import paser` (which imports this module) takes 1.8 s with them deferred, 5 s without.
+
 log = logging.getLogger(__name__)
 
 

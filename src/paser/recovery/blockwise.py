@@ -39,7 +39,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
+from huggingface_hub import snapshot_download
 from pydantic import Field
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from .. import faults
 from ..cache import atomic_dir, atomic_path, stable_hash, write_json
@@ -50,6 +54,8 @@ from ..options import option
 from ..sparsity import is_sparse
 from .base import RECOVERY_METHODS, RecoveryMethod
 from .end_to_end import read_records, training_data
+
+# transformers is imported when a block-wise run starts: paser.recovery is imported by `paser --help`.
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +265,6 @@ class BlockTrainer:
 
     def fit(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], context: Sequence[dict],
             attention: Sequence[torch.Tensor], label: str) -> dict:
-        from tqdm.auto import tqdm
         from transformers import get_cosine_schedule_with_warmup
 
         scale = self._scale(targets, attention)
@@ -384,7 +389,6 @@ class LayerReader:
                                   f"({getattr(self.config, field)} vs {getattr(other.config, field)})")
 
     def _tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
 
         names = [n for n in self.index if n.startswith(prefix)]
         tensors = {}
@@ -419,7 +423,6 @@ class LayerReader:
                 "position_embeddings": self._rotary(dummy, position_ids=positions)}
 
     def save_block(self, layer: int, block: torch.nn.Module, directory: Path) -> None:
-        from safetensors.torch import save_file
 
         dtype = next(iter(self._tensors(f"{self.prefix}{layer}.input_layernorm.").values())).dtype
         state = {f"{self.prefix}{layer}.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in block.state_dict().items()}
@@ -434,7 +437,6 @@ def _local_checkpoint(spec: str) -> str:
     if resolved.is_local:
         location = resolved.location
     else:
-        from huggingface_hub import snapshot_download
 
         location = snapshot_download(resolved.location, allow_patterns=["*.json", "*.safetensors"])
     if not list(Path(location).glob("*.safetensors")):
@@ -444,7 +446,6 @@ def _local_checkpoint(spec: str) -> str:
 
 def _tensor_index(location: str) -> dict[str, str]:
     """Tensor name -> the shard file that holds it."""
-    from safetensors import safe_open
 
     index = {}
     for shard in sorted(Path(location).glob("*.safetensors")):
@@ -456,8 +457,6 @@ def _tensor_index(location: str) -> dict[str, str]:
 def assemble(student: LayerReader, blocks: Path, out: Path) -> None:
     """The pruned checkpoint with every trained block's tensors replaced, written shard by shard, with its config
     and tokenizer (paser's reports left behind)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     trained = {}
     for path in sorted(blocks.glob("*.safetensors")):

@@ -26,13 +26,17 @@ from typing import Any
 import torch
 
 from .. import distributed, faults
-from ..cache import atomic_dir, stable_hash, write_json
+from ..cache import atomic_dir, cache_root, stable_hash, write_json
 from ..data import Encoded, PromptFormatter, encode_records, load_records, pad_right
 from ..models import check_compatible, load_model, model_fingerprint, peak_memory_gb, resolve_dtype_name
 from ..objectives import OBJECTIVES
 from ..sparsity import apply_masks, sparsity_masks
 from ..targets import TARGETS
+from ..teacher import stored_topk
 from .base import RECOVERY_METHODS, RecoveryMethod
+
+# transformers' Trainer and peft are imported when training starts: peft alone takes 3 s to load, and
+# `paser --help` imports this module.
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +159,6 @@ def load_teacher(config: Any, model: Any, tokenizer: Any, encoded: Sequence[Enco
     teacher.eval().requires_grad_(False)
     if config.teacher_cache != "topk":
         return teacher
-    from ..cache import cache_root
-    from ..teacher import stored_topk
-
     # computed once and cached by teacher, data, k and dtype; only the student stays resident while training
     return stored_topk(model_fingerprint(config.teacher), lambda: teacher, encoded, tokenizer.pad_token_id,
                        config.teacher_topk, dtype, cache_root())

@@ -22,10 +22,24 @@ import numpy as np
 import pandas as pd
 
 from .. import distributed
-from ..cache import atomic_path, entry_lock, stable_hash
+from ..cache import atomic_path, entry_lock, stable_hash, write_json
+from ..ccg import extract_concepts
+from ..cluster import ClusterConfig, ClusterResult, cluster_embeddings
 from ..data import Encoded, Record
-from ..embed import texts_fingerprint
+from ..embed import embed_records, texts_fingerprint
+from ..models import check_compatible, load_model, load_tokenizer, model_fingerprint
 from ..registry import Registry
+from ..score import (
+    PAIR_VALUES,
+    ScoreConfig,
+    batched_values,
+    read_values,
+    response_losses,
+    score_cache_key,
+    score_records,
+    score_table,
+)
+from ..teacher import jsd_against_store, stored_topk
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +106,6 @@ class SelectionContext:
     def model(self, which: str) -> Any:
         """The ``original`` or ``pruned`` model, loaded once."""
         if which not in self._models:
-            from ..models import check_compatible, load_model, load_tokenizer
-
             spec = self.config.original if which == "original" else self.config.pruned
             model, _ = self._timed("load_models", lambda: load_model(spec, dtype=self.dtype, tokenizer=False,
                                                                      device=distributed.device(),
@@ -105,8 +117,6 @@ class SelectionContext:
         return self._models[which]
 
     def model_key(self, which: str) -> str:
-        from ..models import model_fingerprint
-
         return model_fingerprint(self.config.original if which == "original" else self.config.pruned)
 
     def _forward_tokens(self, encoded: Sequence[Encoded], passes: int = 1) -> int:
@@ -117,7 +127,6 @@ class SelectionContext:
         """Per-record JSD and both models' response losses (one pass of each model; the PASER score)."""
         if "pair_scores" in self.info:
             return self.info["pair_scores"]
-        from ..score import PAIR_VALUES
 
         table, self.info["scores_from_cache"] = self._pair_scores(np.arange(len(self.records)))
         self.info["pair_scores"] = table
@@ -144,8 +153,6 @@ class SelectionContext:
         return self._pair_scores(positions)
 
     def _score_key(self, records: Sequence[Record]) -> str:
-        from ..score import score_cache_key
-
         key = score_cache_key(self.model_key("original"), self.model_key("pruned"), data_fingerprint(records),
                               self.template_fingerprint, self.dtype)
         if self.config.resident == "one":  # approximate scores: their own cache entry
@@ -157,7 +164,6 @@ class SelectionContext:
         """(table of :data:`paser.score.SCORE_COLUMNS` for ``positions``, whether it came from the cache);
         ``response_tokens``: score only each response's first that many tokens; ``costed``: count the model
         tokens in ``cost``."""
-        from ..score import PAIR_VALUES, ScoreConfig, read_values, score_records, score_table
 
         records = [self.records[i] for i in positions]
         encoded = [self.encoded[i] for i in positions]
@@ -187,9 +193,6 @@ class SelectionContext:
         """Pass 1: the original model alone, its top-k log-probabilities stored (:mod:`paser.teacher`); it is
         freed before pass 2, where the pruned model alone is scored against the store."""
 
-        from ..models import load_model
-        from ..score import PAIR_VALUES, ScoreConfig, batched_values, score_table
-        from ..teacher import jsd_against_store, stored_topk
 
         def original() -> Any:
             return load_model(self.config.original, dtype=self.dtype, tokenizer=False, device=distributed.device(),
@@ -214,7 +217,6 @@ class SelectionContext:
                         ) -> np.ndarray:
         """Mean response NLL per record under one model; ``encoded`` defaults to the pool's own encodings
         (``tag`` names a variant, e.g. the responses without their instructions)."""
-        from ..score import ScoreConfig, response_losses
 
         encoded = self.encoded if encoded is None else encoded
         key = stable_hash("response-loss-v1", self.model_key(which), tag,
@@ -232,10 +234,6 @@ class SelectionContext:
     def concepts(self) -> list[frozenset[str]]:
         """Every record's keyphrases (:func:`paser.ccg.extract_concepts`), cached on disk."""
         if "concepts" not in self.info:
-
-            from ..cache import write_json
-            from ..ccg import extract_concepts
-
             top = self.config.concepts_per_sample
             texts = [f"{r.user_text}\n{r.output}" for r in self.records]
             path = self.cache / "concepts" / f"{stable_hash('concepts-v1', texts_fingerprint(texts), top)}.json"
@@ -250,8 +248,6 @@ class SelectionContext:
 
     def embeddings(self) -> np.ndarray:
         if "embeddings" not in self.info:
-            from ..embed import embed_records
-
             vectors, hit = self._timed("embed", lambda: embed_records(self.records, self.config.embedder,
                                                                        self.cache / "embeddings"))
             self.info["embeddings"] = vectors
@@ -261,7 +257,6 @@ class SelectionContext:
 
     def clusters(self, method: str | None = None) -> Any:
         """The diffusion-map clustering (:func:`paser.cluster.cluster_embeddings`), cached on disk."""
-        from ..cluster import ClusterConfig, ClusterResult, cluster_embeddings
 
         config = self.config
         cluster_config = ClusterConfig(n_clusters=config.clusters, method=method or "nmf", seed=config.seed)

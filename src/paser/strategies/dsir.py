@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import Field
 from scipy import sparse
 
+from ..data import iter_records
 from ..errors import ConfigError
 from ..options import option
 from .base import STRATEGIES, SelectionContext, Strategy
@@ -73,8 +74,6 @@ def target_texts(source: str, exclude: set[tuple[str, str]], sources: Sequence[s
         texts = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
         texts = [t for t in texts if t]
     else:
-        from ..data import iter_records
-
         texts = []
         for record in iter_records(source, bad_records="skip"):
             if record.key in exclude or (sources and record.raw.get("source") not in sources):

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from ..cache import stable_hash
-from ..data import Encoded
+from ..data import Encoded, PromptFormatter, encode_records, load_records
 from ..options import option
 from ..score import ScoreConfig, batched_values, collate, model_pass, response_loss_batch
 from .base import STRATEGIES, SelectionContext, Strategy, top_k
@@ -86,8 +86,6 @@ class Nuggets(Strategy):
         rng = np.random.default_rng(config.seed)
         n = len(ctx.records)
         if config.anchor_data:
-            from ..data import PromptFormatter, encode_records, load_records
-
             formatter = PromptFormatter(ctx.tokenizer, template=config.template, max_length=config.max_length)
             _, anchors = encode_records(formatter, load_records(config.anchor_data, bad_records="skip"), "skip")
             anchor_positions: list[int] = []

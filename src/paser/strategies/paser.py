@@ -44,7 +44,10 @@ from ..options import option
 from ..registry import Registry
 from ..score import get_scorer
 from .base import STRATEGIES, SelectionContext, Strategy
-from .sampled import exact_first, sampled_scores
+from .model_scores import ifd_scores
+from .sampled import BEHAVIOUR_VERSION, exact_first, sampled_scores
+
+# scikit-learn is imported when PASER clusters: only this method needs it.
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +181,6 @@ def _order_key(ctx: SelectionContext, degradation: Any, efficiency: np.ndarray, 
     config = ctx.config
     examined_last = np.zeros(len(efficiency), dtype=bool)
     if config.rank == "ifd":  # the budgets are the allocation rule's; inside a cluster, the hardest-to-follow first
-        from .model_scores import ifd_scores
 
         ifd = ifd_scores(ctx, config.ifd_model)[0]
         ctx.table["ifd"] = ifd
@@ -350,6 +352,4 @@ class Paser(Strategy):
             raise ConfigError("confirm_tokens applies to scoring sampled")
 
     def cache_version(self, config: Any) -> str:
-        from .sampled import BEHAVIOUR_VERSION
-
         return f"{self.version}+sampled{BEHAVIOUR_VERSION}" if config.scoring == "sampled" else str(self.version)

@@ -35,7 +35,10 @@ from typing import Any
 import numpy as np
 
 from ..allocate import allocate, ies, within_cluster_key
+from ..score import PAIR_VALUES
 from .base import SelectionContext
+
+# scipy, scikit-learn and pandas are imported when sampled scoring runs: only this selection option needs them.
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,6 @@ def sampled_scores(ctx: SelectionContext, labels: np.ndarray, k: int,
     degradation score (the configured scorer)."""
     import pandas as pd
 
-    from ..score import PAIR_VALUES
 
     config = ctx.config
     n = len(ctx.records)

@@ -26,11 +26,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from pydantic import Field
 
+from .. import distributed
 from ..cache import cache_root, stable_hash
 from ..data import PromptFormatter, Record
 from ..errors import ConfigError
+from ..generate import generate
+from ..models import check_compatible, load_model, model_fingerprint
 from ..options import option
 from .base import TARGETS, Target
 
@@ -80,10 +84,6 @@ class OriginalAnswers(Target):
 
     def build(self, records: Sequence[Record], settings: Any, tokenizer: Any, dtype: str
               ) -> tuple[list[Record], dict[str, Any]]:
-        from .. import distributed
-        from ..generate import generate
-        from ..models import check_compatible, load_model, model_fingerprint
-
         original_spec = settings.teacher
         if not original_spec:
             raise ConfigError("targets 'original' needs the original model (--teacher, or a pruned folder whose "
@@ -107,8 +107,6 @@ class OriginalAnswers(Target):
             check_compatible(tokenizer, original_tokenizer, None, None)
             store.parent.mkdir(parents=True, exist_ok=True)
             if settings.target_do_sample:
-                import torch
-
                 torch.manual_seed(settings.seed)
 
             def keep(indices: list[int], batch: list[Any]) -> None:
