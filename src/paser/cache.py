@@ -35,7 +35,6 @@ def entry_lock(path: str | Path, what: str = "this cache entry") -> Iterator[Non
     """Hold an inter-process lock on one cache entry, so concurrent runs sharing ``PASER_CACHE`` compute it
     once: the second waits (and says so), then finds the first one's finished file."""
 
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path) + ".lock")

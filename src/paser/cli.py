@@ -103,7 +103,6 @@ def select(
 
 
 def _print_selection(summary: dict, out: Path) -> None:
-
     console = Console()
     if "clusters" in summary:
         table = Table(title=f"PASER: K = {summary['k']}, allocation '{summary['allocation']}'")
@@ -287,7 +286,6 @@ def run(
 
 
 def _finish_run(run: dict) -> None:
-
     if not run:  # a rank other than 0 under a launcher: rank 0 reports
         return
     out = Path(run["out"])

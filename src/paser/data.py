@@ -601,7 +601,6 @@ def sample_data(data: dict[str, Any], directory: Path) -> dict[str, Any]:
     """Write ``slice.jsonl`` (``data.sample``: n records, seeded, stratified by a field when present) and,
     from the records the slice leaves, ``heldout.jsonl`` and ``calibration.jsonl``; returns counts."""
 
-
     columns = ColumnMap.parse(data["columns"]) if data["columns"] else None
     records = load_records(data["source"], columns, duplicates="drop", bad_records=data["bad_records"])
     sample = data["sample"]

@@ -315,7 +315,6 @@ class Taylor(PruningMethod):
     def check(self, config: PruneConfig) -> None:
         from transformers import AutoConfig
 
-
         check_taylor_supported(AutoConfig.from_pretrained(resolve_spec(config.model).location), config.model)
 
     def prune(self, model: Any, tokenizer: Any, config: PruneConfig, calibration: list[list[int]]) -> tuple[Any, Any]:

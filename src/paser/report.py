@@ -185,7 +185,6 @@ def _evaluation_section(run_dir: Path, run: dict[str, Any] | None = None) -> str
     import matplotlib.pyplot as plt
     import numpy as np
 
-
     results = _read_json(run_dir / "evaluate" / "results.json")
     if not results:
         return "<h2>Evaluation</h2>" + _missing("evaluation results")
@@ -219,7 +218,6 @@ def _evaluation_section(run_dir: Path, run: dict[str, Any] | None = None) -> str
 
 
 def _comparisons(run_dir: Path) -> list[dict]:
-
     return [c for c in map(_read_json, comparison_files(run_dir / "evaluate", ".json")) if c]
 
 
@@ -261,7 +259,6 @@ def _forest(comparison: dict, metrics: list[str], columns: int, title: str) -> A
 
 
 def _comparison_html(comparison: dict) -> str:
-
     baseline = comparison["baseline"]
     fig = _forest(comparison, comparison["metrics"], FOREST_COLUMNS,
                   f"Difference against {baseline} (95% paired bootstrap over seeds and items)")

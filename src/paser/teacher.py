@@ -108,7 +108,6 @@ def stored_topk(model_key: str, load: Any, encoded: Sequence[Encoded], pad_id: i
     """The top-k store of one model over ``encoded``, computed once and cached under ``cache_dir/teacher`` by
     the model's weights, the encodings, k and dtype. ``load()`` gives the model, called only on a miss."""
 
-
     key = stable_hash("teacher-topk-v2", model_key, [e.input_ids for e in encoded], [len(e.prompt_ids) for e in encoded],
                       k, dtype)
     path = Path(cache_dir) / "teacher" / f"{key}.npz"

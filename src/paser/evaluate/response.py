@@ -35,7 +35,6 @@ def response_nll(model: Any, encoded: Sequence[Any], pad_id: int, batch_size: in
                  progress: bool = False) -> tuple[list[float], list[int]]:
     """Per record (input order): the summed NLL of its response tokens given the prompt, and their count."""
 
-
     sums = [0.0] * len(encoded)
     counts = [0] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))

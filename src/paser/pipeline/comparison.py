@@ -10,7 +10,6 @@ from ..compare import compare_arms, comparison_files, comparison_stem, compariso
 
 
 def read_cost(directory: Path) -> dict:
-
     try:
         return json.loads((directory / "selection.json").read_text()).get("cost", {})
     except (FileNotFoundError, ValueError):
@@ -27,7 +26,6 @@ def write_comparison(directory: Path, arm_labels: dict[str, dict[int, str]], bas
     """``comparison.json`` and ``comparison.md`` beside the evaluation results (see :mod:`paser.compare`),
     against the first baseline; ``comparison-vs-<arm>.json`` / ``.md`` against each further one. Returns the
     headline comparison. Every earlier comparison file is removed first, so none outlives its run."""
-
 
     results = json.loads((directory / "results.json").read_text())
     for stale in comparison_files(directory, ".json") + comparison_files(directory, ".md"):

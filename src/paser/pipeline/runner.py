@@ -110,7 +110,6 @@ class _Runner:
         self.records: list[StageRecord] = []
 
     def _marker(self, directory: Path) -> dict[str, Any]:
-
         try:
             return json.loads((directory / "stage.json").read_text())
         except (FileNotFoundError, ValueError):
@@ -149,7 +148,6 @@ class _Runner:
 
 
 def _read_selection(directory: Path) -> dict:
-
     try:
         return json.loads((directory / "selection.json").read_text())
     except (FileNotFoundError, ValueError):

@@ -328,7 +328,6 @@ def with_evaluation_data(config: PipelineConfig, task_dir: str | None = None, pp
 def _parse_arms(raw_arms: Any, select: dict, recover: dict, seeds: list[int], spec: dict, where: str) -> list[dict]:
     """Arms from ``arms:`` (or the ``select.methods`` shorthand), each with validated overrides and seeds."""
 
-
     if raw_arms is None:
         raw_arms = [{"name": m, "method": m} for m in select["methods"]]
     if not isinstance(raw_arms, list) or not raw_arms:

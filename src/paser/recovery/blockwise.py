@@ -389,7 +389,6 @@ class LayerReader:
                                   f"({getattr(self.config, field)} vs {getattr(other.config, field)})")
 
     def _tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-
         names = [n for n in self.index if n.startswith(prefix)]
         tensors = {}
         for shard in sorted({self.index[n] for n in names}):
@@ -402,7 +401,6 @@ class LayerReader:
         return torch.nn.Embedding.from_pretrained(weight.to(self.device, torch.float32))
 
     def block(self, layer: int, dtype: torch.dtype) -> torch.nn.Module:
-
         block = copy.deepcopy(self.skeleton.model.layers[layer]).to_empty(device=self.device)
         block.load_state_dict({k: v.to(dtype) for k, v in self._tensors(f"{self.prefix}{layer}.").items()})
         return block.to(dtype).requires_grad_(False)
@@ -423,7 +421,6 @@ class LayerReader:
                 "position_embeddings": self._rotary(dummy, position_ids=positions)}
 
     def save_block(self, layer: int, block: torch.nn.Module, directory: Path) -> None:
-
         dtype = next(iter(self._tensors(f"{self.prefix}{layer}.input_layernorm.").values())).dtype
         state = {f"{self.prefix}{layer}.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in block.state_dict().items()}
         directory.mkdir(parents=True, exist_ok=True)

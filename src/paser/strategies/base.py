@@ -193,7 +193,6 @@ class SelectionContext:
         """Pass 1: the original model alone, its top-k log-probabilities stored (:mod:`paser.teacher`); it is
         freed before pass 2, where the pruned model alone is scored against the store."""
 
-
         def original() -> Any:
             return load_model(self.config.original, dtype=self.dtype, tokenizer=False, device=distributed.device(),
                               device_map=self.config.device_map)[0]

@@ -101,7 +101,6 @@ def sampled_scores(ctx: SelectionContext, labels: np.ndarray, k: int,
     degradation score (the configured scorer)."""
     import pandas as pd
 
-
     config = ctx.config
     n = len(ctx.records)
     sizes = np.bincount(labels, minlength=k)
