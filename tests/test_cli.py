@@ -61,3 +61,24 @@ def test_the_cli_runs_the_library_config_with_a_generated_option(tmp_path):
     result = CliRunner().invoke(app, ["select", "--original", "m", "--pruned", "m", "--data", "demo", "--out",
                                       str(tmp_path), "--budget", "3", "--dtype", "fp64"])
     assert result.exit_code != 0 and "dtype must be" in (result.output + str(result.exception))
+
+
+def test_a_registered_plugin_describes_itself_in_help():
+    """A new objective is listed in ``--loss``'s help with its own docstring's first line, written nowhere else."""
+    from paser.objectives import OBJECTIVES, Objective
+    from paser.options import choices_help
+    from paser.recover import RecoverBase
+
+    @OBJECTIVES.register("test-only-loss")
+    class TestOnly(Objective):
+        """Nothing but a test's loss.
+
+        The rest of the docstring stays out of --help."""
+
+    try:
+        text = choices_help(RecoverBase, "loss", str)
+        assert "test-only-loss: Nothing but a test's loss |" not in text
+        assert text.endswith("test-only-loss: Nothing but a test's loss.") and "kd: Distil" in text
+        assert "stays out" not in text
+    finally:
+        OBJECTIVES.unregister("test-only-loss")

@@ -45,6 +45,9 @@ def tiny_config(model_dir, task_dir, out, heldout="demo-heldout"):
     ({"pruned": "/some/model"}, "either 'prune'"),
     ({"evaluate": {"tasks": ["mmlu"]}}, "unknown task"),
     ({"data": {"limit": 0}}, "data.limit"),
+    ({"data": {"duplicates": "dedupe"}}, "data.duplicates: Input should be 'keep' or 'drop'"),
+    ({"data": {"sample": {"n": 10}, "heldout": 0}}, "data.heldout: Input should be greater than or equal to 1"),
+    ({"arms": [{"name": "a", "method": "paser", "sed": [1]}]}, r"arms\[0\]: unknown key 'sed'"),
     ({"data": {"path": "x.jsonl"}}, "unknown key 'data.path'"),
     ({"export": {"format": "gguf"}}, "export: format must be one of dense, w4a16, w8a8"),
 ])

@@ -29,21 +29,25 @@ ALLOCATION_RULES: Registry[AllocationRule] = Registry("allocation rule")
 
 @ALLOCATION_RULES.register("cds")
 def cds_rule(sizes: np.ndarray, cds: np.ndarray) -> np.ndarray:
+    """The paper: each cluster's mean JSD, whatever its size."""
     return cds.astype(np.float64)
 
 
 @ALLOCATION_RULES.register("mass")
 def mass_rule(sizes: np.ndarray, cds: np.ndarray) -> np.ndarray:
+    """Size x mean JSD: a cluster's total degradation."""
     return sizes.astype(np.float64) * cds
 
 
 @ALLOCATION_RULES.register("size")
 def size_rule(sizes: np.ndarray, cds: np.ndarray) -> np.ndarray:
+    """Each capability cluster keeps its share of the pool."""
     return sizes.astype(np.float64)
 
 
 @ALLOCATION_RULES.register("blend")
 def blend_rule(sizes: np.ndarray, cds: np.ndarray) -> np.ndarray:
+    """Half size, half mass."""
     sizes = sizes.astype(np.float64)
     mean_cds = float((sizes * cds).sum() / sizes.sum()) if sizes.sum() else 0.0
     return sizes * (cds + mean_cds)

@@ -192,7 +192,7 @@ def _with_declared_options(command: Any, config: type, fields: list[tuple[Any, A
     """``command``'s signature with one typer parameter per declared field (name, type, default, help, choices), in
     place of its ``**settings``: the CLI is built from the same declarations as the library config."""
 
-    from .options import choices
+    from .options import choices_help
 
     signature = inspect.signature(command)
     params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()
@@ -201,8 +201,7 @@ def _with_declared_options(command: Any, config: type, fields: list[tuple[Any, A
         cli_type, cli = _cli_type(declared), f.metadata.get("cli")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         default = ... if default is dataclasses.MISSING else default
-        accepted = choices(config, f.name, declared)
-        help = f.metadata.get("help", "") + (f" Choices: {', '.join(accepted)}." if accepted else "")
+        help = f.metadata.get("help", "") + choices_help(config, f.name, declared)
         if cli == "argument":
             param = typer.Argument(default, help=help)
         else:

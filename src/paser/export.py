@@ -87,8 +87,7 @@ class ExportConfig:
         "folder.", cli='argument')
     out: str = option(help="Output folder (written whole or not at all): the checkpoint, its tokenizer, "
         "export_report.json.")
-    format: str = option('w4a16', "dense (plain tensors) | w4a16 (int4 weights, groups of 128) | w8a8 (int8 weights per"
-        " channel, int8 activations per token): compressed-tensors, what vLLM serves.")
+    format: str = option('w4a16', "Checkpoint format: compressed-tensors, what vLLM serves.")
     method: Literal["rtn", "gptq"] = option('rtn', "rtn: round to nearest, no data, every zero stays zero | gptq: "
         "calibrated on --calib-data, pruned positions set back to zero.")
     calib_data: str | None = option(None, "--method gptq: instruction records (default: the recovery data in "

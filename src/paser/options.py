@@ -67,6 +67,17 @@ def choices(base: type, name: str, declared: Any) -> tuple[str, ...]:
     return ()
 
 
+def choices_help(base: type, name: str, declared: Any) -> str:
+    """The closing sentence of a field's ``--help``: its choices, each registered one with its own summary (so a
+    new plugin is described where it is written, and no help string lists the names by hand)."""
+    registry = getattr(base, "REGISTERED", {}).get(name)
+    if registry is not None:
+        return " Choices: " + " | ".join(
+            f"{n}: {registry.summary(n)}" if registry.summary(n) else n for n in registry.names()) + "."
+    accepted = choices(base, name, declared)
+    return f" Choices: {', '.join(accepted)}." if accepted else ""
+
+
 def declared_fields(base: type, owners: Iterable[tuple[str, Any]]) -> list[tuple[dataclasses.Field, Any]]:
     """The fields each owner declares in its ``options`` dataclass, as (field, resolved type), in order; a name
     declared twice (or already on ``base``) is an error."""

@@ -57,8 +57,7 @@ class PruneConfig:
 
     model: str = option(help="Model spec: smollm2-135m-instruct, a local HF directory, a .gguf file or a hub id.", cli='argument')
     out: str | Path = option(help="Output directory (a plain Hugging Face model directory).")
-    method: str = option('wanda', "wanda | sparsegpt | magnitude (unstructured or N:M) | taylor (structured: MLP "
-        "channels and head groups).")
+    method: str = option('wanda', "Pruning method.")
     sparsity: Annotated[float, Field(gt=0, lt=1)] = option(0.5, "Fraction of weights (or, for taylor, of prunable "
         "channels/heads) to remove, in (0, 1).")
     pattern: str | None = option(None, "N:M semi-structured pattern, e.g. 2:4 (wanda, sparsegpt, magnitude).")
@@ -288,6 +287,7 @@ class _OneShot(PruningMethod):
 
 @PRUNING_METHODS.register("wanda")
 class Wanda(_OneShot):
+    """|weight| x input norm, unstructured or N:M (llmcompressor)."""
     def modifier(self) -> type:
         from llmcompressor.modifiers.pruning import WandaPruningModifier
 
@@ -296,6 +296,7 @@ class Wanda(_OneShot):
 
 @PRUNING_METHODS.register("sparsegpt")
 class SparseGPT(_OneShot):
+    """Second-order reconstruction, unstructured or N:M (llmcompressor)."""
     def modifier(self) -> type:
         from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
@@ -304,12 +305,14 @@ class SparseGPT(_OneShot):
 
 @PRUNING_METHODS.register("magnitude")
 class Magnitude(PruningMethod):
+    """|weight|, unstructured or N:M."""
     def prune(self, model: Any, tokenizer: Any, config: PruneConfig, calibration: list[list[int]]) -> tuple[Any, Any]:
         return magnitude_prune_(model, config.sparsity, config.nm()), None
 
 
 @PRUNING_METHODS.register("taylor")
 class Taylor(PruningMethod):
+    """Structured: MLP channels and head groups by first-order Taylor importance (torch-pruning)."""
     structured = True
 
     def check(self, config: PruneConfig) -> None:

@@ -42,9 +42,7 @@ class RecoverBase:
     model: str = option(help="Pruned model spec to recover.", cli='argument')
     data: str = option(help="Training data: selected.jsonl from 'paser select' or any source paser reads.")
     out: str | Path = option(help="Output directory: LoRA adapter, merged model, train_log.json.")
-    method: str = option('end-to-end', "end-to-end (the Trainer over the whole model) | blockwise (each decoder block "
-        "toward the original's output, one block resident, resumable per block) | blockwise+kd (blockwise, "
-        "then end-to-end on its result).")
+    method: str = option('end-to-end', "How recovery trains.")
     epochs: Annotated[float, Field(gt=0)] = option(2.0, "Training epochs.")
     lr: Annotated[float, Field(gt=0)] | None = option(None, "Peak learning rate (cosine schedule with warmup); default:"
         " 1e-3 for LoRA (a small slice trains few steps), 1e-4 for --adapter full.")
@@ -72,14 +70,11 @@ class RecoverBase:
     sparse_lora: Literal["masked", "off"] = option('masked', "masked: the LoRA update is masked to the pruned layer's "
         "non-zeros while training, so the merged model is the trained one | off: plain LoRA, zeros re-applied"
         " after the merge.")
-    loss: str = option('auto', "auto: kd when the original model is known (--teacher, or the model paser prune started "
-        "from, recorded in MODEL/prune_report.json), else nll | nll (the targets' answers) | kd (distil the "
-        "teacher's next-token distributions) | mix (half each, --kd-alpha) | rho (NLL on the 60% of tokens "
-        "the student lost most against the original).")
+    loss: str = option('auto', "The training loss; auto: kd when the original model is known (--teacher, or "
+        "the model paser prune started from, recorded in MODEL/prune_report.json), else nll.")
     teacher: str | None = option(None, "The original, dense model: kd/mix/auto's teacher and original targets' author "
         "(default: the one recorded by paser prune).")
-    targets: str = option('reference', "What to train toward: reference (the data's answers) | original (the original "
-        "model's own answers to the prompts, generated once and cached; needs the original: --teacher or the "
+    targets: str = option('reference', "What to train toward (original needs the original model: --teacher or the "
         "one paser prune recorded).")
     max_train_tokens: Annotated[int, Field(ge=1)] | None = option(None, "Train on the records in order while their "
         "tokens (prompt + response within --cutoff-len) fit: keeps a token budget when --targets original "

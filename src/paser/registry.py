@@ -15,6 +15,7 @@ function is stored as it is. Unknown names fail with a :class:`~paser.errors.Con
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -54,6 +55,16 @@ class Registry(Generic[T]):
     def unregister(self, name: str) -> None:
         """Remove an entry (tests that register a throw-away one)."""
         del self._entries[name]
+
+    def summary(self, name: str) -> str:
+        """One line on an entry, for ``--help``: its ``description``, else the first line of its own docstring
+        (a function's, or the registered class's: not one inherited from the base)."""
+        entry = self.get(name)
+        text = getattr(entry, "description", None)
+        if not text:
+            text = entry.__doc__ if inspect.isfunction(entry) else type(entry).__dict__.get("__doc__")
+            text = (text or "").strip().split("\n")[0]
+        return text.rstrip(".")
 
     def names(self) -> tuple[str, ...]:
         return tuple(self._entries)

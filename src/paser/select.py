@@ -69,14 +69,13 @@ class SelectBase:
         "--max-length, what recovery trains on): a count, or a fraction of the pool's tokens when below 1. "
         "The method selects as for the largest record budget whose records fit.")
     out: str | Path | None = option(None, "Output directory: selected.jsonl, selection.json, scores.parquet.")
-    method: str = option('random', "random (the default: seeded, loads no model; distilled by paser recover's default "
-        "loss it passed every equal-token testbed, docs/fidelity.md) | paser (capability clusters, IFD "
-        "inside, concept filter) | full | perplexity | loss_gap | ifd | nuggets | dsir.")
+    method: str = option('random', "Selection method (random, distilled by paser recover's default loss, passed "
+        "every equal-token testbed: docs/fidelity.md).")
     embedder: str = option(DEFAULT_EMBEDDER, "sentence-transformers model (default: the bundled all-MiniLM-L6-v2).")
     max_length: Annotated[int, Field(ge=8)] = option(256, "Tokens per sample (prompt + response) when scoring.")
     batch_size: Annotated[int, Field(ge=1)] = option(16, "Samples per scoring batch (length-bucketed).")
     dtype: Dtype = option("auto", DTYPE_HELP)
-    score: str = option('jsd', "Degradation score: jsd (paper) | loss_gap | pruned_loss.")
+    score: str = option('jsd', "Degradation score (jsd: the paper's).")
     seed: int = option(0, "Seed for clustering, sampling inside clusters and the random baseline.")
     template: Literal["auto", "chat", "alpaca"] = option('auto', "Prompt template: auto (the tokenizer's chat template "
         "when it has one, else alpaca) | chat | alpaca.")

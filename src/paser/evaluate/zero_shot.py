@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import yaml
@@ -30,14 +30,30 @@ from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, o
 
 # lm-eval and accelerate are imported when zero-shot tasks run: lm-eval takes seconds to load.
 
-ZERO_SHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 LOCAL_TASK_PREFIX = "paser_"
-REQUIRED_FIELDS = {task: ("question", "choices", "label") for task in ZERO_SHOT_TASKS}
-REQUIRED_FIELDS["boolq"] = ("question", "choices", "label", "context")
-REQUIRED_FIELDS["winogrande"] = ("choices", "label", "context_options", "continuation")
-# The metric each task shows in the table (LLM-Pruner/Wanda convention); results.json keeps both.
-TABLE_METRIC = {"boolq": "acc", "piqa": "acc", "winogrande": "acc", "hellaswag": "acc_norm",
-                "arc_easy": "acc", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+
+
+@dataclass(frozen=True)
+class ZeroShotTask:
+    """A task paser runs from a local JSONL: the fields each record needs and the metric the table shows
+    (the LLM-Pruner / Wanda convention; results.json keeps both acc and acc_norm)."""
+
+    table_metric: Literal["acc", "acc_norm"]
+    fields: tuple[str, ...] = ("question", "choices", "label")
+
+
+TASKS = {
+    "boolq": ZeroShotTask("acc", ("question", "choices", "label", "context")),
+    "piqa": ZeroShotTask("acc"),
+    "hellaswag": ZeroShotTask("acc_norm"),
+    "winogrande": ZeroShotTask("acc", ("choices", "label", "context_options", "continuation")),
+    "arc_easy": ZeroShotTask("acc"),
+    "arc_challenge": ZeroShotTask("acc_norm"),
+    "openbookqa": ZeroShotTask("acc_norm"),
+}
+ZERO_SHOT_TASKS = tuple(TASKS)
+REQUIRED_FIELDS = {name: task.fields for name, task in TASKS.items()}
+TABLE_METRIC = {name: task.table_metric for name, task in TASKS.items()}
 
 log = logging.getLogger(__name__)
 

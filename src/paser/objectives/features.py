@@ -23,6 +23,7 @@ class FeatureOptions:
 
 @OBJECTIVES.register("kd-features")
 class KDFeatures(Objective):
+    """KD plus every layer's hidden-state loss against the original (SquareHead)."""
     terms = frozenset({"kd", "features"})
     options = FeatureOptions
 

@@ -12,6 +12,7 @@ from .base import OBJECTIVES, Objective
 
 @OBJECTIVES.register("kd")
 class KD(Objective):
+    """Distil the teacher's next-token distributions."""
     terms = frozenset({"kd"})
 
     def loss(self, terms: dict[str, torch.Tensor], config: Any) -> torch.Tensor:

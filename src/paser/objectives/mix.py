@@ -19,6 +19,7 @@ class MixOptions:
 
 @OBJECTIVES.register("mix")
 class Mix(Objective):
+    """Half NLL, half KD (--kd-alpha)."""
     terms = frozenset({"kd", "nll"})
     options = MixOptions
 

@@ -11,5 +11,6 @@ from .base import OBJECTIVES, Objective
 
 @OBJECTIVES.register("nll")
 class NLL(Objective):
+    """The targets' answers, next-token NLL."""
     def loss(self, terms: dict[str, torch.Tensor], config: Any) -> torch.Tensor:
         return terms["nll"]

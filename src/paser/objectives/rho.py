@@ -19,6 +19,7 @@ from .base import OBJECTIVES, Objective
 
 @OBJECTIVES.register("rho")
 class Rho(Objective):
+    """Rho-1: NLL on the 60% of tokens the student lost most against the original."""
     terms = frozenset({"token_nll", "teacher_token_nll"})
     keep = 0.6  # share of the response tokens trained on
 

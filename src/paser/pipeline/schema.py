@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError
 
 from ..errors import ConfigError
 from ..models import Dtype
@@ -56,11 +58,34 @@ def _section_spec() -> dict[str, tuple[type, set[str], dict[str, Any]]]:
     }
 
 
-DATA_KEYS = {"source": "demo", "columns": None, "duplicates": "keep", "limit": None, "bad_records": "skip",
-             "sample": None, "heldout": None, "calibration": None}
-TOP_KEYS = {"model", "dtype", "threads", "out", "prune", "pruned", "data", "select", "recover", "evaluate", "export", "arms",
-            "seeds", "baseline"}
-ARM_KEYS = {"name", "method", "recipe", "select", "recover", "seeds"}
+@dataclass
+class DataSection:
+    """``data``: where the records come from, and what the data stage cuts from them before any arm reads them."""
+
+    source: str = "demo"  # a JSONL / JSON / Parquet / CSV file, a hub dataset id, or the embedded demo data
+    columns: Any = None  # the record fields' names where they differ (paser.data.ColumnMap)
+    duplicates: Literal["keep", "drop"] = "keep"
+    limit: Annotated[int, Field(ge=1)] | None = None
+    bad_records: Literal["skip", "error"] = "skip"
+    sample: dict[str, Any] | None = None  # {n, seed, stratify}: the slice every arm selects from
+    heldout: Annotated[int, Field(ge=1)] | None = None  # records set aside for evaluation (``@heldout``)
+    calibration: Annotated[int, Field(ge=1)] | None = None  # records set aside for pruning (``@calibration``)
+
+
+@dataclass
+class ArmSpec:
+    """One arm of ``arms``: a selection method (or a named recipe) with its select / recover overrides."""
+
+    name: str | None = None
+    method: str | None = None
+    recipe: str | None = None
+    select: dict[str, Any] | None = None
+    recover: dict[str, Any] | None = None
+    seeds: list[int] | None = None
+
+
+DATA_KEYS = {f.name: f.default for f in dataclasses.fields(DataSection)}
+ARM_KEYS = {f.name for f in dataclasses.fields(ArmSpec)}
 HELDOUT, CALIBRATION = "@heldout", "@calibration"  # the data stage's files, usable as evaluate / prune inputs
 
 
@@ -98,10 +123,11 @@ class PipelineConfig:
                 "evaluate": self.evaluate, "export": self.export}
 
 
+TOP_KEYS = set(PipelineConfig.__dataclass_fields__) - {"source", "baselines"} | {"baseline"}  # yaml: baseline
+
+
 def _check_section(name: str, values: Any, cls: type, wired: set[str], extra: dict[str, Any], where: str,
                    probe: dict[str, Any]) -> dict[str, Any]:
-    from pydantic import TypeAdapter, ValidationError
-
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -187,12 +213,12 @@ def _check_data(data: Any, where: str) -> dict[str, Any]:
     for key in data:
         if key not in DATA_KEYS:
             raise ConfigError(f"{where}: unknown key 'data.{key}' (known: {', '.join(DATA_KEYS)})")
-    data = {**DATA_KEYS, **data}
-    if data["limit"] is not None and (not isinstance(data["limit"], int) or data["limit"] < 1):
-        raise ConfigError(f"{where}: data.limit must be a positive integer, not {data['limit']!r}")
-    if data["bad_records"] not in ("skip", "error"):
-        raise ConfigError(f"{where}: data.bad_records must be skip or error, not {data['bad_records']!r}")
-    return data
+    try:
+        return dataclasses.asdict(TypeAdapter(DataSection).validate_python(data))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        location = ".".join(str(p) for p in error["loc"])
+        raise ConfigError(f"{where}: data.{location}: {error['msg']} (got {error.get('input')!r})") from None
 
 
 def _check_baselines(raw: dict, names: list[str], where: str) -> list[str]:
@@ -396,8 +422,6 @@ def _check_data_sampling(data: dict, where: str) -> None:
                                or not isinstance(sample.get("n"), int)):
         raise ConfigError(f"{where}: data.sample must be {{n: INT, seed: INT, stratify: FIELD}}, not {sample!r}")
     for key in ("heldout", "calibration"):
-        if data[key] is not None and (not isinstance(data[key], int) or data[key] < 1):
-            raise ConfigError(f"{where}: data.{key} must be a positive integer, not {data[key]!r}")
         if data[key] is not None and sample is None:
             raise ConfigError(f"{where}: data.{key} needs data.sample (they are drawn from what the sample leaves)")
 

@@ -23,6 +23,7 @@ from .end_to_end import EndToEnd
 
 @RECOVERY_METHODS.register("blockwise+kd")
 class BlockwiseThenKD(RecoveryMethod):
+    """Blockwise, then end-to-end training on its result (both stages resumable)."""
     needs_original = True
 
     def run(self, config: Any, callbacks: Sequence[Any] = ()) -> dict:

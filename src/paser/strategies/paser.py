@@ -296,13 +296,8 @@ def _map_2d(coordinates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class PaserOptions:
     clusters: Annotated[int, Field(ge=1)] | None = option(None, "Number of clusters K (default: eigengap rule within [2, 64]).")
-    cluster_method: str = option(
-        "nmf", "nmf | kmeans on the diffusion coordinates; ablations: random (same K, random assignment) | kmeans-raw "
-        "(k-means on the raw embeddings).")
-    allocation: str = option(
-        "size", "Budget rule across clusters: size (each capability cluster keeps its share of the pool) | mass (size x "
-        "mean JSD: a cluster's total degradation) | cds (the paper: mean JSD whatever the size) | blend (half size, half "
-        "mass).")
+    cluster_method: str = option("nmf", "paser: how records are clustered (random and kmeans-raw: ablations).")
+    allocation: str = option("size", "paser: the budget rule across clusters.")
     rank: Literal["ifd", "ies", "score"] = option(
         "ifd", "paser, the order inside a cluster: ifd (Instruction-Following Difficulty under --ifd-model; records "
         "with IFD >= 1 last) | ies (JSD / log cost, the paper) | score (the --score itself, a mean per response "

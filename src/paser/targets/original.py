@@ -78,6 +78,7 @@ class AnswerSettings(OriginalAnswersOptions):
 
 @TARGETS.register("original")
 class OriginalAnswers(Target):
+    """The original model's own answers to the prompts, generated once and cached."""
     needs_original = True
     keeps_answers = False
     options = OriginalAnswersOptions

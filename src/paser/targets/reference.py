@@ -11,6 +11,7 @@ from .base import TARGETS, Target
 
 @TARGETS.register("reference")
 class Reference(Target):
+    """The data's answers."""
     def build(self, records: Sequence[Record], settings: Any, tokenizer: Any, dtype: str
               ) -> tuple[list[Record], dict[str, Any]]:
         return list(records), {"targets": "reference"}
