@@ -122,6 +122,9 @@ def test_tiny_end_to_end_skips_and_invalidates(tmp_path, tiny_model_dir):
     # the answer first: the headline chart before the tables; the comparison is an HTML table, not raw markdown
     assert page.index("<h2>Headline</h2>") < page.index("<h2>Evaluation</h2>") < page.index("Methods compared")
     assert 'alt="headline: fidelity to the original against random"' in page and "<pre>" not in page
+    # two arms and many metrics: the arms are the comparison table's columns, so it fits a page's width
+    compared = page[page.index("<h3>Against random</h3>"):]
+    assert compared.index('<th class="text">arm</th><th>paser</th><th>random</th></tr>') < compared.index("arc_<wbr>easy")
     comparison = json.loads((out / "evaluate" / "comparison.json").read_text())
     assert comparison["baseline"] == "random" and set(comparison["arms"]) == {"paser", "random"}
     assert {"arc_easy (acc)", f"response ppl {heldout.name}"} <= set(comparison["metrics"])

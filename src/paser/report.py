@@ -12,6 +12,7 @@ import html
 import io
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
 h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; }
-table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.9rem; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.55rem; text-align: right; }
+table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.85rem; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.4rem; text-align: right; }
 th { background: #f2f2f2; } td.text, th.text { text-align: left; }
 img { max-width: 100%; } .missing { color: #a33; } .note { color: #555; font-size: 0.9rem; }
 .wide { overflow-x: auto; max-width: 100%; } .headline { font-size: 1.05rem; }
@@ -56,7 +57,10 @@ def _lines_table(header: list[str], rows: list[list[list[str]]], text_columns: i
     ``text_columns`` are left-aligned text."""
     def cell(tag: str, i: int, lines: list[str]) -> str:
         cls = ' class="text"' if i < text_columns else ""
-        return f"<{tag}{cls}>" + "<br>".join(html.escape(line) for line in lines) + f"</{tag}>"
+        text = "<br>".join(html.escape(line) for line in lines)
+        if tag == "th" or i < text_columns:  # names like "KL to original wikitext2_raw_test.txt" may wrap at _ and .
+            text = re.sub(r"(_|\.(?=[A-Za-z]))", r"\1<wbr>", text)
+        return f"<{tag}{cls}>{text}</{tag}>"
 
     head = "".join(cell("th", i, [h]) for i, h in enumerate(header))
     body = "".join("<tr>" + "".join(cell("td", i, lines) for i, lines in enumerate(row)) + "</tr>" for row in rows)
@@ -263,9 +267,18 @@ def _comparison_html(comparison: dict) -> str:
     fig = _forest(comparison, comparison["metrics"], FOREST_COLUMNS,
                   f"Difference against {baseline} (95% paired bootstrap over seeds and items)")
     header, rows, note = comparison_cells(comparison, comparison.get("costs"))
+    if len(header) > len(rows) + 1:
+        header, rows = _transposed(header, rows)
     return (f"<h3>Against {html.escape(baseline)}</h3>"
             + _figure_html(fig, f"forest plot of differences against {baseline}")
             + _lines_table(header, rows) + f"<p class='note'>{html.escape(note)}</p>")
+
+
+def _transposed(header: list[str], rows: list[list[list[str]]]) -> tuple[list[str], list[list[list[str]]]]:
+    """Arms as columns and metrics as rows: a comparison has a few arms and many metrics, and so fits the page."""
+    columns = [[[name] for name in header], *rows]
+    return ([" ".join(column[0]) for column in columns],
+            [[column[i] for column in columns] for i in range(1, len(header))])
 
 
 def _headline_section(comparisons: list[dict]) -> str:
