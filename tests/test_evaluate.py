@@ -18,7 +18,7 @@ from paser.evaluate import (
     text_windows,
     write_task_configs,
 )
-from tests_helpers import WORDS, write_fixtures
+from tests_helpers import WORDS, patch_everywhere, write_fixtures
 
 
 @torch.no_grad()
@@ -128,7 +128,7 @@ def test_response_perplexity_counts_response_tokens_only(tiny_model_dir):
 
 
 def test_bad_requests_fail_before_any_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr("paser.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    patch_everywhere(monkeypatch, "paser.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
     fixtures = write_fixtures(tmp_path / "tasks", rows=3)
     with pytest.raises(ConfigError, match="unknown task"):
         run_evaluation(EvaluateConfig(models=["m"], tasks=["mmlu"], task_dir=fixtures))

@@ -5,6 +5,7 @@ import torch
 
 from paser.errors import ConfigError
 from paser.prune import PruneConfig, decoder_linears, magnitude_prune_, run_prune
+from tests_helpers import patch_everywhere
 
 
 def test_magnitude_prune_zeroes_exactly_the_smallest_half_per_row(tiny_model_dir):
@@ -61,7 +62,7 @@ def test_unstructured_and_2_4(tmp_path, tiny_model_dir, method):
     ({"method": "taylor", "pattern": "2:4"}, ConfigError, "not taylor"),
 ])
 def test_bad_requests_fail_before_work(tmp_path, overrides, error, message, monkeypatch):
-    monkeypatch.setattr("paser.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    patch_everywhere(monkeypatch, "paser.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(error, match=message):
         run_prune(PruneConfig(**({"model": "x", "out": tmp_path / "o"} | overrides)))
 

@@ -6,7 +6,7 @@ import pytest
 
 from paser.errors import ConfigError, ModelError
 from paser.select import SelectConfig, run_selection
-from tests_helpers import select_config, write_demo_data
+from tests_helpers import patch_everywhere, select_config, write_demo_data
 
 
 @pytest.fixture()
@@ -42,7 +42,7 @@ def test_end_to_end_with_tiny_models(tmp_path, tiny_model_dir, tiny_pruned_dir, 
         assert members["selected"].iloc[: c["selected"]].sum() + c["rejected"] >= c["selected"]
 
     # A new budget, allocation and CCG setting reuse the model scores: no model is loaded.
-    monkeypatch.setattr("paser.models.load_model", lambda *a, **k: pytest.fail("model loaded despite cache"))
+    patch_everywhere(monkeypatch, "paser.models.load_model", lambda *a, **k: pytest.fail("model loaded despite cache"))
     again = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, demo_subset, budget=0.1,
                                  allocation="mass", ccg=False, out=tmp_path / "out2"))
     summary2 = json.loads((tmp_path / "out2" / "selection.json").read_text())

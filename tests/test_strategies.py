@@ -9,7 +9,7 @@ import torch
 
 from paser.data import PromptFormatter, load_records
 from paser.select import run_selection
-from tests_helpers import select_config, write_demo_data
+from tests_helpers import patch_everywhere, select_config, write_demo_data
 
 
 @pytest.fixture()
@@ -27,8 +27,8 @@ def test_random_loads_no_model(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, 
     def refuse(*args, **kwargs):
         raise AssertionError("random selection loaded a model")
 
-    monkeypatch.setattr("paser.models.load_model", refuse)
-    monkeypatch.setattr("paser.embed.embed_texts", refuse)
+    patch_everywhere(monkeypatch, "paser.models.load_model", refuse)
+    patch_everywhere(monkeypatch, "paser.embed.embed_texts", refuse)
     result = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, method="random", seed=3))
     again = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, method="random", seed=3,
                                  out=tmp_path / "o2"))
@@ -120,7 +120,7 @@ def test_dsir_weights_equal_hand_computation():
 
 
 def test_dsir_selects_toward_the_target(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, monkeypatch):
-    monkeypatch.setattr("paser.models.load_model", lambda *a, **k: pytest.fail("dsir loaded a model"))
+    patch_everywhere(monkeypatch, "paser.models.load_model", lambda *a, **k: pytest.fail("dsir loaded a model"))
     from paser.demo_data import demo_records
 
     target = tmp_path / "target.txt"  # held-out capital questions: not in the pool

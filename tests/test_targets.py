@@ -9,6 +9,7 @@ from paser.errors import ConfigError
 from paser.models import load_tokenizer
 from paser.recover import RecoverConfig, run_recovery
 from paser.targets import TARGETS
+from tests_helpers import patch_everywhere
 
 
 def _records(n):
@@ -35,7 +36,7 @@ def test_original_targets_are_generated_once_cached_and_resumed(tmp_path, tiny_m
     store = Path(info["cache"])
 
     # a second build reads every answer from the cache: no model is loaded
-    monkeypatch.setattr("paser.models.load_model", lambda *a, **k: pytest.fail("model loaded despite cache"))
+    patch_everywhere(monkeypatch, "paser.models.load_model", lambda *a, **k: pytest.fail("model loaded despite cache"))
     again, info2 = target.build(records, _settings(tmp_path, tiny_model_dir), tokenizer, "fp32")
     assert info2["generated_records"] == 0 and [r.output for r in again] == [r.output for r in built]
     monkeypatch.undo()
@@ -66,7 +67,7 @@ def test_empty_answers_keep_the_reference(tmp_path, tiny_model_dir, monkeypatch)
         on_batch(list(range(len(prompts))), answers)
         return answers
 
-    monkeypatch.setattr("paser.generate.generate", fake_generate)
+    patch_everywhere(monkeypatch, "paser.generate.generate", fake_generate)
     built, info = TARGETS.get("original").build(records, _settings(tmp_path, tiny_model_dir),
                                                 load_tokenizer(str(tiny_model_dir)), "fp32")
     assert [r.output for r in built] == ["answer 0", records[1].output, "answer 2", records[3].output]

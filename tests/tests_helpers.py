@@ -1,7 +1,9 @@
 """Helpers shared by tests (kept out of conftest so they can be imported by name)."""
 
 import copy
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -16,6 +18,16 @@ def magnitude_prune_copy(model, tokenizer, directory: Path, sparsity: float = 0.
     pruned.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def patch_everywhere(monkeypatch, target: str, replacement) -> None:
+    """Replace ``paser.module.name`` in its module and in every paser module that imported it by name, so a test
+    that forbids a call (a model load when the cache should serve) fails wherever the call is made from."""
+    module_name, name = target.rsplit(".", 1)
+    original = getattr(importlib.import_module(module_name), name)
+    for module in [m for key, m in sys.modules.items() if key.startswith("paser") and m is not None]:
+        if getattr(module, name, None) is original:
+            monkeypatch.setattr(module, name, replacement)
 
 
 def ok(result) -> str:
