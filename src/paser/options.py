@@ -72,8 +72,8 @@ def choices_help(base: type, name: str, declared: Any) -> str:
     new plugin is described where it is written, and no help string lists the names by hand)."""
     registry = getattr(base, "REGISTERED", {}).get(name)
     if registry is not None:
-        return " Choices: " + " | ".join(
-            f"{n}: {registry.summary(n)}" if registry.summary(n) else n for n in registry.names()) + "."
+        described = ((n, registry.summary(n)) for n in registry.names())
+        return " Choices: " + " | ".join(f"{n}: {text}" if text else n for n, text in described) + "."
     accepted = choices(base, name, declared)
     return f" Choices: {', '.join(accepted)}." if accepted else ""
 

@@ -138,12 +138,8 @@ def _check_section(name: str, values: Any, cls: type, wired: set[str], extra: di
         if key not in known:
             raise ConfigError(f"{where}: unknown key '{name}.{key}' (known: {', '.join(sorted(known))})")
     own = {k: v for k, v in values.items() if k in fields}
-    try:  # type-check the values through the library dataclass, with the wired fields stubbed
-        config = TypeAdapter(cls).validate_python({**probe, **own})
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        location = ".".join(str(p) for p in error["loc"])
-        raise ConfigError(f"{where}: {name}.{location}: {error['msg']} (got {error.get('input')!r})") from None
+    # type-check the values through the library dataclass, with the wired fields stubbed
+    config = _validated(cls, {**probe, **own}, f"{where}: {name}")
     resolved = {k: getattr(config, k) for k in fields}
     for key, default in extra.items():
         resolved[key] = values.get(key, default)
@@ -213,12 +209,17 @@ def _check_data(data: Any, where: str) -> dict[str, Any]:
     for key in data:
         if key not in DATA_KEYS:
             raise ConfigError(f"{where}: unknown key 'data.{key}' (known: {', '.join(DATA_KEYS)})")
+    return dataclasses.asdict(_validated(DataSection, data, f"{where}: data"))
+
+
+def _validated(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """``cls`` built from ``values`` through pydantic; the first error names its key (``prefix.key: message``)."""
     try:
-        return dataclasses.asdict(TypeAdapter(DataSection).validate_python(data))
+        return TypeAdapter(cls).validate_python(values)
     except ValidationError as exc:
         error = exc.errors()[0]
         location = ".".join(str(p) for p in error["loc"])
-        raise ConfigError(f"{where}: data.{location}: {error['msg']} (got {error.get('input')!r})") from None
+        raise ConfigError(f"{prefix}.{location}: {error['msg']} (got {error.get('input')!r})") from None
 
 
 def _check_baselines(raw: dict, names: list[str], where: str) -> list[str]:
