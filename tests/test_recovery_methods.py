@@ -57,3 +57,61 @@ def test_a_method_in_one_file_runs_through_paser_run(tmp_path, tiny_model_dir):
         RECOVERY_METHODS.get("copy-test").version = 1
     assert stages["recover/random/s0"] is False and stages["prune"] is True
     assert run["stages"]
+
+
+def test_auto_reconstructs_blocks_where_it_can_and_says_why_not(tmp_path, sparse_tiny, tiny_model_dir):
+    from transformers import GPT2Config
+
+    from paser.recover import RecoverConfig
+    from paser.recovery import choose_method
+
+    assert RecoverConfig(model="m", data="d", out="o").method == "auto"  # the default
+    original = str(tiny_model_dir)
+    assert choose_method(str(sparse_tiny), original, "kd") == (
+        "blockwise+kd", "the original is known and the blocks keep its shapes")
+    assert choose_method(str(sparse_tiny), original, "mix")[0] == "blockwise+kd"
+    assert choose_method(str(sparse_tiny), None, "kd")[1].startswith("no original model known")
+    assert choose_method(str(sparse_tiny), original, "nll") == (
+        "end-to-end", "loss nll trains on the records' answers, not toward the original")
+    assert choose_method(str(sparse_tiny), original, "kd", fsdp=True)[0] == "end-to-end"
+    narrow = tmp_path / "narrow"  # what structured pruning writes: a smaller MLP in the config
+    narrow.mkdir()
+    config = json.loads((sparse_tiny / "config.json").read_text())
+    (narrow / "config.json").write_text(json.dumps(config | {"intermediate_size": config["intermediate_size"] // 2}))
+    assert choose_method(str(narrow), original, "kd") == (
+        "end-to-end", "pruning changed the blocks' shapes (intermediate_size: structured pruning)")
+    GPT2Config(n_layer=2, n_embd=64, n_head=2).save_pretrained(tmp_path / "gpt2")
+    method, reason = choose_method(str(tmp_path / "gpt2"), original, "kd")
+    assert method == "end-to-end" and "not 'gpt2'" in reason and "llama" in reason
+
+
+@pytest.mark.parametrize("loss, chosen", [("kd", "blockwise+kd"), ("nll", "end-to-end")])
+def test_auto_runs_the_method_it_chose_and_records_why(tmp_path, sparse_tiny, tiny_model_dir, loss, chosen):
+    from paser.recover import run_recovery
+    from test_recover import small_config
+
+    config = small_config(tmp_path, sparse_tiny, epochs=1, loss=loss, teacher=str(tiny_model_dir),
+                          block_epochs=1, block_batch_tokens=256)
+    log = run_recovery(config)
+    on_disk = json.loads((tmp_path / "rec" / "train_log.json").read_text())
+    assert log["method"] == on_disk["method"] == chosen
+    assert on_disk["method_auto"]["chosen"] == chosen and on_disk["method_auto"]["reason"]
+    assert ("blockwise" in on_disk) == (chosen == "blockwise+kd")
+    assert (tmp_path / "rec" / "merged" / "config.json").is_file()
+
+
+def test_paser_run_resolves_auto_before_hashing_and_keeps_only_the_options_read(tmp_path, sparse_tiny, tiny_model_dir):
+    from paser.pipeline import arm_recover_settings, parse_config
+
+    raw = tiny_config(tiny_model_dir, write_fixtures(tmp_path / "tasks", rows=4), tmp_path / "run")
+    raw["arms"] = [{"name": "kd", "method": "random"}, {"name": "nll", "method": "random", "recover": {"loss": "nll"}},
+                   {"name": "stacked", "method": "random", "recover": {"method": "blockwise+kd"}}]
+    config = parse_config(raw)
+    arms = {arm["name"]: arm for arm in config.arms}
+    assert arm_recover_settings(config, arms["kd"], 0)["method"] == "auto"  # before pruning: validated as auto
+    auto = arm_recover_settings(config, arms["kd"], 0, str(sparse_tiny))
+    # auto is hashed as the method it runs: the same stage as asking for that method by name
+    assert auto == arm_recover_settings(config, arms["stacked"], 0, str(sparse_tiny))
+    assert auto["method"] == "blockwise+kd" and auto["block_lr"] == 1e-3
+    plain = arm_recover_settings(config, arms["nll"], 0, str(sparse_tiny))
+    assert plain["method"] == "end-to-end" and not any(key.startswith(("block_", "stream_")) for key in plain)

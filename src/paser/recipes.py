@@ -19,7 +19,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
         "select": {"method": "paser", "cluster_method": "nmf", "allocation": "cds", "score": "jsd", "ccg": True,
                    "ccg_rule": "paper", "within": "top", "rank": "ies", "drop_original_loss_above": None},
-        "recover": {"adapter": "lora", "loss": "nll", "sparse_lora": "off"},
+        "recover": {"method": "end-to-end", "adapter": "lora", "loss": "nll", "sparse_lora": "off"},
         "unset": {"lr": 1e-4},  # paser's own default (1e-3) is not the paper's
     },
 }

@@ -260,7 +260,7 @@ class PipelineRun:
 
         key = arm_key(arm, seed)
         directory, selected = self.out / "recover" / key, self.out / "select" / key / "selected.jsonl"
-        settings = arm_recover_settings(self.config, arm, seed)
+        settings = arm_recover_settings(self.config, arm, seed, self.pruned)
         if not TARGETS.get(settings["targets"]).keeps_answers and settings.get("max_train_tokens") is None:
             # the targets change the answers' lengths: keep the selection's token budget in training
             settings["max_train_tokens"] = (_read_selection(selected.parent).get("tokens") or {}).get("budget")

@@ -433,18 +433,26 @@ def arm_key(arm: dict, seed: int) -> str:
     return f"{arm['name']}/s{seed}"
 
 
-def arm_recover_settings(config: PipelineConfig, arm: dict, seed: int) -> dict[str, Any]:
+def arm_recover_settings(config: PipelineConfig, arm: dict, seed: int, pruned: str | None = None) -> dict[str, Any]:
+    """The arm's recovery settings as its stage hash holds them: ``lr``, ``loss: auto`` and, once the pruned model
+    exists (``pruned``), ``method: auto`` made concrete, and no option of a recovery method it does not run."""
     from ..objectives import OBJECTIVES
     from ..recover import resolve_lr
-    from ..recovery import RECOVERY_METHODS
+    from ..recovery import RECOVERY_METHODS, choose_method
     from ..targets import TARGETS
 
     settings = {**config.recover, **arm["recover"], "seed": seed}
     settings["lr"] = resolve_lr(settings.get("lr"), settings.get("adapter", "lora"))  # the stage key holds the lr used
     if settings["loss"] == "auto":
         settings["loss"] = "kd"  # the pipeline always knows the original model (paser.recover.resolve_loss)
+    if settings["method"] == "auto" and pruned is not None:
+        settings["method"] = choose_method(pruned, settings.get("teacher") or config.model, settings["loss"],
+                                           settings.get("fsdp", False))[0]
+    method = RECOVERY_METHODS.get(settings["method"])
+    unread = {f for _, m in RECOVERY_METHODS.items() for f in m.option_fields()} - method.option_fields()
+    settings = {k: v for k, v in settings.items() if k not in unread}
     needs_original = (OBJECTIVES.get(settings["loss"]).needs_teacher or TARGETS.get(settings["targets"]).needs_original
-                      or RECOVERY_METHODS.get(settings["method"]).needs_original)
+                      or method.needs_original)
     if needs_original and not settings.get("teacher"):
         settings["teacher"] = config.model  # distillation's teacher and the targets' author: the original model
     return settings

@@ -21,6 +21,8 @@ A new method is one module in this package plus its import in ``__init__``; its 
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -35,6 +37,10 @@ class RecoveryMethod:
     version = 1
     needs_original = False
     options: ClassVar[type | None] = None
+
+    def option_fields(self) -> frozenset[str]:
+        """The declared options this method reads (its stage hash holds these and no other method's)."""
+        return frozenset(f.name for f in dataclasses.fields(self.options)) if self.options else frozenset()
 
     def validate(self, config: Any) -> None:
         """Checks of this method's settings beyond their declared types and bounds (before any model loads)."""

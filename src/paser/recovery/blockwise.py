@@ -21,8 +21,8 @@ Llama-family decoders (``SUPPORTED``) only.
 
 Recipe::
 
-    paser recover PRUNED --data selected.jsonl --out runs/bw --method blockwise --block-lr 2e-4 --block-epochs 2
-    # paser run:  recover: {method: blockwise, block_lr: 0.0002}
+    paser recover PRUNED --data selected.jsonl --out runs/bw --method blockwise --block-lr 1e-3 --block-epochs 2
+    # paser run:  recover: {method: blockwise, block_lr: 0.001}
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # decoders found through mod
 
 @dataclass
 class BlockwiseOptions:
-    block_lr: Annotated[float, Field(gt=0)] = option(2e-4, "blockwise: peak learning rate (AdamW, cosine, warmup).")
+    block_lr: Annotated[float, Field(gt=0)] = option(1e-3, "blockwise: peak learning rate (AdamW, cosine, warmup).")
     block_epochs: Annotated[float, Field(gt=0)] = option(2.0, "blockwise: passes over the training tokens per block.")
     block_loss: Literal["nmse", "mse"] = option(
         "nmse", "blockwise: nmse (each channel's error over the target's variance in it) | mse.")
@@ -426,6 +426,25 @@ class LayerReader:
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(directory / f"{layer:03d}.safetensors", suffix=".safetensors") as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
+
+
+def blockwise_unsupported(model: str, original: str) -> str | None:
+    """Why block-wise recovery cannot run on this pruned model and original (None when it can), read from their
+    configs alone: a decoder outside :data:`SUPPORTED`, or blocks whose shapes pruning changed (structured)."""
+    from transformers import AutoConfig
+
+    configs = {}
+    for role, spec in (("pruned", model), ("original", original)):
+        try:
+            configs[role] = AutoConfig.from_pretrained(resolve_spec(spec).location)
+        except (OSError, ValueError) as error:
+            return f"the {role} model's config could not be read ({error})"
+        if configs[role].model_type not in SUPPORTED:
+            return f"block-wise supports Llama-family decoders ({', '.join(SUPPORTED)}), not '{configs[role].model_type}'"
+    for field in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        if getattr(configs["pruned"], field, None) != getattr(configs["original"], field, None):
+            return f"pruning changed the blocks' shapes ({field}: structured pruning)"
+    return None
 
 
 def _local_checkpoint(spec: str) -> str:

@@ -26,6 +26,9 @@ class BlockwiseThenKD(RecoveryMethod):
     """Blockwise, then end-to-end training on its result (both stages resumable)."""
     needs_original = True
 
+    def option_fields(self) -> frozenset[str]:
+        return Blockwise().option_fields()
+
     def run(self, config: Any, callbacks: Sequence[Any] = ()) -> dict:
         out = Path(config.out)
         first = Blockwise().run(replace(config, out=out / "stage-blockwise"), callbacks)
