@@ -22,7 +22,6 @@ A new method is one module in this package plus its import in ``__init__``; its 
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
