@@ -100,7 +100,8 @@ def test_a_token_budget_survives_longer_targets(tmp_path, tiny_model_dir, monkey
     data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:16]))
     config = RecoverConfig(model=str(tiny_model_dir), data=str(data), out=tmp_path / "rec", epochs=1, batch_size=4,
                            micro_batch_size=4, dtype="fp32", cutoff_len=64, targets="original",
-                           teacher=str(tiny_model_dir), target_max_new_tokens=8, max_train_tokens=200)
+                           teacher=str(tiny_model_dir), target_max_new_tokens=8, max_train_tokens=200,
+                           method="end-to-end")  # one pass: trained_tokens is the budget's
     log = run_recovery(config)
     assert log["trained_tokens"] <= 200 and log["records"] + log["targets"]["dropped_for_token_budget"] == 16
 

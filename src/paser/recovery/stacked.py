@@ -34,6 +34,7 @@ class BlockwiseThenKD(RecoveryMethod):
         first = Blockwise().run(replace(config, out=out / "stage-blockwise"), callbacks)
         second = EndToEnd().run(replace(config, model=str(out / "stage-blockwise" / "merged")), callbacks)
         train_log = {**second, "method": "blockwise+kd", "blockwise": first,
+                     "targets": first["targets"],  # both steps train on them; the first generated them
                      "seconds": round(first["seconds"] + second["seconds"], 2),
                      "trained_tokens": first["trained_tokens"] + second["trained_tokens"],
                      "peak_memory_gb": max(first["peak_memory_gb"], second["peak_memory_gb"])}
