@@ -48,8 +48,10 @@ def choose_method(model: str, original: str | None, loss: str, fsdp: bool = Fals
 
 @RECOVERY_METHODS.register("auto")
 class Auto(RecoveryMethod):
-    """blockwise+kd where it applies (the original known, a Llama-family decoder pruned in place, one process),
-    else end-to-end."""
+    """Blockwise+kd where the original is known, the loss distils from it and the blocks keep its shapes; else
+    end-to-end (the choice and its reason logged and in the train log)."""
+    description = ("blockwise+kd where the original is known, the loss distils from it and the blocks keep its "
+                   "shapes; else end-to-end")
     needs_original = True  # the recorded original is filled in where known: what decides between the two
 
     def option_fields(self) -> frozenset[str]:
