@@ -164,7 +164,8 @@ def test_paser_run_under_a_launcher_matches_one_process(tmp_path, tiny_model_dir
         "prune": {"method": "magnitude", "sparsity": 0.5, "calib_samples": 4, "heldout_samples": 2, "seq_len": 48},
         "data": {"source": "demo", "limit": 60},
         "select": {"methods": ["paser", "random"], "budget": 0.2, "max_length": 64, "clusters": 3},
-        "recover": {"epochs": 1, "batch_size": 4, "micro_batch_size": 2, "cutoff_len": 64, "lr": 0.001,
+        "recover": {"method": "end-to-end",  # auto would pick blockwise+kd in one process and end-to-end in two
+                    "epochs": 1, "batch_size": 4, "micro_batch_size": 2, "cutoff_len": 64, "lr": 0.001,
                     "lora_dropout": 0.0, "group_by_length": False},
         "evaluate": {"tasks": ["arc_easy"], "task_dir": str(tasks), "limit": 5, "response_ppl": ["demo-heldout"],
                      "response_ppl_limit": 20, "batch_size": 8}}
