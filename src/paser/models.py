@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from .cache import atomic_dir, cache_root, file_fingerprint, stable_hash
+from .cache import cache_root, file_fingerprint, stable_hash
 from .errors import ModelError
 
 # transformers is imported when a model or tokenizer loads (seconds); `resource` where it is used (POSIX only).
@@ -111,9 +114,14 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_dir(dest) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:  # the first process to finish wins; a rename never replaces a folder another process may be reading
+        os.rename(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted in %.1f s", time.perf_counter() - t0)
 
 
