@@ -132,9 +132,9 @@ def recover(
     recipe: str | None = typer.Option(None, help="A named recipe whose settings override the options: paper (NLL LoRA at lr 1e-4 unless --lr, zeros re-applied after the merge)."),
     **settings: Any,  # RecoverBase's fields and every method's, target's and objective's declared options
 ) -> None:
-    """Recover a pruned model on selected data toward the original: end-to-end (masked LoRA or all weights; KD from
-    the original, NLL, or another objective), block by block against the original's block outputs, or both in turn
-    (--method auto: blockwise+kd where the original is known and the blocks keep its shapes).
+    """Recover a pruned model on selected data toward the original: block by block against the original's block
+    outputs, then end-to-end KD (--method auto, the default, where the original is known and the blocks keep its
+    shapes), or end-to-end alone (masked LoRA or all weights; KD from the original, NLL, or another objective).
 
     Writes OUT/merged (a plain model directory that keeps every pruned zero) and OUT/train_log.json (loss curve per
     term or per block, tokens/s, seconds, peak memory; end-to-end: OUT/adapter and merge_max_logit_diff, how far the

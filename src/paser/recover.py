@@ -42,7 +42,7 @@ class RecoverBase:
     model: str = option(help="Pruned model spec to recover.", cli='argument')
     data: str = option(help="Training data: selected.jsonl from 'paser select' or any source paser reads.")
     out: str | Path = option(help="Output directory: LoRA adapter, merged model, train_log.json.")
-    method: str = option('end-to-end', "How recovery trains.")
+    method: str = option('auto', "How recovery trains.")
     epochs: Annotated[float, Field(gt=0)] = option(2.0, "Training epochs.")
     lr: Annotated[float, Field(gt=0)] | None = option(None, "Peak learning rate (cosine schedule with warmup); default:"
         " 1e-3 for LoRA (a small slice trains few steps), 1e-4 for --adapter full.")

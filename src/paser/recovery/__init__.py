@@ -1,5 +1,5 @@
 """Recovery methods as registered objects (:mod:`paser.recovery.base`): ``end-to-end``, ``blockwise``,
-``blockwise+kd``, and ``auto``, which picks one of them."""
+``blockwise+kd``, and ``auto`` (the default), which picks one of them."""
 
 from . import end_to_end  # noqa: F401  (registration, in this order)
 from . import blockwise  # noqa: F401

@@ -1,9 +1,9 @@
-"""``auto``: ``blockwise+kd`` wherever it applies, else ``end-to-end``, the choice and its reason logged and
-written to the train log.
+"""``auto`` (the default): ``blockwise+kd`` wherever it applies, else ``end-to-end``, the choice and its reason
+logged and written to the train log.
 
 Block-wise reconstruction against the original, then the end-to-end KD, removed 1.3-1.7x the KL pruning added that
-end-to-end KD alone did, at equal tokens, on Wanda 50% at 20% and 5% of the tokens (seeds 0-2) and on 2:4 (seed 0),
-in 2.3-3.1x its time (docs/recovery.md); it becomes the default once 2:4's seeds 1-2 are evaluated. It needs what
+end-to-end KD alone did, at equal tokens, on every testbed and seed measured (Wanda 50% at 20% and 5% of the
+tokens, 2:4 at 20%; seeds 0-2), in 2.3-3.1x its time (docs/recovery.md). It needs what
 end-to-end does not: the original model (``--teacher``, or the one ``paser prune`` recorded) and an objective that
 distils from it (``loss`` kd, mix, kd-features, rho: NLL on the records' answers stays end-to-end), a Llama-family
 decoder (:data:`paser.recovery.blockwise.SUPPORTED`) whose pruned blocks keep the original's shapes (unstructured
