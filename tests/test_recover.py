@@ -90,6 +90,9 @@ def test_resume_ends_at_the_same_step_count(tmp_path, tiny_model_dir):
     with pytest.raises(KeyboardInterrupt):
         run_recovery(config, callbacks=[_Interrupt(at_step=5)])
     assert (tmp_path / "rec" / "checkpoints" / "checkpoint-4").exists()
+    partial = tmp_path / "rec" / "checkpoints" / "checkpoint-8"  # a later save cut short by a kill: no trainer state
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"")
     counter = _CountSteps()
     log = run_recovery(small_config(tmp_path, tiny_model_dir, epochs=2, resume=True), callbacks=[counter])
     assert log["resumed_from"].endswith("checkpoint-4")

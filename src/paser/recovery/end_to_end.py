@@ -253,7 +253,8 @@ def _report_saves() -> Any:
 
     class ReportSaves(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            faults.reached("recover.saved")
+            if state.is_world_process_zero:  # rank 0 writes trainer_state.json, the checkpoint's last file
+                faults.reached("recover.saved")
 
     return ReportSaves()
 
@@ -270,7 +271,7 @@ def _local_checkpoint(config: Any, checkpoints: Path, encoded: Sequence[Encoded]
     key = stable_hash("recover-v1", settings, model_fingerprint(config.model), dtype,
                       [e.input_ids for e in encoded], [len(e.prompt_ids) for e in encoded])
     marker = checkpoints / "paser_run.json"
-    existing = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    existing = _complete_checkpoints(checkpoints)
     try:
         same = json.loads(marker.read_text())["key"] == key
     except (FileNotFoundError, ValueError, KeyError):
@@ -286,6 +287,17 @@ def _local_checkpoint(config: Any, checkpoints: Path, encoded: Sequence[Encoded]
         log.info("resuming from %s", existing[-1])
         return str(existing[-1])
     return None
+
+
+def _complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """The checkpoints in step order that the Trainer finished writing (``trainer_state.json`` is its last
+    file); one cut short by a kill is removed, so a resume never loads half a checkpoint."""
+    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    partial = [p for p in found if not (p / "trainer_state.json").is_file()]
+    for path in partial:
+        log.warning("removing %s: its writing was cut short (no trainer_state.json)", path)
+        shutil.rmtree(path)
+    return [p for p in found if p not in partial]
 
 
 @torch.no_grad()
