@@ -292,12 +292,16 @@ def _local_checkpoint(config: Any, checkpoints: Path, encoded: Sequence[Encoded]
 def _complete_checkpoints(checkpoints: Path) -> list[Path]:
     """The checkpoints in step order that the Trainer finished writing (``trainer_state.json`` is its last
     file); one cut short by a kill is removed, so a resume never loads half a checkpoint."""
-    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    partial = [p for p in found if not (p / "trainer_state.json").is_file()]
-    for path in partial:
-        log.warning("removing %s: its writing was cut short (no trainer_state.json)", path)
-        shutil.rmtree(path)
-    return [p for p in found if p not in partial]
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    complete = []
+    for path in sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])):
+        if (path / TRAINER_STATE_NAME).is_file():
+            complete.append(path)
+        else:
+            log.warning("removing %s: its writing was cut short (no %s)", path, TRAINER_STATE_NAME)
+            shutil.rmtree(path)
+    return complete
 
 
 @torch.no_grad()
