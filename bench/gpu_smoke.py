@@ -42,7 +42,7 @@ def main():
     from paser.evaluate import sequence_nll
     from paser.models import DEFAULT_MODEL, load_model
     from paser.prune import magnitude_prune_
-    from paser.recover import RecoverConfig, run_recovery
+    from paser.recovery import RecoverConfig, run_recovery
     from paser.score import collate, length_buckets, score_batch
 
     device = torch.device("cuda")

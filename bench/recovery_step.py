@@ -29,9 +29,9 @@ def main():
 
     from peft import get_peft_model
 
-    from paser.adapters import lora_config
     from paser.models import DEFAULT_MODEL, load_model, resolve_dtype_name
     from paser.prune import magnitude_prune_
+    from paser.recovery.adapters import lora_config
 
     dtype = resolve_dtype_name(args.dtype)
     if args.model:

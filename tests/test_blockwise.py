@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from paser.errors import ConfigError
-from paser.recover import run_recovery
+from paser.recovery import run_recovery
 from test_recover import small_config
 
 

@@ -14,7 +14,7 @@ def _commands():
     from paser.export import ExportConfig
     from paser.options import cli_fields
     from paser.prune import PruneConfig
-    from paser.recover import RecoverBase, recover_options_owners
+    from paser.recovery import RecoverBase, recover_options_owners
     from paser.select import SelectBase
     from paser.strategies import STRATEGIES
 
@@ -67,7 +67,7 @@ def test_a_registered_plugin_describes_itself_in_help():
     """A new objective is listed in ``--loss``'s help with its own docstring's first line, written nowhere else."""
     from paser.objectives import OBJECTIVES, Objective
     from paser.options import choices_help
-    from paser.recover import RecoverBase
+    from paser.recovery import RecoverBase
 
     @OBJECTIVES.register("test-only-loss")
     class TestOnly(Objective):

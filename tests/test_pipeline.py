@@ -87,8 +87,12 @@ def test_demo_config_is_valid():
     selection = arm_select_config(config, "pruned/", arms["paser"], 0, "out/")
     assert (selection.allocation, selection.within, selection.rank, selection.ccg_rule) == ("size", "top", "ifd", "specific")
     assert arm_recover_settings(config, arms["paser"], 0) == arm_recover_settings(config, arms["random-kd"], 0)  # same training
-    assert arm_recover_settings(config, arms["random-kd"], 0)["loss"] == "kd"
-    assert arm_recover_settings(config, arms["random-kd"], 0)["teacher"] == config.model
+    kd = arm_recover_settings(config, arms["random-kd"], 0)
+    assert kd["teacher"] == config.model  # the pipeline always knows the original: loss auto distils from it
+    from paser.recovery import RecoverConfig, resolve_recovery
+
+    resolved = resolve_recovery(RecoverConfig(model="-", data="-", out="-", **{**kd, "method": "end-to-end"}), False)
+    assert resolved.config.loss == "kd"
     assert arm_recover_settings(config, arms["random"], 0)["loss"] == "nll"
 
 
@@ -309,7 +313,7 @@ def test_tokens_config_compares_at_equal_tokens():
     assert arms["random"]["method"] == "random" and arms["random"]["recover"] == {}
     assert arms["random-kd"]["method"] == "random" and arms["random-kd"]["recover"] == {"loss": "kd"}
     # paser's default recipe: the random slice, distilled, at the library's LoRA learning rate
-    from paser.recover import DEFAULT_LR
+    from paser.recovery import DEFAULT_LR
 
     assert arms["random-kd-lr1e-3"]["recover"] == {"loss": "kd", "lr": DEFAULT_LR["lora"]}
     assert arms["random-original"]["recover"] == {"targets": "original"}
@@ -406,13 +410,16 @@ def test_fidelity_follows_the_held_out_answers_unless_told_otherwise(tmp_path):
 
 
 def test_an_arm_without_a_learning_rate_trains_at_its_adapters_default(tmp_path):
-    from paser.pipeline.schema import arm_recover_settings
+    from paser.pipeline.schema import arm_recover_settings, recover_stage_inputs
+    from paser.recovery import RecoverConfig
 
     raw = tiny_config("m", tmp_path, tmp_path / "run")
     del raw["recover"]["lr"]
+    raw["recover"]["method"] = "end-to-end"
     raw["evaluate"] = {"response_ppl": ["demo-heldout"]}
     raw["arms"] = [{"name": "lora", "method": "random"}, {"name": "full", "method": "random", "recover": {"adapter": "full"}},
                    {"name": "lr", "method": "random", "recover": {"lr": 3e-4}}]
     config = parse_config(raw)
-    lrs = {arm["name"]: arm_recover_settings(config, arm, 0)["lr"] for arm in config.arms}
+    lrs = {arm["name"]: recover_stage_inputs(RecoverConfig(model="m", data="d", out="o", **arm_recover_settings(
+        config, arm, 0)))["settings"]["lr"] for arm in config.arms}
     assert lrs == {"lora": 1e-3, "full": 1e-4, "lr": 3e-4}  # the recovery stage is keyed by the lr it trains with

@@ -6,16 +6,8 @@ from transformers import TrainerCallback
 
 from paser.data import PromptFormatter, Record
 from paser.errors import ConfigError
-from paser.recover import (
-    DEFAULT_LR,
-    IGNORE_INDEX,
-    RecoverConfig,
-    collate_for_training,
-    labels_for,
-    resolve_loss,
-    resolve_original,
-    run_recovery,
-)
+from paser.recovery import DEFAULT_LR, RecoverConfig, fields_read, resolve_recovery, run_recovery
+from paser.recovery.data import IGNORE_INDEX, collate_for_training, labels_for
 
 
 def test_loss_positions_are_exactly_the_response_tokens(tiny_tokenizer):
@@ -50,7 +42,9 @@ def small_config(tmp_path, model, **overrides):
         data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:48]))
     base = dict(model=str(model), data=str(data), out=tmp_path / "rec", epochs=3, lr=5e-3, batch_size=8,
                 micro_batch_size=4, dtype="fp32", save_steps=2, cutoff_len=64)
-    return RecoverConfig(**(base | overrides))
+    # the base settings a method (as given, or as auto may choose) reads; every override stays, read or not
+    read = fields_read(RecoverConfig(**(base | overrides)))
+    return RecoverConfig(**({k: v for k, v in base.items() if k in read} | overrides))
 
 
 def test_recovery_trains_merges_and_keeps_zeros(tmp_path, sparse_tiny):
@@ -114,7 +108,7 @@ def test_bad_recovery_config(tmp_path, tiny_model_dir):
 
 
 def test_masked_lora_gradients_match_autograd():
-    from paser.adapters import _MaskedLowRank
+    from paser.recovery.adapters import _MaskedLowRank
 
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
@@ -147,7 +141,7 @@ def test_masked_lora_merges_into_exactly_the_trained_model(tmp_path, sparse_tiny
 
 
 def test_kd_loss_is_the_forward_kl():
-    from paser.distill import kd_loss
+    from paser.recovery.trainer import kd_loss
 
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
@@ -160,8 +154,8 @@ def test_kd_loss_is_the_forward_kl():
 
 
 def test_distillation_and_mix_log_each_term(tmp_path, sparse_tiny, tiny_model_dir):
-    with pytest.raises(ConfigError, match="needs a teacher"):
-        small_config(tmp_path, sparse_tiny, loss="kd").validate()
+    with pytest.raises(ConfigError, match="loss 'kd' needs the original model: give --teacher"):
+        resolve_recovery(small_config(tmp_path, sparse_tiny, loss="kd", method="end-to-end"))
     log = run_recovery(small_config(tmp_path, sparse_tiny, epochs=1, loss="mix", kd_alpha=0.5,
                                     teacher=str(tiny_model_dir)))
     curve = log["loss_curve"]
@@ -179,14 +173,15 @@ def test_auto_loss_distils_from_the_original_that_prune_recorded(tmp_path, tiny_
     pruned.mkdir()
 
     def resolved(**overrides):
-        got = resolve_loss(RecoverConfig(model=str(pruned), data="d.jsonl", out=tmp_path / "o",
-                                         **({"loss": "auto"} | overrides)))
+        got = resolve_recovery(RecoverConfig(model=str(pruned), data="d.jsonl", out=tmp_path / "o",
+                                             **({"loss": "auto", "method": "end-to-end"} | overrides))).config
         return got.loss, got.teacher
 
     assert resolved() == ("nll", None)  # no original known: the reference answers alone
     (pruned / "prune_report.json").write_text(json.dumps({"config": {"model": str(tiny_model_dir)}}))
     assert resolved() == ("kd", str(tiny_model_dir))
-    default = resolve_loss(RecoverConfig(model=str(pruned), data="d.jsonl", out=tmp_path / "o"))
+    default = resolve_recovery(RecoverConfig(model=str(pruned), data="d.jsonl", out=tmp_path / "o",
+                                             method="end-to-end")).config
     assert (default.loss, default.teacher) == ("kd", str(tiny_model_dir))  # auto is the default
     assert resolved(teacher="other") == ("kd", "other")  # an explicit teacher wins
     assert resolved(loss="nll") == ("nll", None)  # an explicit loss stays
@@ -196,8 +191,8 @@ def test_auto_loss_distils_from_the_original_that_prune_recorded(tmp_path, tiny_
 
 def test_learning_rate_defaults_to_the_adapters_and_an_explicit_one_stays(tmp_path):
     def lr(**overrides):
-        return resolve_original(RecoverConfig(model=str(tmp_path / "pruned"), data="d.jsonl", out=tmp_path / "o",
-                                              **overrides)).lr
+        return resolve_recovery(RecoverConfig(model=str(tmp_path / "pruned"), data="d.jsonl", out=tmp_path / "o",
+                                              method="end-to-end", loss="nll", **overrides)).config.lr
 
     assert RecoverConfig(model="m", data="d", out="o").lr is None  # nothing given: decided by the adapter
     assert (lr(), lr(adapter="full")) == (DEFAULT_LR["lora"], DEFAULT_LR["full"]) == (1e-3, 1e-4)
@@ -281,7 +276,7 @@ def test_a_new_objective_is_one_registered_class(tmp_path, sparse_tiny, tiny_mod
     for p in log["loss_curve"]:
         assert p["loss"] == pytest.approx(0.25 * p["kd"] + 0.75 * p["nll"], rel=2e-3)
     with pytest.raises(ConfigError, match="loss must be one of"):
-        small_config(tmp_path, sparse_tiny, loss="quarter_mix_test").validate()
+        RecoverConfig(model=str(sparse_tiny), data="d.jsonl", out=tmp_path / "o", loss="quarter_mix_test").validate()
 
 
 def test_rho_trains_on_the_tokens_the_student_lost_most_against_the_original():

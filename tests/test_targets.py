@@ -7,7 +7,7 @@ from paser.data import iter_dict_records
 from paser.demo_data import demo_records
 from paser.errors import ConfigError
 from paser.models import load_tokenizer
-from paser.recover import RecoverConfig, run_recovery
+from paser.recovery import RecoverConfig, resolve_recovery, run_recovery
 from paser.targets import TARGETS
 from tests_helpers import patch_everywhere
 
@@ -85,7 +85,7 @@ def test_recovery_on_original_targets(tmp_path, tiny_model_dir, monkeypatch):
     assert log["targets"]["targets"] == "original" and log["targets"]["generated_records"] == 16
     assert log["targets"]["generation_seconds"] >= 0 and log["trained_tokens"] > 0
     with pytest.raises(ConfigError, match="needs the original model"):
-        RecoverConfig(model=str(tiny_model_dir), data=str(data), out=tmp_path / "r2", targets="original").validate()
+        resolve_recovery(RecoverConfig(model=str(tiny_model_dir), data=str(data), out=tmp_path / "r2", targets="original"))
     with pytest.raises(ConfigError, match="targets must be one of"):
         RecoverConfig(model=str(tiny_model_dir), data=str(data), out=tmp_path / "r3", targets="nope").validate()
 
@@ -93,7 +93,7 @@ def test_recovery_on_original_targets(tmp_path, tiny_model_dir, monkeypatch):
 def test_a_token_budget_survives_longer_targets(tmp_path, tiny_model_dir, monkeypatch):
     """max_train_tokens: records are trained on in selection order while their tokens fit, whatever the targets
     did to the answers' lengths; the dropped count is in train_log.json."""
-    from paser.recover import within_tokens
+    from paser.recovery.data import within_tokens
 
     monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "train.jsonl"

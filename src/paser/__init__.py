@@ -6,7 +6,7 @@ from .evaluate import EvaluateConfig, run_evaluation
 from .models import DEFAULT_MODEL, check_compatible, load_model, load_tokenizer, resolve_spec
 from .pipeline import load_config, parse_config, run_pipeline
 from .prune import PruneConfig, run_prune
-from .recover import RecoverConfig, run_recovery
+from .recovery import RecoverConfig, run_recovery
 from .report import build_report
 from .select import SelectConfig, SelectionResult, run_selection
 

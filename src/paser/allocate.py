@@ -24,7 +24,7 @@ import numpy as np
 from .registry import Registry
 
 AllocationRule = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (sizes, cds) -> weights
-ALLOCATION_RULES: Registry[AllocationRule] = Registry("allocation rule")
+ALLOCATION_RULES: Registry[AllocationRule] = Registry("allocation rule", "paser.allocation")
 
 
 @ALLOCATION_RULES.register("cds")

@@ -95,7 +95,7 @@ def select(
     from .select import SelectConfig, check_options_belong, run_selection
 
     settings["target_sources"] = settings.get("target_sources") or None
-    settings = apply_recipe(recipe, "select", settings) if recipe else settings
+    settings = apply_recipe(recipe, "select", settings, _defaults(SelectConfig)) if recipe else settings
     check_options_belong(settings["method"], settings)
     result = run_selection(SelectConfig(**settings))
     if distributed.is_main():  # one table, not one per process
@@ -141,11 +141,14 @@ def recover(
     merged model's logits are from the trained model's).
     """
     from .recipes import apply_recipe
-    from .recover import RecoverConfig, run_recovery
+    from .recovery import RecoverConfig, run_recovery
 
-    train_log = run_recovery(RecoverConfig(**(apply_recipe(recipe, "recover", settings) if recipe else settings)))
+    settings = apply_recipe(recipe, "recover", settings, _defaults(RecoverConfig)) if recipe else settings
+    train_log = run_recovery(RecoverConfig(**settings))
     if not distributed.is_main():
         return
+    for warning in train_log.get("resolved", {}).get("warnings", []):
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     curve = train_log["loss_curve"]
     first, last = (curve[0]["loss"], curve[-1]["loss"]) if curve else (float("nan"), float("nan"))
     typer.echo(f"{train_log['steps']} steps in {train_log['seconds']:.0f}s ({train_log['tokens_per_s']} tok/s); "
@@ -171,6 +174,12 @@ def evaluate(**settings: Any) -> None:  # EvaluateBase's fields and every measur
         typer.echo(f"{results['seconds']:.0f}s; results -> {settings['out']}")
 
 
+def _defaults(config: type) -> dict[str, Any]:
+    """Each field's default (the CLI's): what tells an option the user gave from one left alone."""
+    return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for f in dataclasses.fields(config)}
+
+
 def _cli_type(declared: Any) -> Any:
     """The plain type a typer option needs for a declared field type (bounds and choices stay declared and are
     checked by paser.options.check_declared)."""
@@ -189,7 +198,8 @@ def _cli_type(declared: Any) -> Any:
     return declared
 
 
-def _with_declared_options(command: Any, config: type, fields: list[tuple[Any, Any]]) -> Any:
+def _with_declared_options(command: Any, config: type, fields: list[tuple[Any, Any]],
+                           notes: dict[str, str] | None = None) -> Any:
     """``command``'s signature with one typer parameter per declared field (name, type, default, help, choices), in
     place of its ``**settings``: the CLI is built from the same declarations as the library config."""
 
@@ -202,7 +212,7 @@ def _with_declared_options(command: Any, config: type, fields: list[tuple[Any, A
         cli_type, cli = _cli_type(declared), f.metadata.get("cli")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         default = ... if default is dataclasses.MISSING else default
-        help = f.metadata.get("help", "") + choices_help(config, f.name, declared)
+        help = f.metadata.get("help", "") + choices_help(config, f.name, declared) + (notes or {}).get(f.name, "")
         if cli == "argument":
             param = typer.Argument(default, help=help)
         else:
@@ -221,7 +231,7 @@ def _register_declared_commands() -> None:
     from .export import ExportConfig
     from .options import cli_fields
     from .prune import PruneConfig
-    from .recover import RecoverBase, recover_options_owners
+    from .recovery import RecoverBase, recover_options_owners
     from .select import SelectBase
     from .strategies import STRATEGIES
 
@@ -230,8 +240,28 @@ def _register_declared_commands() -> None:
                 (recover, RecoverBase, cli_fields(RecoverBase, recover_options_owners())),
                 (evaluate, EvaluateBase, cli_fields(EvaluateBase) + measurement_fields()),
                 (export, ExportConfig, cli_fields(ExportConfig))]
+    notes = {"recover": _read_by_notes()}
     for command, config, fields in commands:
-        app.command(name=command.__name__)(_with_declared_options(command, config, fields))
+        app.command(name=command.__name__)(_with_declared_options(command, config, fields, notes.get(command.__name__)))
+
+
+def _read_by_notes() -> dict[str, str]:
+    """``paser recover``'s options that not every method reads, each with who reads it (from the declarations that
+    also refuse such an option when nothing chosen reads it)."""
+    from .recovery import readers
+
+    owners = readers()
+    everyone = {who for names in owners.values() for who in names if who.startswith("method ")}
+    notes = {}
+    for name, who in owners.items():
+        if everyone <= set(who):
+            continue
+        kinds: dict[str, list[str]] = {}
+        for entry in who:
+            kind, _, owner = entry.partition(" ")
+            kinds.setdefault(kind, []).append(owner)
+        notes[name] = " Read by " + "; ".join(f"{kind} {', '.join(names)}" for kind, names in kinds.items()) + "."
+    return notes
 
 
 

@@ -59,7 +59,7 @@ class ExportFormat:
     version = 1
 
 
-EXPORT_FORMATS: Registry[ExportFormat] = Registry("export format")
+EXPORT_FORMATS: Registry[ExportFormat] = Registry("export format", "paser.export")
 
 
 @EXPORT_FORMATS.register("dense")

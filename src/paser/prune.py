@@ -260,7 +260,7 @@ class PruningMethod:
         model.save_pretrained(directory)
 
 
-PRUNING_METHODS: Registry[PruningMethod] = Registry("pruning method")
+PRUNING_METHODS: Registry[PruningMethod] = Registry("pruning method", "paser.pruning")
 PruneConfig.REGISTERED = {"method": PRUNING_METHODS}  # (the registry is defined after the config)
 
 

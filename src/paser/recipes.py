@@ -32,7 +32,18 @@ def recipe_settings(name: str, stage: str) -> dict[str, Any]:
     return dict(RECIPES[name].get(stage, {}))
 
 
-def apply_recipe(name: str, stage: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` under recipe ``name``: its ``stage`` settings override them, its ``unset`` ones fill their Nones."""
+def apply_recipe(name: str, stage: str, settings: dict[str, Any], defaults: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """``settings`` under recipe ``name``: its ``stage`` settings override them, its ``unset`` ones fill their Nones.
+    ``defaults`` (each setting's default, as the CLI has them): a setting the caller gave away from its default that
+    the recipe sets otherwise is an error naming both, never overridden in silence."""
+    if defaults is not None:
+        clash = [(k, v) for k, v in recipe_settings(name, stage).items()
+                 if k in settings and settings[k] != defaults.get(k) and settings[k] != v]
+        if clash:
+            flags = ", ".join(f"--{k.replace('_', '-')} {settings[k]}" for k, _ in clash)
+            fixed = ", ".join(f"{k} {v}" for k, v in clash)
+            raise ConfigError(f"--recipe {name} sets {fixed}; you gave {flags}: drop "
+                              f"{'it' if len(clash) == 1 else 'them'} or the recipe")
     unset = {k: v for k, v in recipe_settings(name, "unset").items() if k in settings and settings[k] is None}
     return {**settings, **recipe_settings(name, stage), **unset}

@@ -394,7 +394,7 @@ class SampleScorer:
         raise NotImplementedError
 
 
-SCORERS: Registry[SampleScorer] = Registry("scorer")
+SCORERS: Registry[SampleScorer] = Registry("scorer", "paser.scorers")
 
 
 @SCORERS.register("jsd")

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -157,7 +156,7 @@ class Measurement:
         return []
 
 
-MEASUREMENTS: Registry[Measurement] = Registry("measurement")
+MEASUREMENTS: Registry[Measurement] = Registry("measurement", "paser.measurements")
 
 
 def measured_items(results: dict, key: str) -> dict[str, Any]:
@@ -165,7 +164,3 @@ def measured_items(results: dict, key: str) -> dict[str, Any]:
     first_entry = next(iter(results["models"].values()), {})
     return {name: value for name, value in first_entry.get(key, {}).items()
             if isinstance(value, dict) and value.get("items")}
-
-
-def text_label(path: str | Path) -> str:
-    return short_name(str(path))

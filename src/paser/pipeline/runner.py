@@ -3,7 +3,7 @@
 The config has the sections ``model``, ``prune`` (or ``pruned``: an already pruned model), ``data``,
 ``select``, ``recover`` and ``evaluate``. Each section takes the fields of the library config it feeds
 (:class:`~paser.prune.PruneConfig`, :class:`~paser.select.SelectConfig`,
-:class:`~paser.recover.RecoverConfig`, :class:`~paser.evaluate.EvaluateConfig`) except those the pipeline
+:class:`~paser.recovery.RecoverConfig`, :class:`~paser.evaluate.EvaluateConfig`) except those the pipeline
 wires itself (models, data and output paths); everything is validated before any stage runs, and an
 unknown key or a bad value is named with its section.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ from .schema import (
     arm_select_config,
     declared_inputs,
     evaluate_kwargs,
+    recover_stage_inputs,
     resolve_data_file,
 )
 
@@ -116,8 +118,12 @@ class _Runner:
             return {}
 
     @contextmanager
-    def stage(self, stage: str, directory: Path, inputs: dict[str, Any]) -> Iterator[dict[str, Any] | None]:
-        """Yields None when the stage is up to date (skip), else a dict for cache notes; then marks it done."""
+    def stage(self, stage: str, directory: Path, inputs: dict[str, Any], clean: bool = True
+              ) -> Iterator[dict[str, Any] | None]:
+        """Yields None when the stage is up to date (skip), else a dict for cache notes; then marks it done. A stage
+        run anew (other inputs, or forced) starts from an empty folder, so nothing of an earlier run can come back
+        as its result; one interrupted with the same inputs keeps its folder and resumes. ``clean=False``: the
+        stage's folder holds only content-keyed parts (evaluation's), which stay valid across inputs."""
         digest = stable_hash(inputs)
         marker = distributed.all_gather(self._marker(directory))[0]  # rank 0's view decides for every process
         name = directory.relative_to(self.out).as_posix()
@@ -128,7 +134,12 @@ class _Runner:
                                             earlier_run=earlier))
             yield None
             return
-        resumable = marker.get("hash") == digest and marker.get("status") == "running"
+        resumable = marker.get("hash") == digest and marker.get("status") == "running" and stage not in self.forced
+        if clean and not resumable and directory.exists() and distributed.is_main():
+            log.info("%s: starting from an empty folder (%s)", name, "forced" if stage in self.forced
+                     else "other inputs" if marker else "no record of an earlier run")
+            shutil.rmtree(directory)
+        distributed.barrier()
         directory.mkdir(parents=True, exist_ok=True)
         if distributed.is_main():
             write_json(directory / "stage.json", {"hash": digest, "status": "running", "inputs": inputs})
@@ -253,28 +264,25 @@ class PipelineRun:
         self.costs.setdefault(arm["name"], []).append(read_cost(directory))
 
     def recover(self, arm: dict, seed: int) -> None:
-        from ..objectives import OBJECTIVES
-        from ..recover import RecoverConfig, run_recovery
-        from ..recovery import RECOVERY_METHODS
+        from ..recovery import RecoverConfig, run_recovery
         from ..targets import TARGETS
 
         key = arm_key(arm, seed)
         directory, selected = self.out / "recover" / key, self.out / "select" / key / "selected.jsonl"
         settings = arm_recover_settings(self.config, arm, seed, self.pruned)
-        if not TARGETS.get(settings["targets"]).keeps_answers and settings.get("max_train_tokens") is None:
+        targets = settings.get("targets", "reference")
+        if not TARGETS.get(targets).keeps_answers and settings.get("max_train_tokens") is None:
             # the targets change the answers' lengths: keep the selection's token budget in training
             settings["max_train_tokens"] = (_read_selection(selected.parent).get("tokens") or {}).get("budget")
+        recover_config = RecoverConfig(model=self.pruned, data=str(selected), out=directory, dtype=self.config.dtype,
+                                       bad_records=self.config.data["bad_records"], **settings)
         # the selected records themselves, not the selection's settings: a selection redone by a changed
         # option it does not act on (or a changed hash formula) picks the same records and keeps the recovery
-        versions = {"method": RECOVERY_METHODS.get(settings["method"]).version,
-                    "objective": OBJECTIVES.get(settings["loss"]).version,
-                    "targets": TARGETS.get(settings["targets"]).version}
         inputs = {"pruned": self.prune_hash, "selection": file_fingerprint(selected)["sha256"],
-                  "dtype": self.config.dtype, "recover": declared_inputs(settings, versions)}
+                  "dtype": self.config.dtype, "recover": recover_stage_inputs(recover_config)}
         with self.runner.stage("recover", directory, inputs) as notes:
             if notes is not None:
-                run_recovery(RecoverConfig(model=self.pruned, data=str(selected), out=directory, dtype=self.config.dtype,
-                                           bad_records=self.config.data["bad_records"], **settings))
+                run_recovery(recover_config)
         self.recovered[key] = str(directory / "merged")
         self.recover_hashes[key] = self.runner.records[-1].hash
         shown = key if len(arm["seeds"]) > 1 else arm["name"]  # a one-seed arm's label is its name
@@ -294,7 +302,7 @@ class PipelineRun:
                   "data": self.data_hash,
                   "evaluate": declared_inputs({k: v for k, v in kwargs.items() if k not in ("models", "out")},
                                         {m.name: m.version for m in evaluate_config.measurements()})}
-        with self.runner.stage("evaluate", directory, inputs) as notes:
+        with self.runner.stage("evaluate", directory, inputs, clean=False) as notes:
             if notes is not None:
                 run_evaluation(evaluate_config)
 

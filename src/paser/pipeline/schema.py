@@ -44,7 +44,7 @@ def _section_spec() -> dict[str, tuple[type, set[str], dict[str, Any]]]:
     from ..evaluate import MEASUREMENTS, EvaluateConfig
     from ..export import ExportConfig
     from ..prune import PruneConfig
-    from ..recover import RecoverConfig
+    from ..recovery import RecoverConfig
     from ..select import SelectConfig
 
     return {
@@ -239,8 +239,9 @@ def _semantic_checks(config: PipelineConfig) -> None:
     """Each library config's own validate(), so bad values fail before the first stage."""
     from ..evaluate import EvaluateConfig
     from ..prune import PruneConfig
-    from ..recover import RecoverConfig
+    from ..recovery import RecoverConfig
 
+    _check_section_read(config)
     checks = []
     if config.prune is not None:
         checks.append(("prune", lambda: PruneConfig(model=config.model, out="-", **config.prune).validate()))
@@ -434,28 +435,66 @@ def arm_key(arm: dict, seed: int) -> str:
 
 
 def arm_recover_settings(config: PipelineConfig, arm: dict, seed: int, pruned: str | None = None) -> dict[str, Any]:
-    """The arm's recovery settings as its stage hash holds them: ``lr``, ``loss: auto`` and, once the pruned model
-    exists (``pruned``), ``method: auto`` made concrete, and no option of a recovery method it does not run."""
-    from ..objectives import OBJECTIVES
-    from ..recover import resolve_lr
-    from ..recovery import RECOVERY_METHODS, choose_method
-    from ..targets import TARGETS
+    """The arm's recovery settings: the ``recover`` section's under the arm's own, its seed, and the original model
+    as ``teacher`` where what it runs reads one (the pipeline always knows the original); less every option of the
+    section that what the arm runs does not read. An option of the arm's own that it does not read is an error
+    naming who reads it. Before the pruned model exists ``auto`` reads what any of its outcomes reads; with
+    ``pruned`` it is resolved (:func:`paser.recovery.resolve_recovery`) and what it chose decides."""
+    from ..recovery import RecoverConfig, check_options_read, fields_read, resolve_recovery
 
     settings = {**config.recover, **arm["recover"], "seed": seed}
-    settings["lr"] = resolve_lr(settings.get("lr"), settings.get("adapter", "lora"))  # the stage key holds the lr used
-    if settings["loss"] == "auto":
-        settings["loss"] = "kd"  # the pipeline always knows the original model (paser.recover.resolve_loss)
-    if settings["method"] == "auto" and pruned is not None:
-        settings["method"] = choose_method(pruned, settings.get("teacher") or config.model, settings["loss"],
-                                           settings.get("fsdp", False))[0]
-    method = RECOVERY_METHODS.get(settings["method"])
-    unread = {f for _, m in RECOVERY_METHODS.items() for f in m.option_fields()} - method.option_fields()
-    settings = {k: v for k, v in settings.items() if k not in unread}
-    needs_original = (OBJECTIVES.get(settings["loss"]).needs_teacher or TARGETS.get(settings["targets"]).needs_original
-                      or method.needs_original)
-    if needs_original and not settings.get("teacher"):
-        settings["teacher"] = config.model  # distillation's teacher and the targets' author: the original model
-    return settings
+    probe = RecoverConfig(model=pruned or "-", data="-", out="-", **settings)
+    if not settings.get("teacher") and "teacher" in fields_read(probe):
+        settings["teacher"] = config.model
+        probe = dataclasses.replace(probe, teacher=config.model)
+    why = ""
+    if pruned is not None:
+        resolution = resolve_recovery(probe, announce=False)
+        probe, why = resolution.config, resolution.why("method")
+    try:
+        check_options_read([k for k in arm["recover"] if k in settings], probe, why)
+    except ConfigError as exc:
+        raise ConfigError(f"arm '{arm['name']}': {exc}") from None
+    read = fields_read(probe)
+    return {k: v for k, v in settings.items() if k in read}
+
+
+def recover_stage_inputs(recover_config: Any) -> dict[str, Any]:
+    """What the recovery stage's hash holds of its settings: every setting the resolved recovery reads (its
+    resume key, less the pruned model's path: the prune stage's hash stands for it) and the version of each
+    registered object that reads them. The same declarations decide the resume key, so a changed option reruns
+    the stage exactly when it reruns the method."""
+    from ..objectives import OBJECTIVES
+    from ..recovery import RECOVERY_METHODS, fields_read, resolve_recovery
+    from ..recovery.reads import resume_key_settings
+    from ..targets import TARGETS
+
+    resolved = resolve_recovery(recover_config, announce=False).config
+    read = fields_read(resolved)
+    versions = {"method": RECOVERY_METHODS.get(resolved.method).version}
+    if "loss" in read:
+        versions["objective"] = OBJECTIVES.get(resolved.loss).version
+    if "targets" in read:
+        versions["targets"] = TARGETS.get(resolved.targets).version
+    settings = {k: v for k, v in resume_key_settings(resolved).items() if k != "model"}
+    return declared_inputs(settings, versions)
+
+
+def _check_section_read(config: PipelineConfig) -> None:
+    """An option of the ``recover`` section given away from its default that no arm reads is an error (arms of
+    different methods share the section, so each arm reads its own part of it)."""
+    from ..recovery import RecoverConfig, fields_read, readers
+    from ..recovery.reads import given_options
+
+    section = RecoverConfig(model="-", data="-", out="-", **config.recover)
+    read = set().union(*(fields_read(RecoverConfig(model="-", data="-", out="-", **{**config.recover, **a["recover"]}))
+                         for a in config.arms))
+    stray = [name for name in given_options(section) if name not in read]
+    if stray:
+        owners = readers()
+        raise ConfigError(f"{config.source}: recover: " + "; ".join(
+            f"{name} is read by {', '.join(owners.get(name, ['nothing']))}" for name in stray)
+            + ", and no arm runs one of them")
 
 
 def arm_select_config(config: PipelineConfig, pruned: str, arm: dict, seed: int, out: str | Path,

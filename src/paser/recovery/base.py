@@ -3,11 +3,17 @@
 A recovery method takes a pruned model and training records and writes a recovered model to ``OUT/merged`` and
 its ``OUT/train_log.json``: ``end-to-end`` (the Trainer over the whole model: masked LoRA or every weight, any
 objective and targets), ``blockwise`` (each decoder block in turn toward the original block's output, one block
-resident), ``blockwise+kd`` (the two in sequence). It receives the whole, validated recovery config with the
-original filled in and ``loss: auto`` resolved, and reads the fields it needs.
+resident), ``blockwise+kd`` (the two in sequence). It receives the whole, validated recovery config with ``auto``
+resolved (:mod:`paser.recovery.policy`: method, loss, learning rate, the original) and reads the fields it declares.
 
-A new method is one module in this package plus its import in ``__init__``; its settings are a dataclass in
-``options`` (``RecoverConfig`` fields and ``paser recover`` options; ``paser run``'s ``recover:`` section)::
+**What a method reads is declared once**: its own options (a dataclass in ``options``: ``RecoverConfig`` fields,
+``paser recover`` options, keys of ``paser run``'s ``recover:`` section) and the shared ``RecoverConfig`` fields it
+uses (``reads``). From that declaration come the error for an option given to a method that does not read it, the
+method's resume key and ``paser run``'s stage hash (:func:`paser.recovery.config.fields_read`): a field left out of
+``reads`` is refused when given and never reruns the method, so declare every field ``run`` looks at.
+
+A new method is one module (in this package plus its import in ``__init__``, or in any package, registered through
+the ``paser.recovery`` entry point: CONTRIBUTING.md)::
 
     @dataclass
     class MyOptions:
@@ -16,6 +22,7 @@ A new method is one module in this package plus its import in ``__init__``; its 
     @RECOVERY_METHODS.register("my-method")
     class MyMethod(RecoveryMethod):
         options = MyOptions
+        reads = frozenset({"seed", "teacher"})   # the shared fields run() uses, beside its options
         def run(self, config, callbacks=()): ...   # write config.out/merged and config.out/train_log.json
 """
 
@@ -28,18 +35,30 @@ from typing import Any, ClassVar
 from ..registry import Registry
 
 
+def option_names(options: type | None) -> frozenset[str]:
+    """The field names of an ``options`` dataclass (none for None)."""
+    return frozenset(f.name for f in dataclasses.fields(options)) if options else frozenset()
+
+
 class RecoveryMethod:
     """``version`` enters the recovery's stage hash; ``needs_original``: it reads the original model whatever the
-    objective (``teacher``, filled in from the model ``paser prune`` recorded when not given)."""
+    objective (``teacher``, filled in from the model ``paser prune`` recorded when not given); ``objective``: it
+    trains under ``loss`` (so the objective's own reads are its reads too); ``reads``: the shared fields it uses."""
 
     name = "base"
     version = 1
     needs_original = False
+    objective = False
     options: ClassVar[type | None] = None
+    reads: ClassVar[frozenset[str]] = frozenset()
 
-    def option_fields(self) -> frozenset[str]:
-        """The declared options this method reads (its stage hash holds these and no other method's)."""
-        return frozenset(f.name for f in dataclasses.fields(self.options)) if self.options else frozenset()
+    def declared_reads(self) -> frozenset[str]:
+        """Every field this method may read: its options and ``reads`` (whatever the other settings)."""
+        return option_names(self.options) | self.reads
+
+    def fields_read(self, config: Any) -> frozenset[str]:
+        """The fields it reads under ``config`` (a method whose reads depend on a setting narrows them here)."""
+        return self.declared_reads()
 
     def validate(self, config: Any) -> None:
         """Checks of this method's settings beyond their declared types and bounds (before any model loads)."""
@@ -49,4 +68,4 @@ class RecoveryMethod:
         raise NotImplementedError
 
 
-RECOVERY_METHODS: Registry[RecoveryMethod] = Registry("recovery method")
+RECOVERY_METHODS: Registry[RecoveryMethod] = Registry("recovery method", "paser.recovery")

@@ -13,11 +13,25 @@ Every weight of the block trains (fp32 master copy, bf16 compute where the hardw
 get zero gradient and are re-zeroed after every step, so the sparsity stays exact.
 
 Built for a model larger than the accelerator: one block of each model is resident at a time, read from the
-checkpoint's safetensors shards; the two streams live on disk in shards of the stream dtype (bf16 by default) and
-the disk they need is checked before any work; each finished block is written at once (``OUT/blockwise/blocks``)
-and recorded in ``OUT/blockwise/progress.json``, so a run killed in block 17 restarts at block 17. The recovered
-model is the pruned checkpoint with the trained blocks' tensors replaced, shard by shard (``OUT/merged``).
+checkpoint's safetensors shards; the two streams live on disk in shards of the stream dtype (bf16 by default). The
+recovered model is the pruned checkpoint with the trained blocks' tensors replaced, shard by shard (``OUT/merged``).
 Llama-family decoders (``SUPPORTED``) only.
+
+The resume protocol (everything under ``OUT/blockwise``):
+
+1. ``progress.json`` holds the run's key: a hash of every setting the method declares it reads
+   (:func:`paser.recovery.config.resume_key_settings`), both models' weights, the dtype and the encoded records.
+   A rerun whose key differs, or ``--no-resume``, removes the folder and starts afresh: nothing of another run is
+   trusted, and a changed option always reruns the blocks.
+2. The disk the streams and blocks need is checked before the original model is read and before any stream is
+   written (the training records are encoded first: their padded length decides the streams' size).
+3. ``streams/{original,student}-NNN.pt``: block NNN's input of each model, each written atomically; the original's
+   output of block i is written before block i trains, so a kill in training keeps it.
+4. After block i trains: ``blocks/NNN.safetensors`` (atomic), then the student's stream into block i + 1, then
+   block i appended to ``progress.json`` (atomic), then block i's input streams removed. A rerun trusts exactly
+   the blocks ``progress.json`` lists and restarts at the next (a block killed mid-training is redone whole).
+5. ``merged/`` is assembled into a temporary folder and renamed into place; ``progress.json`` marks ``complete``
+   last, and only a complete run with ``merged/config.json`` present is returned as finished.
 
 Recipe::
 
@@ -33,7 +47,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -51,15 +65,19 @@ from ..data import Encoded, pad_right
 from ..errors import ConfigError
 from ..models import load_tokenizer, model_fingerprint, peak_memory_gb, resolve_dtype_name, resolve_spec
 from ..options import option
-from ..sparsity import is_sparse
+from ..sparsity import KeepZeros
 from .base import RECOVERY_METHODS, RecoveryMethod
-from .end_to_end import read_records, training_data
+from .data import TRAINING_DATA_FIELDS, read_records, training_data
+from .reads import resume_key_settings
 
 # transformers is imported when a block-wise run starts: paser.recovery is imported by `paser --help`.
 
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # decoders found through model.layers and model.rotary_emb
+# what must be equal in the pruned and the original config for their blocks to be trained one against the other
+BLOCK_SHAPE_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                      "num_key_value_heads")
 
 
 @dataclass
@@ -106,6 +124,7 @@ class Blockwise(RecoveryMethod):
 
     options = BlockwiseOptions
     needs_original = True
+    reads = TRAINING_DATA_FIELDS | {"seed", "warmup_ratio", "teacher"}
 
     def run(self, config: Any, callbacks: Sequence[Any] = ()) -> dict:
         if not config.teacher:
@@ -127,11 +146,14 @@ class BlockwiseRun:
         tokenizer = load_tokenizer(config.model)
         self.data = training_data(config, records, tokenizer, self.dtype)
         self.batches = BlockData.build(self.data.encoded, tokenizer.pad_token_id, config.block_batch_tokens)
-        self.student = LayerReader(config.model, self.device)
-        self.original = LayerReader(config.teacher, self.device)
-        self.student.check_matches(self.original)
         self.stream_dtype = torch.bfloat16 if config.stream_dtype == "bf16" else torch.float32
-        self.key = stable_hash("blockwise-v1", _settings(config), model_fingerprint(config.model),
+        self.student = LayerReader(config.model, self.device)
+        self._check_disk()  # before the original is read (a hub id downloads) and any stream is written
+        self.original = LayerReader(config.teacher, self.device)
+        mismatch = shape_mismatch(self.student.config, self.original.config)
+        if mismatch:
+            raise ConfigError(f"blockwise: {mismatch}")
+        self.key = stable_hash("blockwise-v2", resume_key_settings(config), model_fingerprint(config.model),
                                model_fingerprint(config.teacher), self.dtype,
                                [e.input_ids for e in self.data.encoded])
 
@@ -140,7 +162,6 @@ class BlockwiseRun:
         if progress.get("complete") and (self.out / "merged" / "config.json").is_file():
             log.info("blockwise: finished already (%s)", self.out / "merged")
             return json.loads((self.out / "train_log.json").read_text())
-        self._check_disk()
         t0 = time.perf_counter()
         streams = Streams(self.work / "streams", self.stream_dtype)
         if not progress["blocks"]:
@@ -180,7 +201,8 @@ class BlockwiseRun:
         hidden = self.student.hidden_size
         stream = self.batches.padded_tokens * hidden * self.stream_dtype.itemsize
         needed = 4 * stream + self.student.block_bytes * self.student.n_layers * 2
-        free = shutil.disk_usage(self.work).free
+        where = next(p for p in (self.work, *self.work.parents) if p.exists())
+        free = shutil.disk_usage(where).free
         log.info("blockwise: %d blocks, %s tokens (%s padded); streams need %.2f GB on disk, blocks %.2f GB; "
                  "%.1f GB free", self.student.n_layers, f"{self.batches.tokens:,}", f"{self.batches.padded_tokens:,}",
                  4 * stream / 1e9, (needed - 4 * stream) / 1e9, free / 1e9)
@@ -238,13 +260,6 @@ class BlockwiseRun:
             "zeros_after_merge": sum(b["zeros_after"] for b in blocks)}
 
 
-def _settings(config: Any) -> dict:
-    """What the blocks depend on (not where they are written, nor end-to-end's settings)."""
-    keep = {"model", "teacher", "seed", "cutoff_len", "template", "targets", "max_train_tokens", "limit",
-            *BlockwiseOptions.__dataclass_fields__}
-    return {k: v for k, v in asdict(config).items() if k in keep or k.startswith("target_")}
-
-
 @torch.no_grad()
 def _forward_all(block: torch.nn.Module, inputs: Sequence[torch.Tensor], context: Sequence[dict], device: str,
                  stream_dtype: torch.dtype) -> list[torch.Tensor]:
@@ -259,9 +274,7 @@ class BlockTrainer:
     def __init__(self, block: torch.nn.Module, config: Any, dtype: str, device: str):
         self.block, self.config, self.device = block, config, device
         self.autocast = dtype == "bf16"
-        self.masks = {name: module.weight == 0 for name, module in block.named_modules()
-                      if isinstance(module, torch.nn.Linear) and is_sparse(module.weight)}
-        self.modules = dict(block.named_modules())
+        self.zeros = KeepZeros(block, device=device)
 
     def fit(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], context: Sequence[dict],
             attention: Sequence[torch.Tensor], label: str) -> dict:
@@ -269,11 +282,12 @@ class BlockTrainer:
 
         scale = self._scale(targets, attention)
         before = self._loss_all(inputs, targets, context, attention, scale)
-        zeros_before = self._zeros()
+        zeros_before = self.zeros.zeros()
         steps = max(1, math.ceil(self.config.block_epochs * len(inputs)))
         params = [p for p in self.block.parameters() if p.is_floating_point()]
         for p in params:
             p.requires_grad_(True)
+        self.zeros.mask_gradients()
         optimizer = torch.optim.AdamW(params, lr=self.config.block_lr, weight_decay=0.0)
         schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(self.config.warmup_ratio * steps), steps)
         generator = torch.Generator().manual_seed(self.config.seed)
@@ -284,18 +298,16 @@ class BlockTrainer:
         for b in tqdm(order[:steps], desc=label, leave=False, unit="step"):
             loss = self._loss(inputs[b], targets[b], context[b], attention[b], scale)
             loss.backward()
-            for name, zeros in self.masks.items():
-                self.modules[name].weight.grad.masked_fill_(zeros, 0.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            self._rezero()
+            self.zeros.restore()
             faults.reached("blockwise.step")  # a kill here loses only this block's steps: a rerun redoes the block
         for p in params:
             p.requires_grad_(False)
         after = self._loss_all(inputs, targets, context, attention, scale)
-        return {"loss_before": before, "loss_after": after, "steps": steps, "sparse_layers": len(self.masks),
-                "zeros_before": zeros_before, "zeros_after": self._zeros()}
+        return {"loss_before": before, "loss_after": after, "steps": steps, "sparse_layers": len(self.zeros),
+                "zeros_before": zeros_before, "zeros_after": self.zeros.zeros()}
 
     def _scale(self, targets: Sequence[torch.Tensor], attention: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-channel weights of the squared error: 1 (mse) or 1 / the target's variance in the channel (nmse)."""
@@ -324,14 +336,6 @@ class BlockTrainer:
                   attention: Sequence[torch.Tensor], scale: torch.Tensor) -> float:
         losses = [self._loss(x, y, c, a, scale).item() * int(a.sum()) for x, y, c, a in zip(inputs, targets, context, attention)]
         return sum(losses) / sum(int(a.sum()) for a in attention)
-
-    @torch.no_grad()
-    def _rezero(self) -> None:
-        for name, zeros in self.masks.items():
-            self.modules[name].weight.masked_fill_(zeros, 0.0)
-
-    def _zeros(self) -> int:
-        return sum(int((self.modules[name].weight == 0).sum()) for name in self.masks)
 
 
 class Streams:
@@ -367,13 +371,13 @@ class LayerReader:
         from transformers import AutoConfig
 
         self.spec, self.device = spec, device
-        self.location = _local_checkpoint(spec)
+        self.location = safetensors_folder(spec)
         self.config = AutoConfig.from_pretrained(self.location)
         if self.config.model_type not in SUPPORTED:
             raise ConfigError(f"blockwise recovery supports Llama-family decoders ({', '.join(SUPPORTED)}); "
                               f"{spec} is '{self.config.model_type}'")
         self.n_layers, self.hidden_size = self.config.num_hidden_layers, self.config.hidden_size
-        self.index = _tensor_index(self.location)
+        self.index = tensor_index(Path(self.location).glob("*.safetensors"))
         self.prefix = "model.layers."
         self._rotary = None
         with torch.device("meta"):
@@ -381,12 +385,6 @@ class LayerReader:
 
             self.skeleton = AutoModelForCausalLM.from_config(self.config)
         self.block_bytes = sum(p.numel() for p in self.skeleton.model.layers[0].parameters()) * 4
-
-    def check_matches(self, other: LayerReader) -> None:
-        for field in ("model_type", "num_hidden_layers", "hidden_size"):
-            if getattr(self.config, field) != getattr(other.config, field):
-                raise ConfigError(f"blockwise: the pruned and original models differ in {field} "
-                                  f"({getattr(self.config, field)} vs {getattr(other.config, field)})")
 
     def _tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         names = [n for n in self.index if n.startswith(prefix)]
@@ -428,45 +426,51 @@ class LayerReader:
             save_file(state, str(tmp), metadata={"format": "pt"})
 
 
+def shape_mismatch(pruned: Any, original: Any) -> str | None:
+    """Why the pruned model's blocks cannot be trained against the original's (None when they can): a config
+    field of :data:`BLOCK_SHAPE_FIELDS` that pruning changed (structured pruning shrinks them)."""
+    for field in BLOCK_SHAPE_FIELDS:
+        if getattr(pruned, field, None) != getattr(original, field, None):
+            return (f"pruning changed the blocks' shapes ({field}: {getattr(pruned, field, None)} vs the original's "
+                    f"{getattr(original, field, None)}; structured pruning)")
+    return None
+
+
 def blockwise_unsupported(model: str, original: str) -> str | None:
     """Why block-wise recovery cannot run on this pruned model and original (None when it can), read from their
-    configs alone: a decoder outside :data:`SUPPORTED`, or blocks whose shapes pruning changed (structured)."""
+    configs alone: a decoder outside :data:`SUPPORTED`, or blocks whose shapes pruning changed. A config that
+    cannot be read is an error (the model could not be trained any other way either)."""
     from transformers import AutoConfig
 
     configs = {}
     for role, spec in (("pruned", model), ("original", original)):
         try:
             configs[role] = AutoConfig.from_pretrained(resolve_spec(spec).location)
-        except (OSError, ValueError) as error:
-            return f"the {role} model's config could not be read ({error})"
+        except (OSError, ValueError) as error:  # missing, unreadable or not a model config: say which and why
+            raise ConfigError(f"the {role} model's config could not be read ({spec}): {error}") from None
         if configs[role].model_type not in SUPPORTED:
             return f"block-wise supports Llama-family decoders ({', '.join(SUPPORTED)}), not '{configs[role].model_type}'"
-    for field in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
-        if getattr(configs["pruned"], field, None) != getattr(configs["original"], field, None):
-            return f"pruning changed the blocks' shapes ({field}: structured pruning)"
-    return None
+    return shape_mismatch(configs["pruned"], configs["original"])
 
 
-def _local_checkpoint(spec: str) -> str:
-    """A folder holding the checkpoint's safetensors (a hub id is fetched, or read from the hub cache)."""
+def safetensors_folder(spec: str) -> str:
+    """A folder holding the checkpoint's safetensors (a hub id is downloaded into the hub cache, or found there)."""
     resolved = resolve_spec(spec)
     if resolved.is_local:
         location = resolved.location
     else:
-
         location = snapshot_download(resolved.location, allow_patterns=["*.json", "*.safetensors"])
     if not list(Path(location).glob("*.safetensors")):
         raise ConfigError(f"blockwise recovery reads safetensors checkpoints; {spec} has none in {location}")
     return location
 
 
-def _tensor_index(location: str) -> dict[str, str]:
-    """Tensor name -> the shard file that holds it."""
-
+def tensor_index(files: Iterable[Path]) -> dict[str, str]:
+    """Tensor name -> the safetensors file that holds it (headers only: no tensor is read)."""
     index = {}
-    for shard in sorted(Path(location).glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            index.update({name: str(shard) for name in f.keys()})  # noqa: SIM118  (safe_open is no dict)
+    for path in sorted(files):
+        with safe_open(str(path), framework="pt") as f:
+            index.update({name: str(path) for name in f.keys()})  # noqa: SIM118  (safe_open is no dict)
     return index
 
 
@@ -474,10 +478,7 @@ def assemble(student: LayerReader, blocks: Path, out: Path) -> None:
     """The pruned checkpoint with every trained block's tensors replaced, written shard by shard, with its config
     and tokenizer (paser's reports left behind)."""
 
-    trained = {}
-    for path in sorted(blocks.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            trained.update({name: str(path) for name in f.keys()})  # noqa: SIM118
+    trained = tensor_index(blocks.glob("*.safetensors"))
     source = Path(student.location)
     with atomic_dir(out) as tmp:
         for item in source.iterdir():

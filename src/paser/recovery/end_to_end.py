@@ -1,4 +1,4 @@
-"""``end-to-end``: the whole pruned model trained with the transformers Trainer (:class:`paser.distill.RecoveryTrainer`)
+"""``end-to-end``: the whole pruned model trained with the transformers Trainer (:class:`paser.recovery.trainer.RecoveryTrainer`)
 on the selected records, toward the training targets (:mod:`paser.targets`) under an objective (:mod:`paser.objectives`).
 
 - Adapter: masked LoRA (peft; the update is masked to the pruned layer's non-zeros, so the merged model keeps
@@ -19,7 +19,7 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,92 +27,34 @@ import torch
 
 from .. import distributed, faults
 from ..cache import atomic_dir, cache_root, stable_hash, write_json
-from ..data import Encoded, PromptFormatter, encode_records, load_records, pad_right
+from ..data import Encoded
 from ..models import check_compatible, load_model, model_fingerprint, peak_memory_gb, resolve_dtype_name
 from ..objectives import OBJECTIVES
-from ..sparsity import apply_masks, sparsity_masks
-from ..targets import TARGETS
+from ..sparsity import KeepZeros, apply_masks, sparsity_masks
 from ..teacher import stored_topk
 from .base import RECOVERY_METHODS, RecoveryMethod
+from .data import TRAINING_DATA_FIELDS, Examples, TrainingData, collate_for_training, read_records, training_data
 
 # transformers' Trainer and peft are imported when training starts: peft alone takes 3 s to load, and
 # `paser --help` imports this module.
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-
-
-def within_tokens(encoded: Sequence[Encoded], max_tokens: int) -> tuple[list[Encoded], int]:
-    """The longest prefix of ``encoded`` (selection order) whose tokens fit ``max_tokens`` (at least one record),
-    and how many records were left out."""
-    total, kept = 0, 0
-    for e in encoded:
-        if total + len(e.input_ids) > max_tokens and kept:
-            break
-        total += len(e.input_ids)
-        kept += 1
-    return list(encoded[:kept]), len(encoded) - kept
-
-
-def labels_for(encoded: Encoded) -> list[int]:
-    """Training labels: prompt positions masked, response tokens kept."""
-    return [IGNORE_INDEX] * len(encoded.prompt_ids) + list(encoded.response_ids)
-
-
-class Examples(torch.utils.data.Dataset):
-    """The training records as the collator reads them (``record``: the row in the teacher's top-k store)."""
-
-    def __init__(self, encoded: Sequence[Encoded], with_record: bool = False):
-        self.items = [{"input_ids": e.input_ids, "labels": labels_for(e), **({"record": i} if with_record else {})}
-                      for i, e in enumerate(encoded)]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
-
-
-def collate_for_training(features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padding gets attention 0 and label -100."""
-    ids, attention = pad_right([f["input_ids"] for f in features], pad_id)
-    labels, _ = pad_right([f["labels"] for f in features], IGNORE_INDEX)
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": attention}
-    if "record" in features[0]:  # which records: the teacher cache's rows
-        batch["record"] = torch.tensor([f["record"] for f in features])
-    return batch
-
-
-@dataclass
-class TrainingData:
-    """The encoded training records, what the targets did and cost, and the records left out."""
-
-    encoded: list[Encoded]
-    target_info: dict[str, Any]
-    skipped: Any
-
-
-def read_records(config: Any) -> Any:
-    """The training records, validated (before any model loads)."""
-    return load_records(config.data, limit=config.limit, bad_records=config.bad_records)
-
-
-def training_data(config: Any, records: Any, tokenizer: Any, dtype: str) -> TrainingData:
-    """Records → targets → encodings, cut to ``max_train_tokens`` where given (shared by every recovery method)."""
-    skipped = records.skipped
-    formatter = PromptFormatter(tokenizer, template=config.template, max_length=config.cutoff_len)
-    records, target_info = TARGETS.get(config.targets).build(records, config, tokenizer, dtype)
-    records, encoded = encode_records(formatter, records, config.bad_records, skipped)
-    if config.max_train_tokens is not None:
-        encoded, target_info["dropped_for_token_budget"] = within_tokens(encoded, config.max_train_tokens)
-    return TrainingData(list(encoded), target_info, skipped)
-
+# what the Trainer reads (``_trainer``); ``loss`` brings the objective's own reads (paser.recovery.config.fields_read)
+TRAINER_FIELDS = frozenset({"seed", "epochs", "lr", "adapter", "batch_size", "micro_batch_size", "warmup_ratio",
+                            "group_by_length", "save_steps", "fsdp", "loss"})
+LORA_FIELDS = frozenset({"lora_r", "lora_alpha", "lora_dropout", "lora_targets", "sparse_lora"})  # adapter lora
 
 @RECOVERY_METHODS.register("end-to-end")
 class EndToEnd(RecoveryMethod):
     """The whole model at once under the Trainer: masked LoRA or every weight, any objective and targets.
     Recipe: ``recover: {method: end-to-end, loss: kd, lr: 0.001}``."""
+
+    objective = True
+    reads = TRAINING_DATA_FIELDS | TRAINER_FIELDS | LORA_FIELDS
+
+    def fields_read(self, config: Any) -> frozenset[str]:
+        return self.reads - (LORA_FIELDS if config.adapter == "full" else frozenset())
 
     def run(self, config: Any, callbacks: Sequence[Any] = ()) -> dict:
         from transformers import set_seed
@@ -144,7 +86,7 @@ class EndToEnd(RecoveryMethod):
             distributed.barrier()  # rank 0 merges and writes
             return json.loads((Path(config.out) / "train_log.json").read_text())
         merged, merge_diff = _merge(model, config, trainer, tokenizer, data.encoded, masks)
-        train_log = {**_train_log(config, dtype, trainer, result, seconds, data), **sparsity_kept(merged, masks),
+        train_log = {**_train_log(config, dtype, trainer, result, seconds, data), **KeepZeros(merged, masks).kept(),
                      "sparse_lora": "masked" if masked else "off", "merge_max_logit_diff": merge_diff,
                      "resumed_from": resume_from}
         write_json(Path(config.out) / "train_log.json", train_log)
@@ -169,13 +111,13 @@ def trainable(base: Any, config: Any, masks: dict[str, torch.Tensor], masked: bo
     if config.adapter == "lora":
         from peft import get_peft_model
 
-        from ..adapters import lora_config
+        from .adapters import lora_config
 
         targets: Any = (config.lora_targets if config.lora_targets == "all-linear"
                         else [t.strip() for t in config.lora_targets.split(",")])
         return get_peft_model(base, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, targets, masked))
     base.requires_grad_(True)
-    mask_gradients(base, masks)
+    KeepZeros(base, masks).mask_gradients()
     return base
 
 
@@ -183,7 +125,7 @@ def _trainer(config: Any, model: Any, tokenizer: Any, data: TrainingData, object
              masks: dict[str, torch.Tensor], dtype: str, callbacks: Sequence[Any]) -> Any:
     from transformers import TrainingArguments
 
-    from ..distill import RecoveryTrainer
+    from .trainer import RecoveryTrainer
 
     accumulation = config.batch_size // (config.micro_batch_size * distributed.world_size())
     args = TrainingArguments(
@@ -198,7 +140,7 @@ def _trainer(config: Any, model: Any, tokenizer: Any, data: TrainingData, object
         ddp_find_unused_parameters=False,
         fsdp=True if config.fsdp else None, fsdp_config={"version": 2} if config.fsdp else None,
     )
-    extra = [_keep_zeros(masks)] if config.adapter == "full" and masks else []
+    extra = [_restore_zeros(masks)] if config.adapter == "full" and masks else []
     return RecoveryTrainer(
         model=model, args=args, train_dataset=Examples(data.encoded, with_record=config.teacher_cache == "topk"),
         data_collator=lambda f: collate_for_training(f, tokenizer.pad_token_id),
@@ -222,13 +164,6 @@ def _merge(model: Any, config: Any, trainer: Any, tokenizer: Any, encoded: Seque
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return model, merge_diff
-
-
-def sparsity_kept(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The pruned zeros before training and after: ``zeros_after_merge`` equals ``zeros_kept`` when none moved."""
-    modules = dict(model.named_modules())
-    return {"sparse_layers": len(masks), "zeros_kept": int(sum(m.sum().item() for m in masks.values())),
-            "zeros_after_merge": sum(int((modules[n].weight == 0).sum()) for n in masks)}
 
 
 def _train_log(config: Any, dtype: str, trainer: Any, result: Any, seconds: float, data: TrainingData) -> dict:
@@ -262,13 +197,16 @@ def _report_saves() -> Any:
 def _checkpoint_to_resume(config: Any, checkpoints: Path, encoded: Sequence[Encoded], dtype: str) -> str | None:
     """The last checkpoint in ``checkpoints`` if it was made by this very training run (same settings, model and
     data), else None; stale checkpoints of other settings are removed first. Every rank resumes from rank 0's."""
-    choice = _local_checkpoint(config, checkpoints, encoded, dtype) if distributed.is_main() else None
+    choice = _same_run_checkpoint(config, checkpoints, encoded, dtype) if distributed.is_main() else None
     return distributed.all_gather(choice)[0]
 
 
-def _local_checkpoint(config: Any, checkpoints: Path, encoded: Sequence[Encoded], dtype: str) -> str | None:
-    settings = {k: v for k, v in asdict(config).items() if k not in {"out", "resume", "data", "limit", "save_steps"}}
-    key = stable_hash("recover-v1", settings, model_fingerprint(config.model), dtype,
+def _same_run_checkpoint(config: Any, checkpoints: Path, encoded: Sequence[Encoded], dtype: str) -> str | None:
+    """Rank 0's choice: the last complete checkpoint when ``paser_run.json`` holds this run's key (what the method,
+    its objective and targets read, the model's weights and the encoded records), else a clean folder."""
+    from .reads import resume_key_settings
+
+    key = stable_hash("recover-v2", resume_key_settings(config), model_fingerprint(config.model), dtype,
                       [e.input_ids for e in encoded], [len(e.prompt_ids) for e in encoded])
     marker = checkpoints / "paser_run.json"
     existing = _complete_checkpoints(checkpoints)
@@ -318,22 +256,13 @@ def _logits(model: torch.nn.Module, batches: Sequence[dict]) -> list[torch.Tenso
     return out
 
 
-def mask_gradients(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Full-parameter training: pruned positions get zero gradient (so Adam, without weight decay, never moves
-    them)."""
-    modules = dict(model.named_modules())
-    for name, zeros in masks.items():
-        keep = (~zeros).to(modules[name].weight.device)
-        modules[name].weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype))
-
-
-def _keep_zeros(masks: dict[str, torch.Tensor]) -> Any:
-    """Re-applies the pruned zeros after every optimizer step (a guard beside the masked gradients)."""
+def _restore_zeros(masks: dict[str, torch.Tensor]) -> Any:
+    """Puts the pruned zeros back after every optimizer step (a guard beside the masked gradients)."""
     from transformers import TrainerCallback
 
-    class KeepZeros(TrainerCallback):
+    class RestoreZeros(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if model is not None:
                 apply_masks(model, masks)
 
-    return KeepZeros()
+    return RestoreZeros()

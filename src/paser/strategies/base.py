@@ -65,7 +65,7 @@ class Strategy:
         raise NotImplementedError
 
 
-STRATEGIES: Registry[Strategy] = Registry("selection method")
+STRATEGIES: Registry[Strategy] = Registry("selection method", "paser.selection")
 
 
 def get_strategy(name: str) -> Strategy:

@@ -51,7 +51,7 @@ from .sampled import BEHAVIOUR_VERSION, exact_first, sampled_scores
 
 log = logging.getLogger(__name__)
 
-CLUSTER_METHODS: Registry[Callable[[SelectionContext], ClusterResult]] = Registry("cluster method")
+CLUSTER_METHODS: Registry[Callable[[SelectionContext], ClusterResult]] = Registry("cluster method", "paser.clustering")
 
 
 @CLUSTER_METHODS.register("nmf")

@@ -82,6 +82,7 @@ class OriginalAnswers(Target):
     needs_original = True
     keeps_answers = False
     options = OriginalAnswersOptions
+    reads = frozenset({"teacher", "cutoff_len", "template", "seed"})
 
     def build(self, records: Sequence[Record], settings: Any, tokenizer: Any, dtype: str
               ) -> tuple[list[Record], dict[str, Any]]:

@@ -1,34 +1,24 @@
-"""The recovery stage: its settings (:class:`RecoverConfig`, every recovery method's, objective's and training
-target's options joined into one) and :func:`run_recovery`, which validates them, fills in the original model,
-the loss and the learning rate, and hands over to the registered recovery method (:mod:`paser.recovery`:
-``end-to-end``, ``blockwise``, ``blockwise+kd``). Every method writes ``OUT/merged`` (a plain model directory
-that keeps every pruned zero) and ``OUT/train_log.json``.
+"""The recovery stage's settings: :class:`RecoverConfig`, the shared fields (:class:`RecoverBase`) joined with
+every registered recovery method's, objective's and training target's own options. Which of them a given
+recovery reads is derived from the same declarations (:mod:`paser.recovery.reads`); ``auto`` is resolved by
+:mod:`paser.recovery.policy`; :func:`paser.recovery.run.run_recovery` runs it.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
-from . import distributed
-from .errors import ConfigError
-from .models import DTYPE_HELP, Dtype
-from .objectives import OBJECTIVES
-from .options import check_declared, joined_config, option
-from .recovery import RECOVERY_METHODS
-from .recovery.end_to_end import IGNORE_INDEX, collate_for_training, labels_for, within_tokens
-from .targets import TARGETS
-
-__all__ = ["DEFAULT_LR", "IGNORE_INDEX", "RecoverBase", "RecoverConfig", "collate_for_training", "labels_for",
-           "recorded_original", "resolve_loss", "resolve_lr", "resolve_original", "run_recovery", "within_tokens"]
-
-log = logging.getLogger(__name__)
+from .. import distributed
+from ..errors import ConfigError
+from ..models import DTYPE_HELP, Dtype
+from ..objectives import OBJECTIVES
+from ..options import check_declared, joined_config, option
+from ..targets import TARGETS
+from .base import RECOVERY_METHODS
 
 
 @dataclass
@@ -72,31 +62,29 @@ class RecoverBase:
         " after the merge.")
     loss: str = option('auto', "The training loss; auto: kd when the original model is known (--teacher, or "
         "the model paser prune started from, recorded in MODEL/prune_report.json), else nll.")
-    teacher: str | None = option(None, "The original, dense model: kd/mix/auto's teacher and original targets' author "
+    teacher: str | None = option(None, "The original, dense model: the teacher, block-wise's target and original targets' author "
         "(default: the one recorded by paser prune).")
     targets: str = option('reference', "What to train toward (original needs the original model: --teacher or the "
         "one paser prune recorded).")
     max_train_tokens: Annotated[int, Field(ge=1)] | None = option(None, "Train on the records in order while their "
         "tokens (prompt + response within --cutoff-len) fit: keeps a token budget when --targets original "
         "changes the answers' lengths (paser run passes the selection's).")
-    kd_temperature: Annotated[float, Field(gt=0)] = option(1.0, "kd/mix: softmax temperature of both distributions.")
-    kd_positions: Literal["response", "all"] = option('response', "kd/mix: response | all (prompt positions too).")
-    teacher_cache: Literal["none", "topk"] = option('none', "kd/mix: none (the teacher runs beside the student) | topk "
+    kd_temperature: Annotated[float, Field(gt=0)] = option(1.0, "Softmax temperature of both distributions in the KL.")
+    kd_positions: Literal["response", "all"] = option('response', "Where the KL (and kd-features' hidden-state loss) "
+        "is read: response | all (prompt positions too).")
+    teacher_cache: Literal["none", "topk"] = option('none', "none (the teacher runs beside the student) | topk "
         "(its top-k log-probs computed once and stored; only the student stays in memory).")
-    teacher_topk: Annotated[int, Field(ge=1)] = option(64, "kd/mix with --teacher-cache topk: k.")
+    teacher_topk: Annotated[int, Field(ge=1)] = option(64, "With --teacher-cache topk: k.")
     fsdp: bool = option(False, "Under accelerate launch / torchrun: shard parameters, gradients and optimizer state "
         "across the processes (FSDP2), for models that do not fit one device.")
 
     def validate(self) -> None:
-        """The declared choices and bounds (:func:`paser.options.check_declared`), then what relates fields."""
+        """The declared choices and bounds (:func:`paser.options.check_declared`), then what relates fields (those
+        that need ``auto`` resolved, such as the original model, are checked by the policy)."""
         if self.loss != "auto":
             check_declared(self)
-        else:  # auto is resolved later (resolve_loss): check the rest as if it were nll
+        else:  # auto is resolved later (paser.recovery.policy): check the rest as if it were nll
             check_declared(replace(self, loss="nll"))
-        if TARGETS.get(self.targets).needs_original and not self.teacher and recorded_original(self.model) is None:
-            raise ConfigError(f"targets '{self.targets}' needs the original model (--teacher)")
-        if self.loss != "auto" and OBJECTIVES.get(self.loss).needs_teacher and not self.teacher:
-            raise ConfigError(f"loss '{self.loss}' needs a teacher model (--teacher, the original model)")
         if self.loss != "auto" and OBJECTIVES.get(self.loss).needs_live_teacher and self.teacher_cache != "none":
             raise ConfigError(f"loss '{self.loss}' reads the original's hidden states: use --teacher-cache none")
         RECOVERY_METHODS.get(self.method).validate(self)
@@ -119,62 +107,3 @@ def recover_options_owners() -> list[tuple[str, Any]]:
 RecoverConfig = joined_config("RecoverConfig", RecoverBase, recover_options_owners(), __name__,
                               "Recovery settings: RecoverBase's and every registered recovery method's, training "
                               "target's and objective's (their ``options``). Defaults are the CLI's.")
-
-
-def recorded_original(model: str | Path) -> str | None:
-    """The model ``paser prune`` started from, as recorded in ``MODEL/prune_report.json``; None when the
-    folder has no report or the recorded model is a path that no longer exists."""
-    report = Path(str(model)).expanduser() / "prune_report.json"
-    try:
-        original = json.loads(report.read_text())["config"]["model"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if original.startswith((".", "/", "~")) and not Path(original).expanduser().exists():
-        log.warning("%s names the original model %s, which is not there: no teacher", report, original)
-        return None
-    return str(original)
-
-
-# The peak learning rate when none is given, per adapter, for recovery slices of a few hundred records (tens of
-# optimizer steps): at LoRA's usual 2e-4 such a run removed a tenth of the KL pruning added, at 1e-3 about twice
-# that, on NLL and KD alike (docs/fidelity.md, table 5; distillation's target is the original, so the larger step
-# does not pull the model away from it). Full-parameter: 2e-5, the usual full fine-tuning rate, barely moved in 50
-# steps; 1e-4 recovered (docs/recovery.md).
-DEFAULT_LR = {"lora": 1e-3, "full": 1e-4}
-
-
-def resolve_lr(lr: float | None, adapter: str) -> float:
-    """``lr``, or the adapter's default (:data:`DEFAULT_LR`) when it is None."""
-    return DEFAULT_LR[adapter] if lr is None else lr
-
-
-def resolve_original(config: RecoverConfig) -> RecoverConfig:
-    """``loss: auto`` made concrete (:func:`resolve_loss`), ``lr`` filled in from the adapter's default
-    (:func:`resolve_lr`), and the original model filled in where the targets need it and ``--teacher`` is not
-    given (the model ``paser prune`` recorded)."""
-    config = replace(resolve_loss(config), lr=resolve_lr(config.lr, config.adapter))
-    needs_original = TARGETS.get(config.targets).needs_original or RECOVERY_METHODS.get(config.method).needs_original
-    if needs_original and not config.teacher:
-        config = replace(config, teacher=recorded_original(config.model))
-    return config
-
-
-def resolve_loss(config: RecoverConfig) -> RecoverConfig:
-    """``loss: auto`` (the default) made concrete: ``kd`` whenever the original is known (``--teacher``, or
-    recorded by ``paser prune`` in the pruned folder), else ``nll``. At equal training tokens, distilling the
-    original's next-token distributions removed more of the KL pruning added, and recovered more WikiText-2
-    perplexity, than NLL on the reference answers (docs/fidelity.md); it fits the pool's own reference answers
-    less well, which is not what recovery is for."""
-    if config.loss != "auto":
-        return config
-    teacher = config.teacher or recorded_original(config.model)
-    if teacher is None:
-        log.info("loss auto: no original model known (--teacher), training on the reference answers (nll)")
-    return replace(config, loss="kd" if teacher else "nll", teacher=teacher)
-
-
-def run_recovery(config: RecoverConfig, callbacks: Sequence[Any] = ()) -> dict:
-    """Validate, resolve the original, the loss and the rate, and run the recovery method; returns its train log."""
-    config.validate()
-    config = resolve_original(config)
-    return RECOVERY_METHODS.get(config.method).run(config, callbacks)

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from transformers import Trainer
 
-from .objectives import Objective
-from .teacher import TopK, bucketed_kl
-
-IGNORE_INDEX = -100
+from ..objectives import Objective
+from ..teacher import TopK, bucketed_kl
+from .data import IGNORE_INDEX
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, positions: torch.Tensor,

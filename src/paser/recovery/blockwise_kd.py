@@ -1,10 +1,10 @@
 """``blockwise+kd``: blockwise reconstruction (:mod:`paser.recovery.blockwise`), then end-to-end training of its
 result under the objective (``loss``; ``auto`` is KD from the original) with the adapter and rate of
-``end-to-end``. Each step resumes on its own: the blocks from ``OUT/blockwise``, the Trainer from ``OUT/checkpoints``.
+``end-to-end``. Each stage resumes on its own: the blocks from ``OUT/blockwise``, the Trainer from ``OUT/checkpoints``.
 
 Recipe::
 
-    paser recover PRUNED --data selected.jsonl --out runs/stacked --method blockwise+kd
+    paser recover PRUNED --data selected.jsonl --out runs/bw-kd --method blockwise+kd
     # paser run:  recover: {method: blockwise+kd}
 """
 
@@ -25,9 +25,13 @@ from .end_to_end import EndToEnd
 class BlockwiseThenKD(RecoveryMethod):
     """Blockwise, then end-to-end training on its result (both stages resumable)."""
     needs_original = True
+    objective = True  # the second stage trains under ``loss``
 
-    def option_fields(self) -> frozenset[str]:
-        return Blockwise().option_fields()
+    def declared_reads(self) -> frozenset[str]:
+        return Blockwise().declared_reads() | EndToEnd().declared_reads()
+
+    def fields_read(self, config: Any) -> frozenset[str]:
+        return Blockwise().fields_read(config) | EndToEnd().fields_read(config)
 
     def run(self, config: Any, callbacks: Sequence[Any] = ()) -> dict:
         out = Path(config.out)

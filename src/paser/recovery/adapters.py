@@ -26,7 +26,7 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
-from .sparsity import is_sparse
+from ..sparsity import is_sparse
 
 
 class _MaskedLowRank(torch.autograd.Function):
