@@ -146,3 +146,27 @@ def test_a_recipe_that_overrides_a_given_option_says_which(tmp_path, tiny_model_
     assert result.exit_code != 0
     message = str(result.exception)
     assert "--recipe paper sets method end-to-end, loss nll" in message and "--method blockwise" in message
+
+
+def test_paser_run_reruns_a_recovery_whose_option_changed_from_a_clean_folder(tmp_path, tiny_model_dir):
+    """An arm's changed warmup_ratio reruns its block-wise recovery in paser run, in an emptied folder; an option its
+    method does not read is refused before any stage runs."""
+    from paser.pipeline import parse_config, run_pipeline
+    from test_pipeline import tiny_config
+    from tests_helpers import write_fixtures
+
+    raw = tiny_config(tiny_model_dir, write_fixtures(tmp_path / "tasks", rows=4), tmp_path / "run")
+    raw["select"]["methods"] = ["random"]
+    raw["recover"] = {"method": "blockwise", "cutoff_len": 48, "block_epochs": 1, "block_batch_tokens": 256}
+    raw["evaluate"] = {"tasks": ["arc_easy"], "task_dir": raw["evaluate"]["task_dir"], "limit": 4, "batch_size": 8}
+    run_pipeline(parse_config(raw))
+    folder = tmp_path / "run" / "recover" / "random" / "s0"
+    (folder / "blockwise" / "blocks" / "stale.safetensors").write_text("left by an earlier run")
+    raw["arms"] = [{"name": "random", "method": "random", "recover": {"warmup_ratio": 0.5}}]
+    stages = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw))["stages"]}
+    assert stages["recover/random/s0"] is False and stages["select/random/s0"] is True
+    assert not (folder / "blockwise" / "blocks" / "stale.safetensors").exists()
+    assert json.loads((folder / "train_log.json").read_text())["config"]["warmup_ratio"] == 0.5
+    raw["arms"] = [{"name": "random", "method": "random", "recover": {"lr": 5e-4}}]
+    with pytest.raises(ConfigError, match="arm 'random': --lr: not read by this recovery .method blockwise"):
+        parse_config(raw)
