@@ -30,7 +30,7 @@ def synthetic_embeddings(n: int, centers: int, seed: int = 0, dim: int = 384, la
 def knn_recall(x, config, sample=1000, seed=0):
     import faiss
 
-    from paser.cluster import knn_graph
+    from paser.selection.cluster import knn_graph
 
     idx, _ = knn_graph(x, config.n_neighbors, config.exact_knn_max, config.hnsw_m, config.hnsw_ef, config.seed)
     rng = np.random.default_rng(seed)
@@ -52,7 +52,7 @@ def main():
 
     from sklearn.metrics import adjusted_rand_score
 
-    from paser.cluster import ClusterConfig, cluster_embeddings
+    from paser.selection.cluster import ClusterConfig, cluster_embeddings
 
     x, labels = synthetic_embeddings(args.n, args.centers)
     config = ClusterConfig(method=args.method)

@@ -33,10 +33,10 @@ def main():
 
     from scipy.stats import spearmanr
 
-    from paser.allocate import ies
     from paser.data import PromptFormatter, encode_records, load_records
     from paser.models import load_model, load_tokenizer
-    from paser.score import ScoreConfig, score_records
+    from paser.selection.allocate import ies
+    from paser.selection.score import ScoreConfig, score_records
 
     records = load_records(args.data)
     tokenizer = load_tokenizer(args.original)

@@ -41,9 +41,10 @@ def main():
     from paser.data import PromptFormatter, load_records
     from paser.evaluate import sequence_nll
     from paser.models import DEFAULT_MODEL, load_model
+    from paser.passes import collate, length_buckets
     from paser.prune import magnitude_prune_
     from paser.recovery import RecoverConfig, run_recovery
-    from paser.score import collate, length_buckets, score_batch
+    from paser.selection.score import score_batch
 
     device = torch.device("cuda")
     report = {"cuda": True, "device": torch.cuda.get_device_name(0), "bf16_supported": torch.cuda.is_bf16_supported()}

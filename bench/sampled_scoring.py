@@ -29,7 +29,7 @@ def main():
     args = parser.parse_args()
 
     from paser.cache import cache_root
-    from paser.select import SelectConfig, run_selection
+    from paser.selection.select import SelectConfig, run_selection
 
     shared = cache_root()
     for budget in (float(b) for b in args.budgets.split(",")):

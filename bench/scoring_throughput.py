@@ -31,8 +31,9 @@ def main():
 
     from paser.data import PromptFormatter, load_records
     from paser.models import DEFAULT_MODEL, load_model, resolve_dtype_name
+    from paser.passes import collate, length_buckets
     from paser.prune import magnitude_prune_
-    from paser.score import collate, length_buckets, score_batch
+    from paser.selection.score import score_batch
 
     dtype = resolve_dtype_name(args.dtype)
     original, tokenizer = load_model(DEFAULT_MODEL, dtype=dtype)

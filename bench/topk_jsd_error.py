@@ -34,8 +34,8 @@ def main():
 
     from paser.data import PromptFormatter, encode_records, load_records
     from paser.models import DEFAULT_MODEL, load_model, resolve_dtype_name
+    from paser.passes import _decoder_and_head, _head, collate, jsd_and_nll, length_buckets
     from paser.prune import magnitude_prune_
-    from paser.score import _decoder_and_head, _head, collate, jsd_and_nll, length_buckets
     from paser.teacher import bucketed_jsd, teacher_topk
 
     dtype = resolve_dtype_name(args.dtype)

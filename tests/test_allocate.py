@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paser.allocate import ALLOCATION_RULES, allocate, apportion, ies, rank_within
 from paser.errors import ConfigError
+from paser.selection.allocate import ALLOCATION_RULES, allocate, apportion, ies, rank_within
 
 clusters = st.integers(1, 12).flatmap(lambda k: st.tuples(
     st.lists(st.floats(0, 1, allow_nan=False), min_size=k, max_size=k),

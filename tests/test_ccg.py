@@ -1,4 +1,4 @@
-from paser.ccg import ConceptGraph, extract_concepts, lemmatize, normalize_concept
+from paser.selection.ccg import ConceptGraph, extract_concepts, lemmatize, normalize_concept
 
 
 def f(*concepts):

@@ -15,8 +15,8 @@ def _commands():
     from paser.options import cli_fields
     from paser.prune import PruneConfig
     from paser.recovery import RecoverBase, recover_options_owners
-    from paser.select import SelectBase
-    from paser.strategies import STRATEGIES
+    from paser.selection.select import SelectBase
+    from paser.selection.strategies import STRATEGIES
 
     return {"prune": (PruneConfig, cli_fields(PruneConfig)),
             "select": (SelectBase, cli_fields(SelectBase, STRATEGIES.items())),
@@ -49,7 +49,7 @@ def test_every_config_field_is_one_cli_parameter_with_its_default_and_choices(na
 
 
 def test_configs_exclude_only_what_they_say_is_config_only():
-    from paser.select import SelectBase
+    from paser.selection.select import SelectBase
 
     command = typer.main.get_command(app).commands["select"]
     assert "cache_dir" not in {p.name for p in command.params} and {"cache_dir"} == SelectBase.CONFIG_ONLY

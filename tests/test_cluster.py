@@ -2,7 +2,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
-from paser.cluster import ClusterConfig, cluster_embeddings, diffusion_kernel, eigengap_k, knn_graph
+from paser.selection.cluster import ClusterConfig, cluster_embeddings, diffusion_kernel, eigengap_k, knn_graph
 
 
 def gaussian_mixture(n, k, dim=384, spread=0.6, seed=0):

@@ -225,7 +225,7 @@ def test_fidelity_on_the_originals_own_answers(tmp_path, tiny_model_dir, tiny_pr
     """Held-out prompts: the original answers them (once, cached); KL and agreement are taken at the answer's
     positions, equal to a direct computation; the original against itself is 0 and 1."""
     from paser.data import PromptFormatter
-    from paser.score import collate
+    from paser.passes import collate
     from paser.targets import TARGETS
 
     monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))

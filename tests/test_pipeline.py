@@ -81,7 +81,7 @@ def test_demo_config_is_valid():
     # the default recipe: a random slice (SelectConfig's default method), LoRA distilled from the original; PASER's
     # selection (the pool's cluster shares, each filled by highest IFD, rare-concept CCG) trained the same way;
     # the baseline trains on the random slice's reference answers
-    from paser.select import SelectConfig
+    from paser.selection.select import SelectConfig
 
     assert SelectConfig(original="-", pruned="-", data="-", budget=1).method == arms["random-kd"]["method"] == "random"
     selection = arm_select_config(config, "pruned/", arms["paser"], 0, "out/")
@@ -359,8 +359,8 @@ def test_stage_hashes_come_from_every_declared_field_and_the_objects_versions(tm
     import dataclasses
 
     from paser.pipeline import declared_inputs
-    from paser.select import SelectConfig
-    from paser.strategies import get_strategy
+    from paser.selection.select import SelectConfig
+    from paser.selection.strategies import get_strategy
 
     defaults = {f.name: getattr(SelectConfig(original="-", pruned="-", data="-", out="-", budget=0.2), f.name)
                 for f in dataclasses.fields(SelectConfig)}

@@ -86,7 +86,7 @@ def test_kill_during_an_atomic_write_leaves_no_half_file(tmp_path, tiny_model_di
 
 def test_embedding_resumes_after_sigkill(tmp_path):
     script = """
-import sys, paser.embed as e
+import sys, paser.selection.embed as e
 from paser.data import load_records
 e.EMBED_CHUNK = 40
 vectors, hit = e.embed_records(load_records("demo", limit=200), cache_dir=__import__("pathlib").Path(sys.argv[1]),

@@ -9,7 +9,8 @@ from scipy.special import softmax
 
 from paser.data import PromptFormatter, load_records
 from paser.errors import ConfigError
-from paser.score import SCORERS, ScoreConfig, collate, get_scorer, jsd_and_nll, length_buckets, score_batch, score_records
+from paser.passes import collate, jsd_and_nll, length_buckets
+from paser.selection.score import SCORERS, ScoreConfig, get_scorer, score_batch, score_records
 
 
 def test_jsd_matches_scipy_on_random_distributions():
@@ -104,8 +105,8 @@ def test_length_buckets_cover_everything_within_limits():
 
 
 def test_resume_from_partial_file(tmp_path, tiny_model_dir, tiny_pruned_dir, tiny_tokenizer, monkeypatch):
-    from paser import score as score_module
     from paser.models import load_model
+    from paser.selection import score as score_module
 
     original, _ = load_model(str(tiny_model_dir), dtype="fp32")
     pruned, _ = load_model(str(tiny_pruned_dir), dtype="fp32")

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from paser.errors import ConfigError, ModelError
-from paser.select import SelectConfig, run_selection
+from paser.selection.select import SelectConfig, run_selection
 from tests_helpers import patch_everywhere, select_config, write_demo_data
 
 

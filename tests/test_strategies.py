@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from paser.data import PromptFormatter, load_records
-from paser.select import run_selection
+from paser.selection.select import run_selection
 from tests_helpers import patch_everywhere, select_config, write_demo_data
 
 
@@ -28,7 +28,7 @@ def test_random_loads_no_model(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, 
         raise AssertionError("random selection loaded a model")
 
     patch_everywhere(monkeypatch, "paser.models.load_model", refuse)
-    patch_everywhere(monkeypatch, "paser.embed.embed_texts", refuse)
+    patch_everywhere(monkeypatch, "paser.selection.embed.embed_texts", refuse)
     result = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, method="random", seed=3))
     again = run_selection(config(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, method="random", seed=3,
                                  out=tmp_path / "o2"))
@@ -72,7 +72,7 @@ def test_ifd_equals_a_direct_two_pass_computation(tmp_path, tiny_model_dir, tiny
 
 def test_nuggets_equals_hand_computation(tiny_model_dir, tiny_tokenizer):
     from paser.models import load_model
-    from paser.strategies.nuggets import nuggets_scores
+    from paser.selection.strategies.nuggets import nuggets_scores
 
     model, tokenizer = load_model(str(tiny_model_dir), dtype="fp32")
     formatter = PromptFormatter(tokenizer, max_length=48)
@@ -93,7 +93,7 @@ def test_nuggets_equals_hand_computation(tiny_model_dir, tiny_tokenizer):
 def test_dsir_weights_equal_hand_computation():
     import zlib
 
-    from paser.strategies.dsir import gumbel_top_k, log_importance_weights, ngram_features
+    from paser.selection.strategies.dsir import gumbel_top_k, log_importance_weights, ngram_features
 
     pool = ["the cat sat", "a dog ran far", "the cat ran"]
     target = ["the cat", "cat sat on the mat"]
@@ -213,7 +213,7 @@ def test_specific_concept_rule_never_erases_a_cluster(tmp_path, tiny_model_dir, 
     # boilerplate concepts (in more than 5% of the records) are out of the graph
     from collections import Counter
 
-    from paser.ccg import extract_concepts
+    from paser.selection.ccg import extract_concepts
 
     records = load_records(pool)
     df = Counter(c for r in records for c in extract_concepts(f"{r.user_text}\n{r.output}", 5))
@@ -290,7 +290,7 @@ def test_sampled_scoring_scores_a_pilot_and_the_likely_picks_only(tmp_path, tiny
     import json
 
     from paser.demo_data import demo_records
-    from paser.select import SelectConfig, run_selection
+    from paser.selection.select import SelectConfig, run_selection
 
     monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "d.jsonl"
@@ -332,8 +332,8 @@ def test_sampled_confirmation_on_first_tokens(tmp_path, tiny_model_dir, tiny_pru
     from paser.data import Encoded, PromptFormatter, encode_records, load_records
     from paser.demo_data import demo_records
     from paser.models import load_model, load_tokenizer
-    from paser.score import score_records
-    from paser.select import SelectConfig, run_selection
+    from paser.selection.score import score_records
+    from paser.selection.select import SelectConfig, run_selection
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in demo_records()["train"][:150]))
@@ -375,9 +375,9 @@ def test_sampled_scoring_with_a_perfect_predictor_draws_what_exhaustive_draws(tm
     exhaustive draw picks."""
     import json
 
-    import paser.strategies.sampled as sampled_module
+    import paser.selection.strategies.sampled as sampled_module
     from paser.demo_data import demo_records
-    from paser.select import SelectConfig, run_selection
+    from paser.selection.select import SelectConfig, run_selection
 
     monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "d.jsonl"
@@ -401,7 +401,7 @@ def test_sampled_scoring_with_a_perfect_predictor_draws_what_exhaustive_draws(tm
 def test_concept_filter_refills_in_the_ranks_order(tmp_path, tiny_model_dir, tiny_pruned_dir, pool, monkeypatch):
     """When the filter rejected more than the budget can spare, the rejected records come back in the order
     the selection ranked them (IFD with --rank ifd), not by IES."""
-    import paser.strategies.paser as paser_strategy
+    import paser.selection.strategies.paser as paser_strategy
 
     records = list(load_records(pool))
     flagged = set(range(0, len(records), 2))  # every other record "conflicts"

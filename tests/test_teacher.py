@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from paser.data import PromptFormatter, load_records
-from paser.score import jsd_and_nll
+from paser.passes import jsd_and_nll
 from paser.teacher import TopK, bucketed_jsd, bucketed_kl, teacher_topk
 
 
@@ -69,7 +69,7 @@ def test_one_resident_scoring_equals_exact_with_the_whole_vocabulary(tmp_path, t
     import json
 
     from paser.demo_data import demo_records
-    from paser.select import SelectConfig, run_selection
+    from paser.selection.select import SelectConfig, run_selection
 
     monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "d.jsonl"

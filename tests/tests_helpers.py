@@ -84,7 +84,7 @@ def write_demo_data(path: Path, n: int) -> Path:
 
 def select_config(tmp_path, original, pruned, data, **overrides):
     """A SelectConfig on tiny models with its own cache; ``overrides`` win."""
-    from paser.select import SelectConfig
+    from paser.selection.select import SelectConfig
 
     base = dict(original=str(original), pruned=str(pruned), data=str(data), out=tmp_path / "out", method="paser", dtype="fp32",
                 cache_dir=tmp_path / "cache")

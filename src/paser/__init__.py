@@ -8,7 +8,7 @@ from .pipeline import load_config, parse_config, run_pipeline
 from .prune import PruneConfig, run_prune
 from .recovery import RecoverConfig, run_recovery
 from .report import build_report
-from .select import SelectConfig, SelectionResult, run_selection
+from .selection import SelectConfig, SelectionResult, run_selection
 
 __version__ = "0.1.0"
 

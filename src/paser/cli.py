@@ -92,7 +92,7 @@ def select(
     budget, K, method or CCG setting recomputes no model scores.
     """
     from .recipes import apply_recipe
-    from .select import SelectConfig, check_options_belong, run_selection
+    from .selection import SelectConfig, check_options_belong, run_selection
 
     settings["target_sources"] = settings.get("target_sources") or None
     settings = apply_recipe(recipe, "select", settings, _defaults(SelectConfig)) if recipe else settings
@@ -232,8 +232,7 @@ def _register_declared_commands() -> None:
     from .options import cli_fields
     from .prune import PruneConfig
     from .recovery import RecoverBase, recover_options_owners
-    from .select import SelectBase
-    from .strategies import STRATEGIES
+    from .selection import STRATEGIES, SelectBase
 
     commands = [(prune, PruneConfig, cli_fields(PruneConfig)),
                 (select, SelectBase, cli_fields(SelectBase, STRATEGIES.items())),

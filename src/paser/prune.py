@@ -36,8 +36,8 @@ from .data import PromptFormatter, iter_records, pad_right
 from .errors import ConfigError
 from .models import load_model, resolve_spec
 from .options import check_declared, option
+from .passes import perplexity
 from .registry import Registry
-from .score import perplexity
 
 # transformers, datasets, llmcompressor and torch-pruning are imported by the pruning method that uses them: each
 # takes seconds to load, and `paser --help` imports this module.

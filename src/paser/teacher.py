@@ -40,7 +40,7 @@ import torch
 
 from .cache import atomic_path, entry_lock, stable_hash
 from .data import Encoded
-from .score import collate, length_buckets, model_pass, per_row_sums
+from .passes import collate, length_buckets, model_pass, per_row_sums
 
 LN2 = math.log(2.0)
 TAIL_FLOOR = math.log(1e-30)  # the student's tail mass is at least this (log): finite divergences
@@ -124,7 +124,7 @@ def stored_topk(model_key: str, load: Any, encoded: Sequence[Encoded], pad_id: i
 def jsd_against_store(model: Any, store: TopK, encoded: Sequence[Encoded], positions: Sequence[int], pad_id: int,
                       chunk_rows: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pass 2 of one-resident scoring: per record, the mean bucketed JSD between the stored model and
-    ``model`` over the response tokens, the stored model's NLL and ``model``'s NLL (as :func:`paser.score.score_batch`
+    ``model`` over the response tokens, the stored model's NLL and ``model``'s NLL (as :func:`paser.selection.score.score_batch`
     returns them). ``positions`` are the records' rows in the store."""
     ids_t, attention, predicts_response, targets = collate(encoded, pad_id)
     device = next(model.parameters()).device

@@ -16,7 +16,7 @@ from . import response  # noqa: F401
 from . import demo_skills  # noqa: F401
 from . import fidelity  # noqa: F401
 from ..generate import generate_answers
-from ..score import perplexity, sequence_nll
+from ..passes import perplexity, sequence_nll
 from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric
 from .demo_skills import demo_heldout, skill_accuracy
 from .text_perplexity import text_windows

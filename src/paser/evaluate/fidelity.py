@@ -40,7 +40,7 @@ from ..cache import cache_root, file_fingerprint, stable_hash
 from ..data import Encoded, PromptFormatter, load_records, pad_right
 from ..errors import ConfigError
 from ..models import check_compatible, load_model, model_fingerprint
-from ..score import collate, fidelity_sums, next_token_positions
+from ..passes import collate, fidelity_sums, next_token_positions
 from ..targets import TARGETS
 from ..targets.original import AnswerSettings
 from ..teacher import fidelity_against_store, stored_topk

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..cache import stable_hash
 from ..data import PromptFormatter, load_records
-from ..score import collate, summed_nll
+from ..passes import collate, summed_nll
 from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, exp_of_first, measured_items, option, short_name
 from .text_perplexity import sharded_nll, tokenizer_key
 

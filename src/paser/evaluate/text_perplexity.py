@@ -20,7 +20,7 @@ from pydantic import Field
 from .. import distributed
 from ..cache import file_fingerprint
 from ..errors import ConfigError
-from ..score import sequence_nll
+from ..passes import sequence_nll
 from .base import MEASUREMENTS, EvalContext, LoadedModel, Measurement, Metric, exp_of_first, measured_items, option, short_name
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 The config has the sections ``model``, ``prune`` (or ``pruned``: an already pruned model), ``data``,
 ``select``, ``recover`` and ``evaluate``. Each section takes the fields of the library config it feeds
-(:class:`~paser.prune.PruneConfig`, :class:`~paser.select.SelectConfig`,
+(:class:`~paser.prune.PruneConfig`, :class:`~paser.selection.select.SelectConfig`,
 :class:`~paser.recovery.RecoverConfig`, :class:`~paser.evaluate.EvaluateConfig`) except those the pipeline
 wires itself (models, data and output paths); everything is validated before any stage runs, and an
 unknown key or a bad value is named with its section.
@@ -243,8 +243,7 @@ class PipelineRun:
         self.prune_label = f"pruned ({config.prune['method']} {amount})"
 
     def select(self, arm: dict, seed: int) -> None:
-        from ..select import other_methods_options, run_selection
-        from ..strategies import get_strategy
+        from ..selection import get_strategy, other_methods_options, run_selection
 
         key = arm_key(arm, seed)
         directory = self.out / "select" / key

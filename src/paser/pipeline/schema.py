@@ -45,7 +45,7 @@ def _section_spec() -> dict[str, tuple[type, set[str], dict[str, Any]]]:
     from ..export import ExportConfig
     from ..prune import PruneConfig
     from ..recovery import RecoverConfig
-    from ..select import SelectConfig
+    from ..selection import SelectConfig
 
     return {
         "export": (ExportConfig, {"model", "out"}, {}),
@@ -149,7 +149,7 @@ def _check_section(name: str, values: Any, cls: type, wired: set[str], extra: di
 def parse_config(raw: Any, where: str = "<config>") -> PipelineConfig:
     """Validate a config mapping (as read from YAML); raises :class:`ConfigError` naming the bad key."""
     from ..models import DEFAULT_MODEL
-    from ..select import METHODS as SELECT_METHODS
+    from ..selection import METHODS as SELECT_METHODS
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the config must be a mapping of sections")
@@ -370,7 +370,7 @@ def _parse_arms(raw_arms: Any, select: dict, recover: dict, seeds: list[int], sp
 def _parse_arm(i: int, arm: Any, select: dict, recover: dict, seeds: list[int], spec: dict, where: str) -> dict:
     """One arm: its name and method, its select and recover overrides checked against the sections, its seeds."""
 
-    from ..select import METHODS as SELECT_METHODS
+    from ..selection import METHODS as SELECT_METHODS
 
     if not isinstance(arm, dict):
         raise ConfigError(f"{where}: arms[{i}] must be a mapping")
@@ -499,7 +499,7 @@ def _check_section_read(config: PipelineConfig) -> None:
 
 def arm_select_config(config: PipelineConfig, pruned: str, arm: dict, seed: int, out: str | Path,
                    data_source: str | None = None) -> Any:
-    from ..select import SelectConfig
+    from ..selection import SelectConfig
 
     settings = {k: v for k, v in config.select.items() if k != "methods"}
     settings.update(arm["select"], seed=seed)

@@ -23,9 +23,9 @@ import numpy as np
 from pydantic import Field
 from scipy import sparse
 
-from ..data import iter_records
-from ..errors import ConfigError
-from ..options import option
+from ...data import iter_records
+from ...errors import ConfigError
+from ...options import option
 from .base import STRATEGIES, SelectionContext, Strategy
 
 WORD = re.compile(r"\w+")

@@ -36,12 +36,12 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import Field
 
+from ...errors import ConfigError
+from ...options import option
+from ...registry import Registry
 from ..allocate import allocate, apportion, ies, rank_within, within_cluster_key
 from ..ccg import ConceptGraph, extract_concepts
 from ..cluster import ClusterResult
-from ..errors import ConfigError
-from ..options import option
-from ..registry import Registry
 from ..score import get_scorer
 from .base import STRATEGIES, SelectionContext, Strategy
 from .model_scores import ifd_scores

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ..cache import stable_hash
-from ..data import Encoded, PromptFormatter, encode_records, load_records
-from ..options import option
-from ..score import ScoreConfig, batched_values, collate, model_pass, response_loss_batch
+from ...cache import stable_hash
+from ...data import Encoded, PromptFormatter, encode_records, load_records
+from ...options import option
+from ...passes import collate, model_pass
+from ..score import ScoreConfig, batched_values, response_loss_batch
 from .base import STRATEGIES, SelectionContext, Strategy, top_k
 
 log = logging.getLogger(__name__)

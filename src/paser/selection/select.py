@@ -1,6 +1,6 @@
 """Data selection: load and encode the pool once, then run a registered strategy over it.
 
-Strategies (``paser.strategies``): ``random`` (the default: a seeded slice, token-matched under a token budget;
+Strategies (``paser.selection.strategies``): ``random`` (the default: a seeded slice, token-matched under a token budget;
 with recovery's default distillation it is the only recipe that passed every equal-token testbed,
 docs/fidelity.md), ``paser`` and its ablations, ``full``, ``perplexity``, ``loss_gap``, ``ifd``, ``nuggets``,
 ``dsir``. Every method sees the same pool (the records with a response
@@ -14,7 +14,7 @@ everything it can, and ``selection.json`` says ``"scores_from_cache": true``.
 
 Python API::
 
-    from paser.select import SelectConfig, run_selection
+    from paser.selection.select import SelectConfig, run_selection
     result = run_selection(SelectConfig(original="smollm2-135m-instruct", pruned="pruned/", method="paser",
                                         data="pool.jsonl", budget=0.2, out="sel/"))
     result.indices, result.summary["clusters"]
@@ -33,15 +33,15 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from . import distributed
+from .. import distributed
+from ..cache import cache_root, package_versions, write_json, write_jsonl, write_parquet
+from ..data import ColumnMap, PromptFormatter, Record, encode_records, load_records
+from ..errors import ConfigError, DataError
+from ..models import DTYPE_HELP, Dtype, check_compatible, load_tokenizer, resolve_dtype_name
+from ..options import check_declared, joined_config, option
 from .allocate import ALLOCATION_RULES
-from .cache import cache_root, package_versions, write_json, write_jsonl, write_parquet
 from .cluster import ClusterResult
-from .data import ColumnMap, PromptFormatter, Record, encode_records, load_records
 from .embed import DEFAULT_EMBEDDER
-from .errors import ConfigError, DataError
-from .models import DTYPE_HELP, Dtype, check_compatible, load_tokenizer, resolve_dtype_name
-from .options import check_declared, joined_config, option
 from .score import SCORERS
 from .strategies import STRATEGIES, SelectionContext, get_strategy
 from .strategies.paser import CLUSTER_METHODS
@@ -168,7 +168,7 @@ def run_selection(config: SelectConfig) -> SelectionResult:
     """Select ``config.budget`` records with ``config.method``; write outputs if ``config.out`` is set.
 
     Under ``accelerate launch`` / ``torchrun`` every process scores its share of the records (see
-    :func:`paser.score.batched_values`); each returns the same result and only rank 0 writes the outputs."""
+    :func:`paser.selection.score.batched_values`); each returns the same result and only rank 0 writes the outputs."""
     config.validate()
     started = time.perf_counter()
     timings: dict[str, float] = {}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .registry import Registry
+from ..registry import Registry
 
 AllocationRule = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (sizes, cds) -> weights
 ALLOCATION_RULES: Registry[AllocationRule] = Registry("allocation rule", "paser.allocation")

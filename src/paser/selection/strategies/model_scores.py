@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data import Encoded
+from ...data import Encoded
 from .base import STRATEGIES, SelectionContext, Strategy, top_k
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import faults
-from .cache import cache_root, entry_lock, stable_hash, write_npy
-from .data import Record
+from .. import faults
+from ..cache import cache_root, entry_lock, stable_hash, write_npy
+from ..data import Record
 
 # sentence-transformers and the embedded encoder are imported when instructions are embedded (seconds).
 

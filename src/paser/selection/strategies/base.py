@@ -21,14 +21,15 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from .. import distributed
-from ..cache import atomic_path, entry_lock, stable_hash, write_json
+from ... import distributed
+from ...cache import atomic_path, entry_lock, stable_hash, write_json
+from ...data import Encoded, Record
+from ...models import check_compatible, load_model, load_tokenizer, model_fingerprint
+from ...registry import Registry
+from ...teacher import jsd_against_store, stored_topk
 from ..ccg import extract_concepts
 from ..cluster import ClusterConfig, ClusterResult, cluster_embeddings
-from ..data import Encoded, Record
 from ..embed import embed_records, texts_fingerprint
-from ..models import check_compatible, load_model, load_tokenizer, model_fingerprint
-from ..registry import Registry
 from ..score import (
     PAIR_VALUES,
     ScoreConfig,
@@ -39,7 +40,6 @@ from ..score import (
     score_records,
     score_table,
 )
-from ..teacher import jsd_against_store, stored_topk
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def data_fingerprint(records: Sequence[Record]) -> str:
 class SelectionContext:
     """The pool, the budget, and lazily computed, disk-cached signals about the pool."""
 
-    config: Any  # paser.select.SelectConfig
+    config: Any  # paser.selection.select.SelectConfig
     records: list[Record]
     encoded: list[Encoded]
     tokenizer: Any
@@ -161,7 +161,7 @@ class SelectionContext:
 
     def _pair_scores(self, positions: np.ndarray, response_tokens: int | None = None,
                      costed: bool = True) -> tuple[pd.DataFrame, bool]:
-        """(table of :data:`paser.score.SCORE_COLUMNS` for ``positions``, whether it came from the cache);
+        """(table of :data:`paser.selection.score.SCORE_COLUMNS` for ``positions``, whether it came from the cache);
         ``response_tokens``: score only each response's first that many tokens; ``costed``: count the model
         tokens in ``cost``."""
 
@@ -231,7 +231,7 @@ class SelectionContext:
                 cache_file=path, desc=f"response loss ({which}, {tag})"))
 
     def concepts(self) -> list[frozenset[str]]:
-        """Every record's keyphrases (:func:`paser.ccg.extract_concepts`), cached on disk."""
+        """Every record's keyphrases (:func:`paser.selection.ccg.extract_concepts`), cached on disk."""
         if "concepts" not in self.info:
             top = self.config.concepts_per_sample
             texts = [f"{r.user_text}\n{r.output}" for r in self.records]
@@ -255,7 +255,7 @@ class SelectionContext:
         return self.info["embeddings"]
 
     def clusters(self, method: str | None = None) -> Any:
-        """The diffusion-map clustering (:func:`paser.cluster.cluster_embeddings`), cached on disk."""
+        """The diffusion-map clustering (:func:`paser.selection.cluster.cluster_embeddings`), cached on disk."""
 
         config = self.config
         cluster_config = ClusterConfig(n_clusters=config.clusters, method=method or "nmf", seed=config.seed)
