@@ -2,6 +2,7 @@
 resumes at the block where it was killed, and refuses what it cannot do before any work."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -76,12 +77,15 @@ def test_blockwise_resumes_at_the_block_it_was_killed_in(blockwise_config, monke
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_blockwise_refuses_an_architecture_it_does_not_know(blockwise_config, sparse_tiny):
-    config = json.loads((sparse_tiny / "config.json").read_text())
-    config["model_type"] = "gpt2"
-    (sparse_tiny / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="Llama-family"):
-        run_recovery(blockwise_config)
+def test_blockwise_warns_on_a_family_it_has_not_parity_tested(blockwise_config, caplog, monkeypatch):
+    import logging
+
+    import paser.recovery.blockwise as blockwise
+
+    monkeypatch.setattr(blockwise, "PARITY_TESTED", ("mistral",))
+    with caplog.at_level(logging.WARNING, logger="paser"):
+        run_recovery(replace(blockwise_config, block_epochs=1))
+    assert "'llama' is not among the families whose block-by-block forward is tested (mistral)" in caplog.text
 
 
 def test_blockwise_says_how_much_disk_it_needs(blockwise_config, monkeypatch):
@@ -104,22 +108,44 @@ def test_blockwise_then_kd_stacks_both(blockwise_config, sparse_tiny):
 
 
 def test_the_block_loop_reproduces_the_model_forward(tiny_model_dir, tiny_tokenizer):
-    """Blocks called one at a time with paser's mask and rotary embedding give the model's own hidden states,
-    padding included: what blockwise trains toward is what the model computes."""
+    """Blocks called one at a time with the arguments the model's own forward gives them reproduce its hidden
+    states, padding included: what blockwise trains toward is what the model computes."""
     from paser.data import pad_right
     from paser.models import load_model
-    from paser.recovery.blockwise import LayerReader
+    from paser.recovery.layers import LayerReader, call_block
 
     model, _ = load_model(str(tiny_model_dir), dtype="fp32")
     ids, attention = pad_right([[5, 9, 13, 2, 7, 11], [4, 8, 3]], tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
     reader = LayerReader(str(tiny_model_dir), "cpu")
-    context = reader.attention_context(attention)
+    hidden, calls = reader.capture(ids, attention)
+    real = attention.bool()
+    assert torch.equal(hidden[real], expected[0][real])
     with torch.no_grad():
-        hidden = reader.embeddings()(ids)
         for layer in range(reader.n_layers):
-            hidden = reader.block(layer, torch.float32)(hidden, **context)
+            hidden = call_block(reader.block(layer, torch.float32), hidden, calls[layer])
             if layer + 1 < reader.n_layers:  # the last entry of hidden_states is after the final norm
-                real = attention.bool()
                 assert torch.allclose(hidden[real], expected[layer + 1][real], atol=1e-5)
+
+def test_global_propagation_learns_from_the_originals_stream_alone(blockwise_config):
+    """block_stream original: each block's input and target are the original's (the blocks independent), so the
+    student's stream is never computed; each block's error still falls."""
+    log = run_recovery(replace(blockwise_config, block_stream="original"))
+    assert all(b["loss_after"] < b["loss_before"] for b in log["blocks"])
+    assert log["config"]["block_stream"] == "original"
+    mixed = run_recovery(replace(blockwise_config, block_stream="mix", out=blockwise_config.out.parent / "mix"))
+    assert all(b["loss_after"] < b["loss_before"] for b in mixed["blocks"])
+
+
+def test_held_aside_batches_stop_a_block_and_keep_its_best_pass(blockwise_config):
+    log = run_recovery(replace(blockwise_config, block_heldout=0.25, block_epochs=6, block_schedule="linear",
+                               block_weight_decay=0.1))
+    for block in log["blocks"]:
+        curve = block["heldout_per_pass"]
+        assert block["heldout_batches"] >= 1 and curve[0] == block["heldout_before"]
+        assert block["heldout_after"] == min(curve) == curve[block["kept_pass"]]
+        assert block["heldout_after"] <= block["heldout_before"]
+        stopped = len(curve) - 1 < 6
+        assert not stopped or curve[-1] > curve[-2]  # it stops only once the held-aside error rose
+        assert block["zeros_after"] == block["zeros_before"]

@@ -61,7 +61,7 @@ def test_a_method_in_one_file_runs_through_paser_run(tmp_path, tiny_model_dir):
 
 
 def test_auto_reconstructs_blocks_where_it_can_and_says_why_not(tmp_path, sparse_tiny, tiny_model_dir):
-    from transformers import GPT2Config
+    from transformers import MixtralConfig
 
     from paser.recovery import RecoverConfig, choose_method
 
@@ -80,9 +80,10 @@ def test_auto_reconstructs_blocks_where_it_can_and_says_why_not(tmp_path, sparse
     (narrow / "config.json").write_text(json.dumps(config | {"intermediate_size": config["intermediate_size"] // 2}))
     method, reason = choose_method(str(narrow), original, "kd")
     assert method == "end-to-end" and reason.startswith("pruning changed the blocks' shapes (intermediate_size: 64")
-    GPT2Config(n_layer=2, n_embd=64, n_head=2).save_pretrained(tmp_path / "gpt2")
-    method, reason = choose_method(str(tmp_path / "gpt2"), original, "kd")
-    assert method == "end-to-end" and "not 'gpt2'" in reason and "llama" in reason
+    MixtralConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=2,
+                  num_key_value_heads=2).save_pretrained(tmp_path / "moe")
+    method, reason = choose_method(str(tmp_path / "moe"), original, "kd")
+    assert method == "end-to-end" and "'mixtral' is not among the families" in reason and "llama" in reason
 
 
 @pytest.mark.parametrize("loss, chosen", [("kd", "blockwise+kd"), ("nll", "end-to-end")])

@@ -5,10 +5,10 @@ Block-wise reconstruction against the original, then the end-to-end KD, removed 
 end-to-end KD alone did, at equal tokens, on every testbed and seed measured (Wanda 50% at 20% and 5% of the
 tokens, 2:4 at 20%; seeds 0-2), in 2.3-3.1x its time (docs/recovery.md). It needs what
 end-to-end does not: the original model (``--teacher``, or the one ``paser prune`` recorded) and an objective that
-distils from it (``loss`` kd, mix, kd-features, rho: NLL on the records' answers stays end-to-end), a Llama-family
-decoder (:data:`paser.recovery.blockwise.SUPPORTED`) whose pruned blocks keep the original's shapes (unstructured
-or N:M pruning, not structured), and one process (block-wise training is sequential; under ``accelerate launch``
-/ ``torchrun`` the processes share end-to-end's batches). The choice is made by
+distils from it (``loss`` kd, mix, kd-features, rho: NLL on the records' answers stays end-to-end), a decoder family
+whose block-by-block forward is tested (:data:`paser.recovery.layers.PARITY_TESTED`) with pruned blocks of the
+original's shapes (unstructured or N:M pruning, not structured), and one process (block-wise training is
+sequential; under ``accelerate launch`` / ``torchrun`` the processes share end-to-end's batches). The choice is made by
 :func:`paser.recovery.policy.resolve_recovery`, the one place the policy lives.
 
 Recipe::

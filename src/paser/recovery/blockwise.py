@@ -15,7 +15,9 @@ get zero gradient and are re-zeroed after every step, so the sparsity stays exac
 Built for a model larger than the accelerator: one block of each model is resident at a time, read from the
 checkpoint's safetensors shards; the two streams live on disk in shards of the stream dtype (bf16 by default). The
 recovered model is the pruned checkpoint with the trained blocks' tensors replaced, shard by shard (``OUT/merged``).
-Llama-family decoders (``SUPPORTED``) only.
+Any decoder: each block is called with the arguments the model's own forward gives it, captured once per batch
+(:mod:`paser.recovery.layers`); the families whose block-by-block forward is checked against the model's own are
+:data:`~paser.recovery.layers.PARITY_TESTED`.
 
 The resume protocol (everything under ``OUT/blockwise``):
 
@@ -41,19 +43,17 @@ Recipe::
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from huggingface_hub import snapshot_download
 from pydantic import Field
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -68,16 +68,13 @@ from ..options import option
 from ..sparsity import KeepZeros
 from .base import RECOVERY_METHODS, RecoveryMethod
 from .data import TRAINING_DATA_FIELDS, read_records, training_data
+from .layers import PARITY_TESTED, LayerReader, call_block, shape_mismatch, tensor_index
 from .reads import resume_key_settings
 
 # transformers is imported when a block-wise run starts: paser.recovery is imported by `paser --help`.
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # decoders found through model.layers and model.rotary_emb
-# what must be equal in the pruned and the original config for their blocks to be trained one against the other
-BLOCK_SHAPE_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                      "num_key_value_heads")
 
 
 @dataclass
@@ -89,6 +86,18 @@ class BlockwiseOptions:
     block_batch_tokens: Annotated[int, Field(ge=1)] = option(
         2048, "blockwise: padded tokens per optimizer step (records of similar length batched).")
     stream_dtype: Literal["bf16", "fp32"] = option("bf16", "blockwise: dtype of the hidden-state streams on disk.")
+    block_stream: Literal["student", "original", "mix"] = option(
+        "student", "blockwise: what each block learns from: student (the pruned model's own stream in, as its earlier "
+        "blocks were trained) | original (the original's stream in and out: global propagation, the blocks "
+        "independent) | mix (each batch one or the other, seeded).")
+    block_schedule: Literal["cosine", "linear"] = option(
+        "cosine", "blockwise: the learning rate's decay after warmup.")
+    block_weight_decay: Annotated[float, Field(ge=0)] = option(
+        0.0, "blockwise: AdamW's decoupled weight decay (pruned zeros stay zero either way).")
+    block_heldout: Annotated[float, Field(ge=0, lt=0.5)] = option(
+        0.0, "blockwise: share of the batches held aside per block (not trained on): their error is measured after "
+        "every pass, and the block keeps the pass where it was lowest and stops once it rises (per-block early "
+        "stopping; the train log holds the error before and after, per pass).")
 
 
 @dataclass
@@ -148,6 +157,9 @@ class BlockwiseRun:
         self.batches = BlockData.build(self.data.encoded, tokenizer.pad_token_id, config.block_batch_tokens)
         self.stream_dtype = torch.bfloat16 if config.stream_dtype == "bf16" else torch.float32
         self.student = LayerReader(config.model, self.device)
+        if self.student.config.model_type not in PARITY_TESTED:
+            log.warning("blockwise: '%s' is not among the families whose block-by-block forward is tested (%s): "
+                        "check the recovered model's fidelity", self.student.config.model_type, ", ".join(PARITY_TESTED))
         self._check_disk()  # before the original is read (a hub id downloads) and any stream is written
         self.original = LayerReader(config.teacher, self.device)
         mismatch = shape_mismatch(self.student.config, self.original.config)
@@ -211,17 +223,17 @@ class BlockwiseRun:
                               f"(hidden-state streams and trained blocks); {free / 1e9:.2f} GB are free")
 
     def _embed(self, streams: Streams) -> None:
-        """Stream 0 of both models: the token embeddings of every batch."""
-        for who, reader in (("original", self.original), ("student", self.student)):
-            embed = reader.embeddings()
-            streams.write(who, 0, [embed(ids.to(self.device)) for ids in self.batches.ids])
-            del embed
+        """Stream 0 of both models: what each one's own forward gives its first block for every batch."""
+        readers = (("original", self.original), ("student", self.student))
+        for who, reader in readers[:1] if self.config.block_stream == "original" else readers:
+            streams.write(who, 0, [reader.capture(ids, attention)[0]
+                                   for ids, attention in zip(self.batches.ids, self.batches.attention)])
 
     def _block(self, layer: int, streams: Streams) -> dict:
         """Advance the original's stream through its block ``layer``, train the student's toward it, save the block,
         and advance the student's stream through the trained block."""
         t0 = time.perf_counter()
-        context = self._context()
+        context = [calls[layer] for calls in self._calls()]
         if not streams.complete("original", layer + 1):
             original_block = self.original.block(layer, torch.float32)
             streams.write("original", layer + 1, _forward_all(original_block, streams.read("original", layer),
@@ -229,19 +241,35 @@ class BlockwiseRun:
             del original_block
         block = self.student.block(layer, torch.float32)
         trainer = BlockTrainer(block, self.config, self.dtype, self.device)
-        inputs, targets = streams.read("student", layer), streams.read("original", layer + 1)
+        inputs, targets = self._inputs(layer, streams), streams.read("original", layer + 1)
         report = trainer.fit(inputs, targets, context, self.batches.attention, f"block {layer + 1}/{self.student.n_layers}")
         self.student.save_block(layer, block, self.work / "blocks")
-        streams.write("student", layer + 1, _forward_all(block, inputs, context, self.device, self.stream_dtype))
+        if self.config.block_stream != "original":  # the student's stream is what the next block learns from
+            student_in = streams.read("student", layer)
+            streams.write("student", layer + 1, _forward_all(block, student_in, context, self.device, self.stream_dtype))
         report.update(block=layer, seconds=round(time.perf_counter() - t0, 2))
         log.info("block %d: %s %.4g -> %.4g (%d steps, %.0f s)", layer, self.config.block_loss, report["loss_before"],
                  report["loss_after"], report["steps"], report["seconds"])
         return report
 
-    def _context(self) -> list[dict]:
-        if not hasattr(self, "_contexts"):
-            self._contexts = [self.student.attention_context(a.to(self.device)) for a in self.batches.attention]
-        return self._contexts
+    def _inputs(self, layer: int, streams: Streams) -> list[torch.Tensor]:
+        """What block ``layer`` learns from (``block_stream``): the student's stream into it, the original's, or per
+        batch one of the two (a seeded coin per batch and block)."""
+        if self.config.block_stream == "student":
+            return streams.read("student", layer)
+        if self.config.block_stream == "original":
+            return streams.read("original", layer)
+        coins = torch.rand(len(self.batches.ids), generator=torch.Generator().manual_seed(self.config.seed * 1000 + layer))
+        student, original = streams.read("student", layer), streams.read("original", layer)
+        return [original[b] if coins[b] < 0.5 else student[b] for b in range(len(coins))]
+
+    def _calls(self) -> list[list[tuple[tuple, dict]]]:
+        """Per batch, each block's call arguments as the model's own forward passes them (masks, positions,
+        rotary embeddings: the same for both models, whose configs match)."""
+        if not hasattr(self, "_captured"):
+            self._captured = [self.student.capture(ids, attention)[1]
+                              for ids, attention in zip(self.batches.ids, self.batches.attention)]
+        return self._captured
 
     def _train_log(self, progress: dict, seconds: float) -> dict:
         blocks = progress["blocks"]
@@ -261,11 +289,11 @@ class BlockwiseRun:
 
 
 @torch.no_grad()
-def _forward_all(block: torch.nn.Module, inputs: Sequence[torch.Tensor], context: Sequence[dict], device: str,
-                 stream_dtype: torch.dtype) -> list[torch.Tensor]:
+def _forward_all(block: torch.nn.Module, inputs: Sequence[torch.Tensor], context: Sequence[tuple[tuple, dict]],
+                 device: str, stream_dtype: torch.dtype) -> list[torch.Tensor]:
     """The block's outputs for every batch, moved off the accelerator in the stream dtype as they come."""
-    block.eval()
-    return [block(x.to(device, torch.float32), **ctx).to("cpu", stream_dtype) for x, ctx in zip(inputs, context)]
+    return [call_block(block, x.to(device, torch.float32), call).to("cpu", stream_dtype)
+            for x, call in zip(inputs, context)]
 
 
 class BlockTrainer:
@@ -276,38 +304,54 @@ class BlockTrainer:
         self.autocast = dtype == "bf16"
         self.zeros = KeepZeros(block, device=device)
 
-    def fit(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], context: Sequence[dict],
+    def fit(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], context: Sequence[tuple[tuple, dict]],
             attention: Sequence[torch.Tensor], label: str) -> dict:
-        from transformers import get_cosine_schedule_with_warmup
-
         scale = self._scale(targets, attention)
+        batches = _Split(len(inputs), self.config.block_heldout, self.config.seed)
         before = self._loss_all(inputs, targets, context, attention, scale)
+        held = [self._loss_all(*_pick(batches.held, inputs, targets, context, attention), scale)] if batches.held else []
         zeros_before = self.zeros.zeros()
-        steps = max(1, math.ceil(self.config.block_epochs * len(inputs)))
+        per_pass = len(batches.train)
+        steps = max(1, math.ceil(self.config.block_epochs * per_pass))
         params = [p for p in self.block.parameters() if p.is_floating_point()]
         for p in params:
             p.requires_grad_(True)
         self.zeros.mask_gradients()
-        optimizer = torch.optim.AdamW(params, lr=self.config.block_lr, weight_decay=0.0)
-        schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(self.config.warmup_ratio * steps), steps)
+        optimizer = torch.optim.AdamW(params, lr=self.config.block_lr, weight_decay=self.config.block_weight_decay)
+        schedule = _schedule(self.config.block_schedule, optimizer, math.ceil(self.config.warmup_ratio * steps), steps)
         generator = torch.Generator().manual_seed(self.config.seed)
         order = []
         while len(order) < steps:
-            order += torch.randperm(len(inputs), generator=generator).tolist()
-        self.block.train()
-        for b in tqdm(order[:steps], desc=label, leave=False, unit="step"):
+            order += [batches.train[i] for i in torch.randperm(per_pass, generator=generator).tolist()]
+        # (error, pass, weights): the block as it came in counts as pass 0, so a block that only gets worse stays
+        best = (held[0], 0, {k: v.detach().clone() for k, v in self.block.state_dict().items()}) if held else None
+        done = 0
+        for step, b in enumerate(tqdm(order[:steps], desc=label, leave=False, unit="step"), 1):
             loss = self._loss(inputs[b], targets[b], context[b], attention[b], scale)
             loss.backward()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             self.zeros.restore()
+            done = step
             faults.reached("blockwise.step")  # a kill here loses only this block's steps: a rerun redoes the block
+            if best is not None and (step % per_pass == 0 or step == steps):
+                held.append(self._loss_all(*_pick(batches.held, inputs, targets, context, attention), scale))
+                if held[-1] < best[0]:
+                    best = (held[-1], len(held) - 1, {k: v.detach().clone() for k, v in self.block.state_dict().items()})
+                elif held[-1] > held[-2]:
+                    break  # the held-aside error rose: later passes would fit the training batches only
+        if best is not None and best[1] != len(held) - 1:
+            self.block.load_state_dict(best[2])
         for p in params:
             p.requires_grad_(False)
         after = self._loss_all(inputs, targets, context, attention, scale)
-        return {"loss_before": before, "loss_after": after, "steps": steps, "sparse_layers": len(self.zeros),
-                "zeros_before": zeros_before, "zeros_after": self.zeros.zeros()}
+        report = {"loss_before": before, "loss_after": after, "steps": done, "sparse_layers": len(self.zeros),
+                  "zeros_before": zeros_before, "zeros_after": self.zeros.zeros()}
+        if held:
+            report.update(heldout_batches=len(batches.held), heldout_before=held[0], heldout_after=best[0],
+                          heldout_per_pass=held, kept_pass=best[1])
+        return report
 
     def _scale(self, targets: Sequence[torch.Tensor], attention: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-channel weights of the squared error: 1 (mse) or 1 / the target's variance in the channel (nmse)."""
@@ -323,19 +367,44 @@ class BlockTrainer:
         variance = square / count - (total / count) ** 2
         return (1.0 / variance.clamp_min(1e-6)).float().to(self.device)
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor, ctx: dict, attention: torch.Tensor,
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, call: tuple[tuple, dict], attention: torch.Tensor,
               scale: torch.Tensor) -> torch.Tensor:
         real = attention.to(self.device).bool()
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.block(x.to(self.device, torch.float32), **ctx)
+            out = call_block(self.block, x.to(self.device, torch.float32), call)
         error = (out.float()[real] - y.to(self.device, torch.float32)[real]).pow(2)
         return (error * scale).mean()
 
     @torch.no_grad()
-    def _loss_all(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], context: Sequence[dict],
+    def _loss_all(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                  context: Sequence[tuple[tuple, dict]],
                   attention: Sequence[torch.Tensor], scale: torch.Tensor) -> float:
         losses = [self._loss(x, y, c, a, scale).item() * int(a.sum()) for x, y, c, a in zip(inputs, targets, context, attention)]
         return sum(losses) / sum(int(a.sum()) for a in attention)
+
+
+@dataclass
+class _Split:
+    """The batches one block trains on and those held aside to measure it (a seeded draw)."""
+
+    train: list[int]
+    held: list[int]
+
+    def __init__(self, n: int, share: float, seed: int):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+        count = min(n - 1, round(share * n)) if share > 0 else 0
+        self.held, self.train = sorted(order[:count]), sorted(order[count:])
+
+
+def _pick(rows: Sequence[int], *columns: Sequence[Any]) -> list[list[Any]]:
+    return [[column[i] for i in rows] for column in columns]
+
+
+def _schedule(kind: str, optimizer: torch.optim.Optimizer, warmup: int, steps: int) -> Any:
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    make = get_cosine_schedule_with_warmup if kind == "cosine" else get_linear_schedule_with_warmup
+    return make(optimizer, warmup, steps)
 
 
 class Streams:
@@ -363,83 +432,10 @@ class Streams:
             self._path(who, layer).unlink(missing_ok=True)
 
 
-class LayerReader:
-    """One decoder block of a checkpoint at a time, read from its safetensors shards (the rest of the model is
-    never materialised): the embeddings, block ``i``, the rotary embedding and the attention mask's form."""
-
-    def __init__(self, spec: str, device: str):
-        from transformers import AutoConfig
-
-        self.spec, self.device = spec, device
-        self.location = safetensors_folder(spec)
-        self.config = AutoConfig.from_pretrained(self.location)
-        if self.config.model_type not in SUPPORTED:
-            raise ConfigError(f"blockwise recovery supports Llama-family decoders ({', '.join(SUPPORTED)}); "
-                              f"{spec} is '{self.config.model_type}'")
-        self.n_layers, self.hidden_size = self.config.num_hidden_layers, self.config.hidden_size
-        self.index = tensor_index(Path(self.location).glob("*.safetensors"))
-        self.prefix = "model.layers."
-        self._rotary = None
-        with torch.device("meta"):
-            from transformers import AutoModelForCausalLM
-
-            self.skeleton = AutoModelForCausalLM.from_config(self.config)
-        self.block_bytes = sum(p.numel() for p in self.skeleton.model.layers[0].parameters()) * 4
-
-    def _tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        names = [n for n in self.index if n.startswith(prefix)]
-        tensors = {}
-        for shard in sorted({self.index[n] for n in names}):
-            with safe_open(shard, framework="pt") as f:
-                tensors.update({n[len(prefix):]: f.get_tensor(n) for n in names if self.index[n] == shard})
-        return tensors
-
-    def embeddings(self) -> torch.nn.Embedding:
-        weight = self._tensors("model.embed_tokens.")["weight"]
-        return torch.nn.Embedding.from_pretrained(weight.to(self.device, torch.float32))
-
-    def block(self, layer: int, dtype: torch.dtype) -> torch.nn.Module:
-        block = copy.deepcopy(self.skeleton.model.layers[layer]).to_empty(device=self.device)
-        block.load_state_dict({k: v.to(dtype) for k, v in self._tensors(f"{self.prefix}{layer}.").items()})
-        return block.to(dtype).requires_grad_(False)
-
-    def attention_context(self, attention: torch.Tensor) -> dict[str, Any]:
-        """The block's keyword arguments for one batch: the additive causal + padding mask and the rotary
-        embedding's (cos, sin) at positions 0..T-1."""
-        if self._rotary is None:
-            rotary_class = type(self.skeleton.model.rotary_emb)
-            self._rotary = rotary_class(config=self.config).to(self.device)
-        batch, length = attention.shape
-        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
-        allowed = causal[None, None] & attention.bool()[:, None, None, :]
-        mask = torch.zeros(batch, 1, length, length, device=self.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
-        positions = torch.arange(length, device=self.device)[None].expand(batch, -1)
-        dummy = torch.zeros(1, device=self.device, dtype=torch.float32)
-        return {"attention_mask": mask, "position_ids": positions,
-                "position_embeddings": self._rotary(dummy, position_ids=positions)}
-
-    def save_block(self, layer: int, block: torch.nn.Module, directory: Path) -> None:
-        dtype = next(iter(self._tensors(f"{self.prefix}{layer}.input_layernorm.").values())).dtype
-        state = {f"{self.prefix}{layer}.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in block.state_dict().items()}
-        directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / f"{layer:03d}.safetensors", suffix=".safetensors") as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
-
-
-def shape_mismatch(pruned: Any, original: Any) -> str | None:
-    """Why the pruned model's blocks cannot be trained against the original's (None when they can): a config
-    field of :data:`BLOCK_SHAPE_FIELDS` that pruning changed (structured pruning shrinks them)."""
-    for field in BLOCK_SHAPE_FIELDS:
-        if getattr(pruned, field, None) != getattr(original, field, None):
-            return (f"pruning changed the blocks' shapes ({field}: {getattr(pruned, field, None)} vs the original's "
-                    f"{getattr(original, field, None)}; structured pruning)")
-    return None
-
-
 def blockwise_unsupported(model: str, original: str) -> str | None:
-    """Why block-wise recovery cannot run on this pruned model and original (None when it can), read from their
-    configs alone: a decoder outside :data:`SUPPORTED`, or blocks whose shapes pruning changed. A config that
-    cannot be read is an error (the model could not be trained any other way either)."""
+    """Why ``auto`` does not run block-wise on this pruned model and original (None when it does), read from their
+    configs alone: a family outside :data:`~paser.recovery.layers.PARITY_TESTED`, or blocks whose shapes pruning
+    changed. A config that cannot be read is an error (the model could not be trained any other way either)."""
     from transformers import AutoConfig
 
     configs = {}
@@ -448,30 +444,10 @@ def blockwise_unsupported(model: str, original: str) -> str | None:
             configs[role] = AutoConfig.from_pretrained(resolve_spec(spec).location)
         except (OSError, ValueError) as error:  # missing, unreadable or not a model config: say which and why
             raise ConfigError(f"the {role} model's config could not be read ({spec}): {error}") from None
-        if configs[role].model_type not in SUPPORTED:
-            return f"block-wise supports Llama-family decoders ({', '.join(SUPPORTED)}), not '{configs[role].model_type}'"
+        if configs[role].model_type not in PARITY_TESTED:
+            return (f"'{configs[role].model_type}' is not among the families whose block-by-block forward is tested "
+                    f"({', '.join(PARITY_TESTED)})")
     return shape_mismatch(configs["pruned"], configs["original"])
-
-
-def safetensors_folder(spec: str) -> str:
-    """A folder holding the checkpoint's safetensors (a hub id is downloaded into the hub cache, or found there)."""
-    resolved = resolve_spec(spec)
-    if resolved.is_local:
-        location = resolved.location
-    else:
-        location = snapshot_download(resolved.location, allow_patterns=["*.json", "*.safetensors"])
-    if not list(Path(location).glob("*.safetensors")):
-        raise ConfigError(f"blockwise recovery reads safetensors checkpoints; {spec} has none in {location}")
-    return location
-
-
-def tensor_index(files: Iterable[Path]) -> dict[str, str]:
-    """Tensor name -> the safetensors file that holds it (headers only: no tensor is read)."""
-    index = {}
-    for path in sorted(files):
-        with safe_open(str(path), framework="pt") as f:
-            index.update({name: str(path) for name in f.keys()})  # noqa: SIM118  (safe_open is no dict)
-    return index
 
 
 def assemble(student: LayerReader, blocks: Path, out: Path) -> None:

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..objectives import OBJECTIVES
 from ..targets import TARGETS
 from .base import RECOVERY_METHODS
-from .blockwise import SUPPORTED, blockwise_unsupported
+from .blockwise import blockwise_unsupported
 from .reads import fields_read
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ _ADVICE = {
     "loss": "use --loss kd (or auto) to distil from the original",
     "processes": "run block-wise in one process (paser recover --method blockwise, no launcher), then "
                  "--method end-to-end under the launcher on its OUT/merged",
-    "architecture": f"block-wise reads the decoders {', '.join(SUPPORTED)}",
+    "architecture": "--method blockwise+kd runs it on any decoder (a WARNING says it is not parity-tested)",
     "shapes": "block-wise needs blocks of the original's shapes (unstructured or N:M pruning)",
 }
 
