@@ -21,6 +21,7 @@ class Answer:
     text: str
     tokens: int  # generated tokens, the end-of-sequence token excluded
     finished: bool  # ended with the end-of-sequence token (False: cut at max_new_tokens)
+    ids: tuple[int, ...] = ()  # the generated token ids (end-of-sequence excluded)
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_n
             finished = eos in new
             if finished:
                 new = new[:new.index(eos)]
-            answers[i] = Answer(tokenizer.decode(new, skip_special_tokens=True), len(new), finished)
+            answers[i] = Answer(tokenizer.decode(new, skip_special_tokens=True), len(new), finished, tuple(new))
             batch.append(answers[i])
         if on_batch is not None:
             on_batch(idx, batch)

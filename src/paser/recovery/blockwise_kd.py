@@ -1,6 +1,7 @@
 """``blockwise+kd``: blockwise reconstruction (:mod:`paser.recovery.blockwise`), then end-to-end training of its
 result under the objective (``loss``; ``auto`` is KD from the original) with the adapter and rate of
-``end-to-end``. Each stage resumes on its own: the blocks from ``OUT/blockwise``, the Trainer from ``OUT/checkpoints``.
+``end-to-end``. Each stage resumes on its own: the blocks from ``OUT/stage-blockwise/blockwise`` (whose
+``merged`` is the second stage's model), the Trainer from ``OUT/checkpoints``.
 
 Recipe::
 

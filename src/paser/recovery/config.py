@@ -75,6 +75,12 @@ class RecoverBase:
     teacher_cache: Literal["none", "topk"] = option('none', "none (the teacher runs beside the student) | topk "
         "(its top-k log-probs computed once and stored; only the student stays in memory).")
     teacher_topk: Annotated[int, Field(ge=1)] = option(64, "With --teacher-cache topk: k.")
+    generated_tokens: Annotated[float, Field(ge=0)] = option(0.0, "The original writes about N tokens per real "
+        "training token (sampled continuations of each record's prompt and of prefixes of its text), trained on beside "
+        "the records: compute, not data (cached, resumable).")
+    generated_temperature: Annotated[float, Field(gt=0)] = option(1.0, "Sampling temperature of the original's tokens.")
+    generated_top_p: Annotated[float, Field(gt=0, le=1)] = option(0.95, "Nucleus (top-p) of the original's tokens.")
+    generated_batch_size: Annotated[int, Field(ge=1)] = option(16, "Prefixes the original continues at once.")
     fsdp: bool = option(False, "Under accelerate launch / torchrun: shard parameters, gradients and optimizer state "
         "across the processes (FSDP2), for models that do not fit one device.")
 

@@ -1,5 +1,6 @@
 """What every recovery method trains on: the selected records, validated, turned into their targets
-(:mod:`paser.targets`), encoded in the training template and cut to the token budget. End-to-end and block-wise
+(:mod:`paser.targets`), encoded in the training template and cut to the token budget; then, where asked, the
+original's own samples beside them (:mod:`paser.recovery.generated`). End-to-end and block-wise
 read the same :class:`TrainingData`, so the two see the very same tokens.
 
 The fields of :class:`~paser.recovery.config.RecoverConfig` this reads are :data:`TRAINING_DATA_FIELDS`: every
@@ -16,11 +17,12 @@ import torch
 
 from ..data import Encoded, PromptFormatter, encode_records, load_records, pad_right
 from ..targets import TARGETS
+from .generated import GENERATED_OPTIONS, self_generated
 
 IGNORE_INDEX = -100  # the label of a position no loss reads (prompt and padding): the Trainer's and torch's value
 
 TRAINING_DATA_FIELDS = frozenset({"data", "limit", "bad_records", "template", "cutoff_len", "targets",
-                                  "max_train_tokens"})
+                                  "max_train_tokens", "generated_tokens", *GENERATED_OPTIONS})
 
 
 def within_tokens(encoded: Sequence[Encoded], max_tokens: int) -> tuple[list[Encoded], int]:
@@ -86,4 +88,7 @@ def training_data(config: Any, records: Any, tokenizer: Any, dtype: str) -> Trai
     records, encoded = encode_records(formatter, records, config.bad_records, skipped)
     if config.max_train_tokens is not None:
         encoded, target_info["dropped_for_token_budget"] = within_tokens(encoded, config.max_train_tokens)
-    return TrainingData(list(encoded), target_info, skipped)
+    extra, generated = self_generated(config, encoded, tokenizer, dtype)  # beside the budget: compute, not data
+    if generated:
+        target_info["generated"] = generated
+    return TrainingData([*encoded, *extra], target_info, skipped)

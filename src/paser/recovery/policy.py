@@ -109,7 +109,7 @@ def _choose_method(model: str, original: str | None, loss: str, fsdp: bool) -> t
 
 def _needs_original(config: Any) -> bool:
     """Whether anything this config may run reads the original model."""
-    if AUTO in (config.method, config.loss):
+    if AUTO in (config.method, config.loss) or config.generated_tokens > 0:
         return True
     return (RECOVERY_METHODS.get(config.method).needs_original or OBJECTIVES.get(config.loss).needs_teacher
             or TARGETS.get(config.targets).needs_original)
@@ -156,7 +156,8 @@ def _check_original(config: Any) -> None:
     """What reads the original has one, after resolution."""
     if config.teacher:
         return
-    for what, needs in ((f"targets '{config.targets}'", TARGETS.get(config.targets).needs_original),
+    for what, needs in (("generated_tokens", config.generated_tokens > 0),
+                        (f"targets '{config.targets}'", TARGETS.get(config.targets).needs_original),
                         (f"loss '{config.loss}'", OBJECTIVES.get(config.loss).needs_teacher),
                         (f"method '{config.method}'", RECOVERY_METHODS.get(config.method).needs_original)):
         if needs:

@@ -21,12 +21,16 @@ from ..errors import ConfigError
 from ..objectives import OBJECTIVES
 from ..targets import TARGETS
 from .base import RECOVERY_METHODS
+from .end_to_end import LORA_FIELDS
+from .generated import GENERATED_OPTIONS
 
 # what the recovery stage itself reads whatever the method (run_recovery, the model loaders)
 STAGE_FIELDS = frozenset({"model", "out", "method", "dtype", "resume"})
 # read, but where the results go or how often they are saved, not what they are: outside the resume key and hash
 NOT_IN_KEY = frozenset({"out", "resume", "save_steps", "data"})
 AUTO = "auto"
+# fields a method declares but reads only under another setting: what the error says to set
+CONDITIONS = {**dict.fromkeys(LORA_FIELDS, "--adapter lora"), **dict.fromkeys(GENERATED_OPTIONS, "--generated-tokens > 0")}
 
 
 def fields_read(config: Any) -> frozenset[str]:
@@ -41,6 +45,8 @@ def fields_read(config: Any) -> frozenset[str]:
         fields = fields.union(*(OBJECTIVES.get(loss).declared_reads() for loss in losses))
     if "targets" in fields:
         fields |= TARGETS.get(config.targets).declared_reads()
+    if "generated_tokens" in fields:  # the original writes them: read only when it does
+        fields = fields | {"teacher", "seed"} if config.generated_tokens > 0 else fields - GENERATED_OPTIONS
     if method == AUTO:
         fields |= {"teacher", "loss", "fsdp"}  # what auto's choice is made from (paser.recovery.policy)
     return frozenset(fields)
@@ -78,7 +84,7 @@ def check_options_read(given: Iterable[str], config: Any, why: str = "") -> None
     owners = readers()
     flags = ", ".join("--" + name.replace("_", "-") for name in stray)
     who = "; ".join(f"--{name.replace('_', '-')} is read by {', '.join(owners.get(name, ['nothing']))}"
-                    for name in stray)
+                    + (f" (with {CONDITIONS[name]})" if name in CONDITIONS else "") for name in stray)
     running = f"method {config.method}" + (f" ({why})" if why else "")
     if "loss" in read:
         running += f", loss {config.loss}"
