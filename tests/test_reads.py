@@ -61,7 +61,8 @@ def test_every_declared_option_changes_the_resume_key_and_the_stage_hash(tmp_pat
     keyed = fields_read(resolved) - NOT_IN_KEY
     assert {"warmup_ratio", "seed", "cutoff_len"} <= keyed
     for name in sorted(keyed - {"model", "method"}):  # the model: its weights' fingerprint is in the key beside it
-        value = {"loss": "mix", "targets": "original"}.get(name, ("changed", getattr(resolved, name)))  # registered
+        value = {"loss": "mix", "targets": "original",  # registered names
+                 "generated_tokens": 0.5}.get(name, ("changed", getattr(resolved, name)))
         changed = dataclasses.replace(resolved, **{name: value})
         assert resume_key_settings(changed) != key, name
         assert recover_stage_inputs(changed) != stage, name
@@ -166,7 +167,8 @@ def test_paser_run_reruns_a_recovery_whose_option_changed_from_a_clean_folder(tm
     stages = {s["stage"]: s["skipped"] for s in run_pipeline(parse_config(raw))["stages"]}
     assert stages["recover/random/s0"] is False and stages["select/random/s0"] is True
     assert not (folder / "blockwise" / "blocks" / "stale.safetensors").exists()
-    assert json.loads((folder / "train_log.json").read_text())["config"]["warmup_ratio"] == 0.5
+    log = json.loads((folder / "train_log.json").read_text())
+    assert log["config"]["warmup_ratio"] == 0.5 and log["resolved"] == {"choices": {}, "warnings": []}
     raw["arms"] = [{"name": "random", "method": "random", "recover": {"lr": 5e-4}}]
     with pytest.raises(ConfigError, match="arm 'random': --lr: not read by this recovery .method blockwise"):
         parse_config(raw)

@@ -126,7 +126,7 @@ def resolve_recovery(config: Any, announce: bool = True) -> Resolution:
             resolution.choices["teacher"] = {"asked": None, "chosen": teacher,
                                              "reason": f"recorded by paser prune in {config.model}/prune_report.json"}
     loss, method, lr = config.loss, config.method, config.lr
-    if loss == AUTO:
+    if loss == AUTO and "loss" in fields_read(config):  # a method that trains under no objective leaves it
         loss = "kd" if teacher else "nll"
         reason = "the original is known: distil from it" if teacher else "no original model known (--teacher)"
         resolution.choices["loss"] = {"asked": AUTO, "chosen": loss, "reason": reason}
@@ -158,7 +158,7 @@ def _check_original(config: Any) -> None:
         return
     for what, needs in (("generated_tokens", config.generated_tokens > 0),
                         (f"targets '{config.targets}'", TARGETS.get(config.targets).needs_original),
-                        (f"loss '{config.loss}'", OBJECTIVES.get(config.loss).needs_teacher),
+                        (f"loss '{config.loss}'", config.loss != AUTO and OBJECTIVES.get(config.loss).needs_teacher),
                         (f"method '{config.method}'", RECOVERY_METHODS.get(config.method).needs_original)):
         if needs:
             raise ConfigError(f"{what} needs the original model: give --teacher (or prune with paser prune, which "
