@@ -149,3 +149,44 @@ def test_held_aside_batches_stop_a_block_and_keep_its_best_pass(blockwise_config
         stopped = len(curve) - 1 < 6
         assert not stopped or curve[-1] > curve[-2]  # it stops only once the held-aside error rose
         assert block["zeros_after"] == block["zeros_before"]
+
+
+def test_windows_train_overlapping_blocks_and_resume_exactly(blockwise_config, monkeypatch, tmp_path):
+    """block_window 2: each window trains two blocks toward the original's output of the second, keeps the first and
+    hands the second on trained; a kill inside the second window resumes to the very weights of an unbroken run."""
+    from paser import faults
+    from paser.recovery import blockwise
+
+    config = replace(blockwise_config, block_window=2, block_epochs=3)
+    whole = run_recovery(replace(config, out=tmp_path / "whole"))
+    assert whole["blocks"][0]["window"] == [0, 1] and "window" not in whole["blocks"][1]  # the last window: one block
+    single = run_recovery(replace(blockwise_config, block_epochs=3, out=tmp_path / "single"))
+    assert whole["blocks"][0]["loss_before"] != single["blocks"][0]["loss_before"]  # measured at block 1's output
+    for block in whole["blocks"]:
+        assert block["loss_after"] < block["loss_before"]
+        assert block["zeros_after"] == block["zeros_before"] > 0
+    real_reached, steps = faults.reached, []
+
+    def killed_in_the_second_window(name):
+        if name == "blockwise.step" and (tmp_path / "carry-seen").exists():
+            raise KeyboardInterrupt
+        real_reached(name)
+
+    real_block = blockwise.BlockwiseRun._block
+
+    def marking(self, layer, streams):
+        if layer == 1:
+            (tmp_path / "carry-seen").touch()
+        return real_block(self, layer, streams)
+
+    monkeypatch.setattr(blockwise.BlockwiseRun, "_block", marking)
+    monkeypatch.setattr(faults, "reached", killed_in_the_second_window)
+    with pytest.raises(KeyboardInterrupt):
+        run_recovery(config)
+    assert (config.out / "blockwise" / "carry" / "from-000" / "001.safetensors").is_file()
+    monkeypatch.setattr(faults, "reached", real_reached)
+    (tmp_path / "carry-seen").unlink()
+    resumed = run_recovery(config)
+    assert [b["loss_after"] for b in resumed["blocks"]] == pytest.approx([b["loss_after"] for b in whole["blocks"]])
+    a, b = _weights(config.out / "merged"), _weights(tmp_path / "whole" / "merged")
+    assert all(torch.equal(a[k], b[k]) for k in a)

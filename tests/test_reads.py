@@ -172,3 +172,15 @@ def test_paser_run_reruns_a_recovery_whose_option_changed_from_a_clean_folder(tm
     raw["arms"] = [{"name": "random", "method": "random", "recover": {"lr": 5e-4}}]
     with pytest.raises(ConfigError, match="arm 'random': --lr: not read by this recovery .method blockwise"):
         parse_config(raw)
+
+
+def test_an_option_at_its_neutral_value_leaves_finished_runs_keyed_as_before(tmp_path, sparse_tiny, tiny_model_dir):
+    """An option added after runs were finished is out of the key at the value that computes what the code did
+    before it (so adding it reruns nothing), and in the key at any other value."""
+    from paser.recovery.reads import NEUTRAL
+
+    config = small_config(tmp_path, sparse_tiny, method="blockwise", teacher=str(tiny_model_dir))
+    for name, neutral in NEUTRAL.items():
+        assert name in fields_read(config) and getattr(config, name) == neutral
+        assert name not in resume_key_settings(config)
+        assert resume_key_settings(dataclasses.replace(config, **{name: neutral + 1}))[name] == neutral + 1

@@ -98,6 +98,9 @@ class BlockwiseOptions:
         0.0, "blockwise: share of the batches held aside per block (not trained on): their error is measured after "
         "every pass, and the block keeps the pass where it was lowest and stops once it rises (per-block early "
         "stopping; the train log holds the error before and after, per pass).")
+    block_window: Annotated[int, Field(ge=1, le=4)] = option(
+        1, "blockwise: blocks trained together toward the original's output of the last of them (windows overlap: "
+        "each window keeps its first block and hands the others on, trained, to the next).")
 
 
 @dataclass
@@ -182,6 +185,7 @@ class BlockwiseRun:
             progress["blocks"].append(self._block(layer, streams))
             write_json(self.work / "progress.json", progress)  # the block is done: a rerun starts at the next
             streams.drop(layer)
+            shutil.rmtree(self.work / "carry" / f"from-{layer - 1:03d}", ignore_errors=True)
         assemble(self.student, self.work / "blocks", self.out / "merged")
         shutil.rmtree(self.work / "streams", ignore_errors=True)
         progress["complete"] = True
@@ -230,27 +234,52 @@ class BlockwiseRun:
                                    for ids, attention in zip(self.batches.ids, self.batches.attention)])
 
     def _block(self, layer: int, streams: Streams) -> dict:
-        """Advance the original's stream through its block ``layer``, train the student's toward it, save the block,
-        and advance the student's stream through the trained block."""
+        """Advance the original's stream through its blocks of this window, train the student's window toward the
+        original's output of its last block, keep the first block, hand the others on, and advance the student's
+        stream through the kept block."""
         t0 = time.perf_counter()
-        context = [calls[layer] for calls in self._calls()]
-        if not streams.complete("original", layer + 1):
-            original_block = self.original.block(layer, torch.float32)
-            streams.write("original", layer + 1, _forward_all(original_block, streams.read("original", layer),
-                                                              context, self.device, self.stream_dtype))
-            del original_block
-        block = self.student.block(layer, torch.float32)
-        trainer = BlockTrainer(block, self.config, self.dtype, self.device)
-        inputs, targets = self._inputs(layer, streams), streams.read("original", layer + 1)
-        report = trainer.fit(inputs, targets, context, self.batches.attention, f"block {layer + 1}/{self.student.n_layers}")
-        self.student.save_block(layer, block, self.work / "blocks")
+        window = range(layer, min(layer + self.config.block_window, self.student.n_layers))
+        context = [[calls[j] for j in window] for calls in self._calls()]
+        for j in window:
+            if not streams.complete("original", j + 1):
+                original_block = self.original.block(j, torch.float32)
+                streams.write("original", j + 1, _forward_all(original_block, streams.read("original", j),
+                                                              [calls[j] for calls in self._calls()], self.device,
+                                                              self.stream_dtype))
+                del original_block
+        blocks = Window([self._student_block(j, layer) for j in window])
+        kept = KeepZeros(blocks.blocks[0])
+        zeros_before = kept.zeros()
+        trainer = BlockTrainer(blocks, self.config, self.dtype, self.device)
+        inputs, targets = self._inputs(layer, streams), streams.read("original", window[-1] + 1)
+        report = trainer.fit(inputs, targets, [((calls,), {}) for calls in context], self.batches.attention,
+                             f"block {layer + 1}/{self.student.n_layers}")
+        for j, block in zip(window[1:], blocks.blocks[1:]):  # handed on: the next window starts from them
+            self.student.save_block(j, block, self.work / "carry" / f"from-{layer:03d}")
+        self.student.save_block(layer, blocks.blocks[0], self.work / "blocks")
         if self.config.block_stream != "original":  # the student's stream is what the next block learns from
             student_in = streams.read("student", layer)
-            streams.write("student", layer + 1, _forward_all(block, student_in, context, self.device, self.stream_dtype))
-        report.update(block=layer, seconds=round(time.perf_counter() - t0, 2))
+            streams.write("student", layer + 1, _forward_all(blocks.blocks[0], student_in,
+                                                             [calls[layer] for calls in self._calls()], self.device,
+                                                             self.stream_dtype))
+        report.update(block=layer, seconds=round(time.perf_counter() - t0, 2), sparse_layers=len(kept),
+                      zeros_before=zeros_before, zeros_after=kept.zeros())
+        if len(window) > 1:
+            report["window"] = list(window)
         log.info("block %d: %s %.4g -> %.4g (%d steps, %.0f s)", layer, self.config.block_loss, report["loss_before"],
                  report["loss_after"], report["steps"], report["seconds"])
         return report
+
+    def _student_block(self, layer: int, window_start: int) -> torch.nn.Module:
+        """The student's block ``layer`` as the window before this one left it (the pruned checkpoint's if none)."""
+        carried = self.work / "carry" / f"from-{window_start - 1:03d}" / f"{layer:03d}.safetensors"
+        block = self.student.block(layer, torch.float32)
+        if carried.is_file():
+            from safetensors.torch import load_file
+
+            prefix = f"{self.student.prefix}{layer}."
+            block.load_state_dict({k[len(prefix):]: v.to(torch.float32) for k, v in load_file(str(carried)).items()})
+        return block
 
     def _inputs(self, layer: int, streams: Streams) -> list[torch.Tensor]:
         """What block ``layer`` learns from (``block_stream``): the student's stream into it, the original's, or per
@@ -294,6 +323,20 @@ def _forward_all(block: torch.nn.Module, inputs: Sequence[torch.Tensor], context
     """The block's outputs for every batch, moved off the accelerator in the stream dtype as they come."""
     return [call_block(block, x.to(device, torch.float32), call).to("cpu", stream_dtype)
             for x, call in zip(inputs, context)]
+
+
+class Window(torch.nn.Module):
+    """Consecutive blocks called in turn, each with its own captured arguments: what a window of
+    ``block_window`` blocks trains as one (a window of one is the block itself)."""
+
+    def __init__(self, blocks: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, hidden: torch.Tensor, calls: Sequence[tuple[tuple, dict]]) -> torch.Tensor:
+        for block, call in zip(self.blocks, calls):
+            hidden = call_block(block, hidden, call)
+        return hidden
 
 
 class BlockTrainer:

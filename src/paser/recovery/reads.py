@@ -28,6 +28,10 @@ from .generated import GENERATED_OPTIONS
 STAGE_FIELDS = frozenset({"model", "out", "method", "dtype", "resume"})
 # read, but where the results go or how often they are saved, not what they are: outside the resume key and hash
 NOT_IN_KEY = frozenset({"out", "resume", "save_steps", "data"})
+# options added after runs were finished, at the value that computes what the code did before they existed: left
+# out of the resume key and stage hash at that value, so adding one does not rerun finished work (at any other value,
+# including a later default, they are in the key)
+NEUTRAL = {"block_window": 1}
 AUTO = "auto"
 # fields a method declares but reads only under another setting: what the error says to set
 CONDITIONS = {**dict.fromkeys(LORA_FIELDS, "--adapter lora"), **dict.fromkeys(GENERATED_OPTIONS, "--generated-tokens > 0")}
@@ -97,7 +101,8 @@ def check_options_read(given: Iterable[str], config: Any, why: str = "") -> None
 
 def resume_key_settings(config: Any) -> dict[str, Any]:
     """What a recovery's result depends on among its settings: every field it reads, but where it writes."""
-    return {name: _plain(getattr(config, name)) for name in sorted(fields_read(config) - NOT_IN_KEY)}
+    return {name: _plain(getattr(config, name)) for name in sorted(fields_read(config) - NOT_IN_KEY)
+            if not (name in NEUTRAL and getattr(config, name) == NEUTRAL[name])}
 
 
 def _plain(value: Any) -> Any:
