@@ -210,3 +210,33 @@ def test_two_process_scoring_on_the_embedded_model_over_pool_records(tmp_path):
     assert len(single) == 64
     for column in ("jsd", "loss_original", "loss_pruned"):
         np.testing.assert_allclose(double[column], single[column], rtol=0, atol=1e-6)
+
+
+def test_two_process_blockwise_shares_the_batches_and_auto_keeps_it(tmp_path, tiny_model_dir, data):
+    """Block-wise under torchrun: each process trains the block on its part of every batch, gradients summed: the
+    same steps, errors and weights as one process (to rounding), and auto keeps block-wise + KD under the launcher."""
+    from paser.models import load_model
+
+    sparse = magnitude_prune_copy(*load_model(tiny_model_dir, dtype="fp32"), tmp_path / "sparse")
+
+    def args(out):
+        return ["recover", sparse, "--data", data, "--out", out, "--teacher", tiny_model_dir, "--dtype", "fp32",
+                "--block-epochs", 4, "--block-batch-tokens", 256, "--limit", 64, "--cutoff-len", 64, "--epochs", 1,
+                "--batch-size", 8, "--micro-batch-size", 4, "--no-group-by-length", "--lora-dropout", 0]
+
+    ok(run(args("one"), tmp_path))
+    ok(run(args("two"), tmp_path, processes=2))
+    one, two = (json.loads((tmp_path / d / "train_log.json").read_text()) for d in ("one", "two"))
+    assert one["method"] == two["method"] == "blockwise+kd"  # auto, under the launcher too
+    a, b = one["blockwise"], two["blockwise"]
+    assert a["processes"] == 1 and b["processes"] == 2 and a["trained_tokens"] == b["trained_tokens"]
+    assert b["steps"] == a["steps"]
+    for x, y in zip(a["blocks"], b["blocks"]):
+        assert y["loss_after"] < y["loss_before"] and y["zeros_after"] == y["zeros_before"] > 0
+        assert y["loss_before"] == pytest.approx(x["loss_before"], rel=1e-4)
+        assert y["loss_after"] == pytest.approx(x["loss_after"], rel=1e-3)
+    from safetensors.torch import load_file
+
+    w1, w2 = (load_file(tmp_path / d / "stage-blockwise" / "merged" / "model.safetensors") for d in ("one", "two"))
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+    assert not (tmp_path / "two" / "stage-blockwise" / "blockwise" / "streams").exists()

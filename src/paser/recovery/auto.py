@@ -7,8 +7,8 @@ tokens, 2:4 at 20%; seeds 0-2), in 2.3-3.1x its time (docs/recovery.md). It need
 end-to-end does not: the original model (``--teacher``, or the one ``paser prune`` recorded) and an objective that
 distils from it (``loss`` kd, mix, kd-features, rho: NLL on the records' answers stays end-to-end), a decoder family
 whose block-by-block forward is tested (:data:`paser.recovery.layers.PARITY_TESTED`) with pruned blocks of the
-original's shapes (unstructured or N:M pruning, not structured), and one process (block-wise training is
-sequential; under ``accelerate launch`` / ``torchrun`` the processes share end-to-end's batches). The choice is made by
+original's shapes (unstructured or N:M pruning, not structured), and no ``--fsdp`` (under ``accelerate launch`` /
+``torchrun`` block-wise runs data-parallel inside each block, the KD stage under the launcher). The choice is made by
 :func:`paser.recovery.policy.resolve_recovery`, the one place the policy lives.
 
 Recipe::

@@ -59,7 +59,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .. import faults
+from .. import distributed, faults
 from ..cache import atomic_dir, atomic_path, stable_hash, write_json
 from ..data import Encoded, pad_right
 from ..errors import ConfigError
@@ -105,21 +105,43 @@ class BlockwiseOptions:
 
 @dataclass
 class BlockData:
-    """The training tokens as fixed micro-batches: ids and attention per batch, right-padded."""
+    """The training tokens as fixed micro-batches: ids and attention per batch, right-padded. Under several
+    processes each process holds its part of every batch (``step_tokens``: each whole batch's real tokens)."""
 
     ids: list[torch.Tensor]
     attention: list[torch.Tensor]
+    step_tokens: list[int] | None = None
 
     @classmethod
-    def build(cls, encoded: Sequence[Encoded], pad_id: int, batch_tokens: int) -> BlockData:
+    def build(cls, encoded: Sequence[Encoded], pad_id: int, batch_tokens: int, min_records: int = 1) -> BlockData:
+        """Records of similar length batched up to ``batch_tokens`` padded tokens; every batch at least
+        ``min_records`` records (one per process), the last short batch joining the one before."""
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+        if len(order) < min_records:
+            raise ConfigError(f"blockwise: {len(order)} training records for {min_records} processes: each process "
+                              "needs a record of every batch; use fewer processes")
         batches: list[list[int]] = [[]]
         for i in order:  # ascending lengths: the batch's padded size is this record's length times its size
-            if batches[-1] and (len(batches[-1]) + 1) * len(encoded[i].input_ids) > batch_tokens:
+            if len(batches[-1]) >= min_records and (len(batches[-1]) + 1) * len(encoded[i].input_ids) > batch_tokens:
                 batches.append([])
             batches[-1].append(i)
+        if len(batches) > 1 and len(batches[-1]) < min_records:
+            batches[-2] += batches.pop()
         padded = [pad_right([encoded[i].input_ids for i in batch], pad_id) for batch in batches]
         return cls([ids for ids, _ in padded], [attention for _, attention in padded])
+
+    def share(self, rank: int, world: int) -> BlockData:
+        """Rank ``rank``'s part of every batch (records ``rank``, ``rank + world``, ...; all of it in one process):
+        each step every process trains on its part of the same batch, so the steps are one process's."""
+        if world == 1:
+            return self
+        ids, attention = [], []
+        for batch_ids, batch_attention in zip(self.ids, self.attention):
+            rows = batch_attention[rank::world]
+            width = int(rows.sum(1).max())  # right padding: the part's own longest record
+            ids.append(batch_ids[rank::world, :width])
+            attention.append(rows[:, :width])
+        return BlockData(ids, attention, [int(a.sum()) for a in self.attention])
 
     @property
     def tokens(self) -> int:
@@ -153,11 +175,15 @@ class BlockwiseRun:
         self.out = Path(config.out)
         self.work = self.out / "blockwise"
         self.dtype = resolve_dtype_name(config.dtype)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = distributed.device() or "cpu"
         records = read_records(config)  # validated before any model loads
         tokenizer = load_tokenizer(config.model)
         self.data = training_data(config, records, tokenizer, self.dtype)
-        self.batches = BlockData.build(self.data.encoded, tokenizer.pad_token_id, config.block_batch_tokens)
+        everything = BlockData.build(self.data.encoded, tokenizer.pad_token_id, config.block_batch_tokens,
+                                     distributed.world_size())
+        self.all_tokens, self.all_padded = everything.tokens, everything.padded_tokens
+        # several processes: each holds its part of every batch, and its own streams
+        self.batches = everything.share(distributed.rank(), distributed.world_size())
         self.stream_dtype = torch.bfloat16 if config.stream_dtype == "bf16" else torch.float32
         self.student = LayerReader(config.model, self.device)
         if self.student.config.model_type not in PARITY_TESTED:
@@ -168,9 +194,10 @@ class BlockwiseRun:
         mismatch = shape_mismatch(self.student.config, self.original.config)
         if mismatch:
             raise ConfigError(f"blockwise: {mismatch}")
+        world = distributed.world_size()  # gradients averaged over this many batches a step: another result
         self.key = stable_hash("blockwise-v2", resume_key_settings(config), model_fingerprint(config.model),
                                model_fingerprint(config.teacher), self.dtype,
-                               [e.input_ids for e in self.data.encoded])
+                               [e.input_ids for e in self.data.encoded], *([world] if world > 1 else []))
 
     def execute(self) -> dict:
         progress = self._progress()
@@ -178,21 +205,34 @@ class BlockwiseRun:
             log.info("blockwise: finished already (%s)", self.out / "merged")
             return json.loads((self.out / "train_log.json").read_text())
         t0 = time.perf_counter()
-        streams = Streams(self.work / "streams", self.stream_dtype)
+        streams = Streams(self._streams_root(), self.stream_dtype)
         if not progress["blocks"]:
             self._embed(streams)
+        main = distributed.is_main()
         for layer in range(len(progress["blocks"]), self.student.n_layers):
             progress["blocks"].append(self._block(layer, streams))
-            write_json(self.work / "progress.json", progress)  # the block is done: a rerun starts at the next
+            if main:
+                write_json(self.work / "progress.json", progress)  # the block is done: a rerun starts at the next
             streams.drop(layer)
-            shutil.rmtree(self.work / "carry" / f"from-{layer - 1:03d}", ignore_errors=True)
-        assemble(self.student, self.work / "blocks", self.out / "merged")
-        shutil.rmtree(self.work / "streams", ignore_errors=True)
+            distributed.barrier()  # every rank has its stream into the next block before the carry goes
+            if main:
+                shutil.rmtree(self.work / "carry" / f"from-{layer - 1:03d}", ignore_errors=True)
+        if main:
+            assemble(self.student, self.work / "blocks", self.out / "merged")
+        shutil.rmtree(self._streams_root(), ignore_errors=True)
+        distributed.barrier()
         progress["complete"] = True
-        write_json(self.work / "progress.json", progress)
         train_log = self._train_log(progress, time.perf_counter() - t0)
-        write_json(self.out / "train_log.json", train_log)
+        if main:
+            shutil.rmtree(self.work / "streams", ignore_errors=True)
+            write_json(self.work / "progress.json", progress)
+            write_json(self.out / "train_log.json", train_log)
+        distributed.barrier()
         return train_log
+
+    def _streams_root(self) -> Path:
+        world = distributed.world_size()
+        return self.work / "streams" if world == 1 else self.work / "streams" / f"rank-{distributed.rank()}"
 
     def _progress(self) -> dict:
         """The blocks finished by an earlier run with these very settings, models and data (else a fresh start)."""
@@ -205,22 +245,25 @@ class BlockwiseRun:
             if progress["blocks"]:
                 log.info("blockwise: resuming at block %d of %d", len(progress["blocks"]), self.student.n_layers)
             return progress
-        if self.work.exists():
-            log.warning("blockwise: starting afresh in %s (%s)", self.work,
-                        "--no-resume" if not self.config.resume else "other settings, models or data")
-            shutil.rmtree(self.work)
-        self.work.mkdir(parents=True)
+        distributed.barrier()  # every rank has read the same progress before it goes
+        if distributed.is_main():
+            if self.work.exists():
+                log.warning("blockwise: starting afresh in %s (%s)", self.work,
+                            "--no-resume" if not self.config.resume else "other settings, models or data")
+                shutil.rmtree(self.work)
+            self.work.mkdir(parents=True)
+        distributed.barrier()
         return {"key": self.key, "blocks": []}
 
     def _check_disk(self) -> None:
         """Four streams at once (each model's input to the block and output), plus the trained blocks."""
         hidden = self.student.hidden_size
-        stream = self.batches.padded_tokens * hidden * self.stream_dtype.itemsize
+        stream = self.all_padded * hidden * self.stream_dtype.itemsize  # every rank's, on a machine's one disk
         needed = 4 * stream + self.student.block_bytes * self.student.n_layers * 2
         where = next(p for p in (self.work, *self.work.parents) if p.exists())
         free = shutil.disk_usage(where).free
         log.info("blockwise: %d blocks, %s tokens (%s padded); streams need %.2f GB on disk, blocks %.2f GB; "
-                 "%.1f GB free", self.student.n_layers, f"{self.batches.tokens:,}", f"{self.batches.padded_tokens:,}",
+                 "%.1f GB free", self.student.n_layers, f"{self.all_tokens:,}", f"{self.all_padded:,}",
                  4 * stream / 1e9, (needed - 4 * stream) / 1e9, free / 1e9)
         if free < needed:
             raise ConfigError(f"blockwise recovery needs {needed / 1e9:.2f} GB of disk under {self.work} "
@@ -250,13 +293,14 @@ class BlockwiseRun:
         blocks = Window([self._student_block(j, layer) for j in window])
         kept = KeepZeros(blocks.blocks[0])
         zeros_before = kept.zeros()
-        trainer = BlockTrainer(blocks, self.config, self.dtype, self.device)
+        trainer = BlockTrainer(blocks, self.config, self.dtype, self.device, self.batches.step_tokens)
         inputs, targets = self._inputs(layer, streams), streams.read("original", window[-1] + 1)
         report = trainer.fit(inputs, targets, [((calls,), {}) for calls in context], self.batches.attention,
                              f"block {layer + 1}/{self.student.n_layers}")
-        for j, block in zip(window[1:], blocks.blocks[1:]):  # handed on: the next window starts from them
-            self.student.save_block(j, block, self.work / "carry" / f"from-{layer:03d}")
-        self.student.save_block(layer, blocks.blocks[0], self.work / "blocks")
+        if distributed.is_main():  # every rank holds the same weights (averaged gradients): one writes them
+            for j, block in zip(window[1:], blocks.blocks[1:]):  # handed on: the next window starts from them
+                self.student.save_block(j, block, self.work / "carry" / f"from-{layer:03d}")
+            self.student.save_block(layer, blocks.blocks[0], self.work / "blocks")
         if self.config.block_stream != "original":  # the student's stream is what the next block learns from
             student_in = streams.read("student", layer)
             streams.write("student", layer + 1, _forward_all(blocks.blocks[0], student_in,
@@ -302,7 +346,7 @@ class BlockwiseRun:
 
     def _train_log(self, progress: dict, seconds: float) -> dict:
         blocks = progress["blocks"]
-        trained_tokens = self.batches.tokens * self.config.block_epochs
+        trained_tokens = self.all_tokens * self.config.block_epochs
         return {
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()},
             "method": "blockwise", "dtype": self.dtype, "records": len(self.data.encoded),
@@ -311,6 +355,7 @@ class BlockwiseRun:
             "seconds": round(sum(b["seconds"] for b in blocks), 2), "seconds_this_run": round(seconds, 2),
             "tokens_per_s": round(trained_tokens * self.student.n_layers / max(sum(b["seconds"] for b in blocks), 1e-9), 1),
             "peak_memory_gb": round(peak_memory_gb(), 3), "trained_tokens": trained_tokens,
+            "processes": distributed.world_size(),
             "targets": self.data.target_info, "skipped_records": self.data.skipped.summary(),
             "sparse_layers": sum(b["sparse_layers"] for b in blocks),
             "zeros_kept": sum(b["zeros_before"] for b in blocks),
@@ -342,8 +387,11 @@ class Window(torch.nn.Module):
 class BlockTrainer:
     """Trains one block (fp32 master weights) toward its targets; pruned positions stay exactly zero."""
 
-    def __init__(self, block: torch.nn.Module, config: Any, dtype: str, device: str):
-        self.block, self.config, self.device = block, config, device
+    def __init__(self, block: torch.nn.Module, config: Any, dtype: str, device: str,
+                 step_tokens: Sequence[int] | None = None):
+        """``step_tokens``: under several processes, each whole batch's real tokens (this process holds a part
+        of it): each part's error is divided by the whole's count and the gradients summed, one process's step."""
+        self.block, self.config, self.device, self.step_tokens = block, config, device, step_tokens
         self.autocast = dtype == "bf16"
         self.zeros = KeepZeros(block, device=device)
 
@@ -365,13 +413,14 @@ class BlockTrainer:
         generator = torch.Generator().manual_seed(self.config.seed)
         order = []
         while len(order) < steps:
-            order += [batches.train[i] for i in torch.randperm(per_pass, generator=generator).tolist()]
+            order += [batches.train[i] for i in torch.randperm(len(batches.train), generator=generator).tolist()]
         # (error, pass, weights): the block as it came in counts as pass 0, so a block that only gets worse stays
         best = (held[0], 0, {k: v.detach().clone() for k, v in self.block.state_dict().items()}) if held else None
         done = 0
         for step, b in enumerate(tqdm(order[:steps], desc=label, leave=False, unit="step"), 1):
-            loss = self._loss(inputs[b], targets[b], context[b], attention[b], scale)
-            loss.backward()
+            tokens = self.step_tokens[b] if self.step_tokens else None
+            self._loss(inputs[b], targets[b], context[b], attention[b], scale, tokens).backward()
+            _sum_gradients(params)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -388,6 +437,10 @@ class BlockTrainer:
             self.block.load_state_dict(best[2])
         for p in params:
             p.requires_grad_(False)
+        if distributed.world_size() > 1:  # averaged gradients keep the ranks' weights equal: checked, not assumed
+            sums = distributed.all_gather(float(sum(p.double().sum() for p in params)))
+            if len(set(sums)) > 1:
+                raise RuntimeError(f"blockwise: the processes' weights differ after training ({sums})")
         after = self._loss_all(inputs, targets, context, attention, scale)
         report = {"loss_before": before, "loss_after": after, "steps": done, "sparse_layers": len(self.zeros),
                   "zeros_before": zeros_before, "zeros_after": self.zeros.zeros()}
@@ -407,23 +460,54 @@ class BlockTrainer:
             total += real.sum(0)
             square += real.pow(2).sum(0)
             count += real.shape[0]
+        total, square, count = _all_sum(total, square, torch.tensor(float(count), dtype=torch.float64))
         variance = square / count - (total / count) ** 2
         return (1.0 / variance.clamp_min(1e-6)).float().to(self.device)
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, call: tuple[tuple, dict], attention: torch.Tensor,
-              scale: torch.Tensor) -> torch.Tensor:
+              scale: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
+        """The batch's mean weighted squared error (``tokens``: divided by that many tokens' channels instead: this
+        process's part of a batch of ``tokens`` real tokens)."""
         real = attention.to(self.device).bool()
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
             out = call_block(self.block, x.to(self.device, torch.float32), call)
-        error = (out.float()[real] - y.to(self.device, torch.float32)[real]).pow(2)
-        return (error * scale).mean()
+        error = (out.float()[real] - y.to(self.device, torch.float32)[real]).pow(2) * scale
+        return error.mean() if tokens is None else error.sum() / (tokens * error.shape[-1])
 
     @torch.no_grad()
     def _loss_all(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
                   context: Sequence[tuple[tuple, dict]],
                   attention: Sequence[torch.Tensor], scale: torch.Tensor) -> float:
-        losses = [self._loss(x, y, c, a, scale).item() * int(a.sum()) for x, y, c, a in zip(inputs, targets, context, attention)]
-        return sum(losses) / sum(int(a.sum()) for a in attention)
+        """The error over every real token of these batches (of every process's part of them)."""
+        counts = [int(a.sum()) for a in attention]
+        if distributed.world_size() == 1:
+            losses = [self._loss(x, y, c, a, scale).item() * n
+                      for x, y, c, a, n in zip(inputs, targets, context, attention, counts)]
+            return sum(losses) / sum(counts)
+        total = sum(self._loss(x, y, c, a, scale, 1).item() for x, y, c, a in zip(inputs, targets, context, attention))
+        total, tokens = _all_sum(torch.tensor([total, sum(counts)], dtype=torch.float64))[0]
+        return float(total / tokens)
+
+
+def _all_sum(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor summed over the processes (itself in one process)."""
+    if distributed.world_size() > 1:
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.all_reduce(t)
+    return list(tensors)
+
+
+def _sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
+    """Data parallel inside a block: each process's gradient (its part of the batch, divided by the whole batch's
+    tokens) summed over the processes: the gradient of the whole batch, the same on every process."""
+    if distributed.world_size() > 1:
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
 
 
 @dataclass

@@ -4,7 +4,7 @@ concrete, each with the reason for the choice. ``paser recover`` (:func:`paser.r
 choices under ``resolved``.
 
 A default that cannot apply says so: when ``auto`` cannot run block-wise + KD it logs a WARNING with the reason and
-what would let it (``--teacher``, a supported architecture, one process), and the train log keeps the warning; a
+what would let it (``--teacher``, a supported architecture, no ``--fsdp``), and the train log keeps the warning; a
 ``prune_report.json`` that cannot be read is an error naming the file, never a silent "no original".
 """
 
@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .. import distributed
 from ..errors import ConfigError
 from ..objectives import OBJECTIVES
 from ..targets import TARGETS
@@ -78,8 +77,8 @@ def recorded_original(model: str | Path) -> str | None:
 _ADVICE = {
     "original": "give --teacher ORIGINAL (the dense model this one was pruned from)",
     "loss": "use --loss kd (or auto) to distil from the original",
-    "processes": "run block-wise in one process (paser recover --method blockwise, no launcher), then "
-                 "--method end-to-end under the launcher on its OUT/merged",
+    "processes": "run without --fsdp (block-wise holds one block per process and shares the batches across "
+                 "processes; its KD stage then runs under the launcher)",
     "architecture": "--method blockwise+kd runs it on any decoder (a WARNING says it is not parity-tested)",
     "shapes": "block-wise needs blocks of the original's shapes (unstructured or N:M pruning)",
 }
@@ -98,8 +97,8 @@ def _choose_method(model: str, original: str | None, loss: str, fsdp: bool) -> t
         return "end-to-end", "no original model known (--teacher), nothing to reconstruct toward", _ADVICE["original"]
     if not OBJECTIVES.get(loss).needs_teacher:
         return "end-to-end", f"loss {loss} trains on the records' answers, not toward the original", _ADVICE["loss"]
-    if fsdp or distributed.world_size() > 1:
-        return "end-to-end", "several processes: block-wise training runs in one", _ADVICE["processes"]
+    if fsdp:
+        return "end-to-end", "--fsdp: block-wise + KD under FSDP is not tested", _ADVICE["processes"]
     unsupported = blockwise_unsupported(model, original)
     if unsupported:
         kind = "shapes" if unsupported.startswith("pruning changed") else "architecture"
