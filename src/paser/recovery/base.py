@@ -60,6 +60,11 @@ class RecoveryMethod:
         """The fields it reads under ``config`` (a method whose reads depend on a setting narrows them here)."""
         return self.declared_reads()
 
+    def need(self, config: Any) -> Any:
+        """What it needs in memory for ``config`` (a :class:`paser.recovery.memory.Need`), from the models' configs
+        alone; None: not stated (nothing is checked before it runs)."""
+        return None
+
     def validate(self, config: Any) -> None:
         """Checks of this method's settings beyond their declared types and bounds (before any model loads)."""
 

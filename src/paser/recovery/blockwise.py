@@ -160,6 +160,11 @@ class Blockwise(RecoveryMethod):
     needs_original = True
     reads = TRAINING_DATA_FIELDS | {"seed", "warmup_ratio", "teacher"}
 
+    def need(self, config: Any) -> Any:
+        from .memory import Shape, blockwise_need
+
+        return blockwise_need(config, Shape.of(config.model))
+
     def run(self, config: Any, callbacks: Sequence[Any] = ()) -> dict:
         if not config.teacher:
             raise ConfigError("blockwise recovery trains toward the original model: give --teacher (or prune with "

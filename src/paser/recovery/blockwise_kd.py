@@ -34,6 +34,12 @@ class BlockwiseThenKD(RecoveryMethod):
     def fields_read(self, config: Any) -> frozenset[str]:
         return Blockwise().fields_read(config) | EndToEnd().fields_read(config)
 
+    def need(self, config: Any) -> Any:
+        """The larger of its two stages' (they run one after the other)."""
+        blocks, kd = Blockwise().need(config), EndToEnd().need(config)
+        larger = max(blocks, kd, key=lambda n: n.total)
+        return type(larger)("blockwise+kd", {f"{larger.method}: {k}": v for k, v in larger.parts.items()})
+
     def run(self, config: Any, callbacks: Sequence[Any] = ()) -> dict:
         out = Path(config.out)
         first = Blockwise().run(replace(config, out=out / "stage-blockwise"), callbacks)

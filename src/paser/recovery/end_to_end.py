@@ -56,6 +56,12 @@ class EndToEnd(RecoveryMethod):
     def fields_read(self, config: Any) -> frozenset[str]:
         return self.reads - (LORA_FIELDS if config.adapter == "full" else frozenset())
 
+    def need(self, config: Any) -> Any:
+        from .memory import Shape, end_to_end_need
+
+        return end_to_end_need(config, Shape.of(config.model), resolve_dtype_name(config.dtype),
+                               OBJECTIVES.get(config.loss).needs_teacher)
+
     def run(self, config: Any, callbacks: Sequence[Any] = ()) -> dict:
         from transformers import set_seed
 

@@ -21,6 +21,7 @@ from ..objectives import OBJECTIVES
 from ..targets import TARGETS
 from .base import RECOVERY_METHODS
 from .blockwise import blockwise_unsupported
+from .memory import available_memory, gb
 from .reads import fields_read
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,14 @@ class Resolution:
     config: Any
     choices: dict[str, dict[str, Any]] = field(default_factory=dict)  # field -> {asked, chosen, reason}
     warnings: list[str] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)  # the chosen method's need and what the machine has
 
     def why(self, name: str) -> str:
         choice = self.choices.get(name)
         return f"auto chose it: {choice['reason']}" if choice and choice["asked"] == AUTO else ""
 
     def record(self) -> dict[str, Any]:
-        return {"choices": self.choices, "warnings": self.warnings}
+        return {"choices": self.choices, "warnings": self.warnings, "memory": self.memory}
 
 
 def recorded_original(model: str | Path) -> str | None:
@@ -143,12 +145,59 @@ def resolve_recovery(config: Any, announce: bool = True) -> Resolution:
         resolution.choices["lr"] = {"asked": None, "chosen": lr, "reason": f"the default of adapter {config.adapter}"}
         resolution.config = replace(resolution.config, lr=lr)
     _check_original(resolution.config)
+    _fit_memory(resolution)
     if announce:
+        if resolution.memory:
+            log.info("memory: %s needs %s; %s %s", resolution.config.method, resolution.memory["need"],
+                     resolution.memory["available"], resolution.memory["where"])
         for name, choice in resolution.choices.items():
             log.info("%s: %s (%s)", name, choice["chosen"], choice["reason"])
         for warning in resolution.warnings:
             log.warning(warning)
     return resolution
+
+
+def _fit_memory(resolution: Resolution) -> None:
+    """The chosen method's memory need (:mod:`paser.recovery.memory`) against what this machine has, before any
+    weight loads. ``auto`` steps down to what fits, saying so: the original's stored top-k instead of the original
+    beside the student, then block-wise alone. An explicit method that cannot fit is an error with the figures and
+    what would fit."""
+    config = resolution.config
+    try:
+        need = RECOVERY_METHODS.get(config.method).need(config)
+    except ConfigError:  # the model's config cannot be read: loading it says why, with the model's own error
+        return
+    if need is None:
+        return
+    available, where = available_memory()
+    resolution.memory = {"need": need.describe(), "need_bytes": need.total, "available": gb(available), "where": where}
+    if need.total <= available:
+        return
+    steps = []  # (the option, the config under it, the field auto may change)
+    if (config.teacher_cache != "topk" and "teacher_cache" in fields_read(config) and config.kd_positions == "response"
+            and config.kd_temperature == 1.0 and OBJECTIVES.get(config.loss).needs_teacher):
+        steps.append(("--teacher-cache topk", replace(config, teacher_cache="topk"), "teacher_cache"))
+    if config.method == "blockwise+kd":
+        steps.append(("--method blockwise", replace(config, method="blockwise"), "method"))
+    if config.adapter == "full" and "adapter" in fields_read(config):
+        steps.append(("--adapter lora", replace(config, adapter="lora"), None))
+    fitting = [(flag, c, name, n) for flag, c, name in steps
+               if (n := RECOVERY_METHODS.get(c.method).need(c)).total <= available]
+    automatic = [f for f in fitting if f[2] is not None]
+    if resolution.choices.get("method", {}).get("asked") == AUTO and automatic:
+        flag, chosen, name, chosen_need = automatic[0]
+        reason = (f"{config.method} as it was needs {need.describe()}; {gb(available)} {where}; with {flag}: "
+                  f"{gb(chosen_need.total)}")
+        resolution.choices[name] = {"asked": getattr(config, name) if name != "method" else AUTO,
+                                    "chosen": getattr(chosen, name), "reason": reason}
+        resolution.warnings.append(f"method auto: {flag}: {reason}")
+        resolution.memory.update(need=chosen_need.describe(), need_bytes=chosen_need.total)
+        resolution.config = chosen
+        return
+    would = ("; ".join(f"{flag} needs {gb(n.total)}" for flag, _, _, n in fitting) + " (fits)" if fitting
+             else "nothing paser would change fits: a machine or GPU with more memory")
+    raise ConfigError(f"method {config.method} needs {need.describe()}; {gb(available)} {where}. {would}. "
+                      "PASER_MEMORY_GB=N plans for N GB instead")
 
 
 def _check_original(config: Any) -> None:
