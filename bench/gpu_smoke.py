@@ -4,7 +4,9 @@ On a machine with CUDA, loads the embedded SmolLM2-135M-Instruct (or ``--model``
 50% magnitude-pruned copy, checks that bf16 is supported and that attention runs through SDPA, times paser's
 scoring against bare forward passes of both models over the same batches (the ``ratio`` of
 ``bench/scoring_throughput.py``), then measures peak GPU memory of each stage: scoring, a few LoRA recovery
-steps, and evaluation (perplexity windows); last, the speed-up a 2:4-pruned copy gets from PyTorch's
+steps, and evaluation (perplexity windows); then block-wise + KD (the default recovery) on the pruned copy toward the
+original, and block-wise alone on a synthetic checkpoint of Llama-3.2-1B's shapes (``bench/scale.py``): tokens/s,
+peak memory and seconds per block; last, the speed-up a 2:4-pruned copy gets from PyTorch's
 semi-structured sparse kernels (``torch.sparse.to_sparse_semi_structured``, compute capability 8.0+) on each
 decoder linear shape and on a whole forward pass, against the same model's dense matmuls. Prints one JSON line.
 
@@ -14,6 +16,7 @@ On a machine without CUDA it prints ``{"cuda": false, ...}`` with a message and 
 import argparse
 import copy
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,9 +98,10 @@ def main():
     report["evaluate_seconds"] = round(t_eval, 2)
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "pruned"
-        pruned.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
+        model_dir, original_dir = Path(tmp) / "pruned", Path(tmp) / "original"
+        for model, folder in ((pruned, model_dir), (original, original_dir)):
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
         original = pruned = None  # the GPU memory goes to the recovery step
         torch.cuda.empty_cache()
         data = Path(tmp) / "train.jsonl"
@@ -110,8 +114,33 @@ def main():
         report["recover_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
         report["recover_seconds_per_step"] = log["seconds_per_step"]
         report["recover_zeros_kept"] = log["zeros_after_merge"] >= log["zeros_kept"]
+        report["blockwise_kd"] = blockwise_run(model_dir, original_dir, data, Path(tmp) / "bw", "blockwise+kd",
+                                               args.max_length)
+        sys.path.insert(0, str(Path(__file__).parent))
+        from scale import write_pair
+
+        synthetic_original, synthetic_pruned = write_pair(Path(tmp) / "synthetic", "llama-3.2-1b", 16, seed=0)
+        report["blockwise_1b_shapes"] = blockwise_run(synthetic_pruned, synthetic_original, data, Path(tmp) / "bw1b",
+                                                      "blockwise", args.max_length)
     report["semi_structured"] = semi_structured_speedup(spec, tokens_per_batch=args.sparse_tokens)
     print(json.dumps(report))
+
+
+def blockwise_run(model: Path, original: Path, data: Path, out: Path, method: str, cutoff: int) -> dict:
+    """One block-wise recovery on the GPU (bf16): its tokens/s, peak memory, seconds per block and minutes."""
+    from paser.recovery import RecoverConfig, run_recovery
+
+    t0 = time.perf_counter()
+    log = run_recovery(RecoverConfig(model=str(model), data=str(data), out=out, teacher=str(original), dtype="bf16",
+                                     method=method, cutoff_len=cutoff, **({"loss": "kd"} if "kd" in method else {})))
+    blocks = log.get("blockwise", log)
+    seconds = [b["seconds"] for b in blocks["blocks"]]
+    return {"method": method, "minutes": round((time.perf_counter() - t0) / 60, 2),
+            "peak_gb": log["peak_memory_gb"], "blocks": len(seconds),
+            "seconds_per_block": round(sum(seconds) / len(seconds), 2), "block_tokens_per_s": blocks["tokens_per_s"],
+            "error_after_over_before": round(sum(b["loss_after"] / b["loss_before"] for b in blocks["blocks"])
+                                             / len(seconds), 3),
+            "zeros_kept": log["zeros_after_merge"] == log["zeros_kept"]}
 
 
 def semi_structured_speedup(spec: str, tokens_per_batch: int) -> dict:

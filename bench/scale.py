@@ -30,6 +30,7 @@ import torch
 
 SHAPES = {  # hidden, MLP width, attention heads, key-value heads (published configs)
     "smollm2-135m": (576, 1536, 9, 3),
+    "llama-3.2-1b": (2048, 8192, 32, 8),
     "llama-2-7b": (4096, 11008, 32, 32),
     "llama-2-13b": (5120, 13824, 40, 40),
     "llama-3-70b": (8192, 28672, 64, 8),
