@@ -5,7 +5,7 @@ import pytest
 
 from paser.errors import ConfigError
 from paser.recovery import RECOVERY_METHODS, resolve_recovery
-from paser.recovery.memory import GIB, RUNTIME, Shape
+from paser.recovery.memory import GB, RUNTIME, Shape
 from test_recover import small_config
 
 
@@ -34,7 +34,7 @@ def test_each_method_states_its_parts(tmp_path, sparse_tiny, tiny_model_dir):
 
 
 def _resolve(monkeypatch, config, limit_bytes):
-    monkeypatch.setenv("PASER_MEMORY_GB", repr((limit_bytes + 64) / GIB))
+    monkeypatch.setenv("PASER_MEMORY_GB", repr((limit_bytes + 64) / GB))
     return resolve_recovery(config, announce=False)
 
 

@@ -38,7 +38,7 @@ class BlockwiseThenKD(RecoveryMethod):
         """The larger of its two stages' (they run one after the other)."""
         blocks, kd = Blockwise().need(config), EndToEnd().need(config)
         larger = max(blocks, kd, key=lambda n: n.total)
-        return type(larger)("blockwise+kd", {f"{larger.method}: {k}": v for k, v in larger.parts.items()})
+        return type(larger)("blockwise+kd", larger.parts, stage=larger.method)
 
     def run(self, config: Any, callbacks: Sequence[Any] = ()) -> dict:
         out = Path(config.out)

@@ -15,7 +15,7 @@ Each method states its own need (:meth:`paser.recovery.base.RecoveryMethod.need`
   the best pass's copy when batches are held aside; the streams are on disk and mapped, not resident;
 - block-wise + KD: the larger of its two stages (they run one after the other).
 
-A fixed 1 GiB stands for the runtime (Python, torch, tokenizer, the data). The available memory is the
+A fixed 1 GB stands for the runtime (Python, torch, tokenizer, the data). The available memory is the
 accelerator's free memory, or the machine's available RAM; ``PASER_MEMORY_GB`` replaces it (plan for another
 machine, or leave room for other jobs). :func:`paser.recovery.policy.resolve_recovery` checks the need against it
 before anything loads: ``auto`` picks what fits and says so, an explicit method that cannot fit is an error with
@@ -28,8 +28,8 @@ import os
 from dataclasses import dataclass, field
 from functools import cache
 
-GIB = 1024**3
-RUNTIME = GIB
+GB = 10**9
+RUNTIME = GB
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ class Need:
 
     method: str
     parts: dict[str, int] = field(default_factory=dict)
+    stage: str = ""  # the stage whose need it is, for a method of several stages
 
     @property
     def total(self) -> int:
@@ -87,11 +88,11 @@ class Need:
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {gb(size)}" for name, size in self.parts.items() if size)
-        return f"{gb(self.total)} ({parts}, runtime {gb(RUNTIME)})"
+        return f"{gb(self.total)} ({f'its {self.stage} stage: ' if self.stage else ''}{parts}, runtime {gb(RUNTIME)})"
 
 
 def gb(size: float) -> str:
-    return f"{size / GIB:.1f} GB"
+    return f"{size / GB:.1f} GB"
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -101,7 +102,7 @@ def dtype_bytes(dtype: str) -> int:
 def available_memory() -> tuple[int, str]:
     """``(bytes, where)``: ``PASER_MEMORY_GB`` if set, else the accelerator's free memory, else available RAM."""
     if os.environ.get("PASER_MEMORY_GB"):
-        return int(float(os.environ["PASER_MEMORY_GB"]) * GIB), "PASER_MEMORY_GB"
+        return int(float(os.environ["PASER_MEMORY_GB"]) * GB), "PASER_MEMORY_GB"
     import torch
 
     if torch.cuda.is_available():
