@@ -165,7 +165,9 @@ def _fit_memory(resolution: Resolution) -> None:
     config = resolution.config
     try:
         need = RECOVERY_METHODS.get(config.method).need(config)
-    except ConfigError:  # the model's config cannot be read: loading it says why, with the model's own error
+    except (ConfigError, OSError, ValueError, KeyError, AttributeError) as error:
+        # the model's config cannot be read or built: loading it says why, with the model's own error
+        log.debug("memory plan skipped: %s", error)
         return
     if need is None:
         return
