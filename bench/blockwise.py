@@ -1,16 +1,13 @@
 """Blockwise reconstruction's cost: seconds and peak memory per block of one finished run (``paser recover
---method blockwise``; its ``train_log.json``), and what one block resident needs for larger models on one GPU.
+--method blockwise``; its ``train_log.json``), and the memory paser plans for larger models' block-wise recovery
+(:mod:`paser.recovery.memory`, the plan ``auto`` checks before loading) on the run's step size.
 
     python bench/blockwise.py runs/bw/train_log.json
 
-Memory model (one block resident; streams on disk; ``P`` the block's parameters, ``T`` tokens per optimizer step,
-``h`` the hidden size, ``f`` the MLP width, ``N`` the training tokens):
-
-- the trained block: fp32 master weights, gradients and AdamW's two moments, ``16 P`` bytes;
-- the original's block beside it (bf16): ``2 P``;
-- activations of one step's forward and backward (fp32, SDPA attention, no T x T scores kept): about
-  ``T * (12 h + 4 f) * 4`` bytes;
-- on disk: four streams (each model's input to the block and its output) of ``N * h`` values in bf16: ``8 N h``.
+The plan holds, per block: the trained block's fp32 weights, gradient and AdamW's two moments (16 bytes a
+parameter), the original's block (fp32), both models' input embeddings (fp32) and one step's activations; the
+streams are on disk (``8 N h`` bytes for ``N`` training tokens of hidden size ``h``, bf16). Measured against it on
+synthetic checkpoints by ``bench/scale.py`` (docs/scale.md).
 
 Prints one JSON line.
 """
@@ -19,27 +16,30 @@ import argparse
 import json
 from pathlib import Path
 
-# hidden, MLP width, layers, attention heads, key-value heads: the published configs
+# hidden, MLP width, layers, attention heads, key-value heads, vocabulary: the published configs
 SHAPES = {
-    "smollm2-135m": (576, 1536, 30, 9, 3),
-    "llama-2-7b": (4096, 11008, 32, 32, 32),
-    "llama-3-70b": (8192, 28672, 80, 64, 8),
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
+    "llama-2-7b": (4096, 11008, 32, 32, 32, 32000),
+    "llama-2-13b": (5120, 13824, 40, 40, 40, 32000),
+    "llama-3-70b": (8192, 28672, 80, 64, 8, 128256),
 }
 
 
-def block_parameters(hidden: int, mlp: int, heads: int, kv_heads: int) -> int:
-    head_dim = hidden // heads
-    attention = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim
-    return attention + 3 * hidden * mlp + 2 * hidden
+def plan(shape: tuple, step_tokens: int, train_tokens: int) -> dict:
+    from types import SimpleNamespace
 
+    from transformers import LlamaConfig
 
-def memory(shape: tuple, step_tokens: int, train_tokens: int) -> dict:
-    hidden, mlp, layers, heads, kv_heads = shape
-    p = block_parameters(hidden, mlp, heads, kv_heads)
-    resident = 16 * p + 2 * p + step_tokens * (12 * hidden + 4 * mlp) * 4
-    return {"block_parameters": p, "layers": layers, "resident_gb": round(resident / 1e9, 2),
-            "streams_disk_gb": round(8 * train_tokens * hidden / 1e9, 2),
-            "trained_blocks_disk_gb": round(2 * p * layers / 1e9, 1)}
+    from paser.recovery.memory import GB, Shape, blockwise_need
+
+    hidden, mlp, layers, heads, kv_heads, vocab = shape
+    sizes = Shape.from_config(LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                                          num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab))
+    need = blockwise_need(SimpleNamespace(block_window=1, block_batch_tokens=step_tokens, block_heldout=0), sizes)
+    return {"block_parameters": sizes.block, "layers": layers, "resident_gb": round(need.total / GB, 2),
+            "parts_gb": {k: round(v / GB, 2) for k, v in need.parts.items()},
+            "streams_disk_gb": round(8 * train_tokens * hidden / GB, 2),
+            "trained_blocks_disk_gb": round(2 * sizes.block * layers / GB, 1)}
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
         "seconds_per_block_mean": round(sum(seconds) / len(seconds), 1), "seconds_per_block_max": max(seconds),
         "peak_memory_gb": log["peak_memory_gb"],
         "error_ratio_after_before": [round(b["loss_after"] / b["loss_before"], 3) for b in blocks],
-        "one_gpu": {name: memory(shape, step_tokens, tokens) for name, shape in SHAPES.items()},
+        "plan": {name: plan(shape, step_tokens, tokens) for name, shape in SHAPES.items()},
     }))
 
 

@@ -49,29 +49,37 @@ class Shape:
     def of(cls, spec: str) -> Shape:
         return _shape(str(spec))
 
+    @classmethod
+    def from_config(cls, config) -> Shape:
+        """From a transformers config object (a model that need not exist anywhere: plans for other shapes)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from .layers import decoder_layers
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        _, _, layers = decoder_layers(model, config.num_hidden_layers)
+        return cls(parameters=sum(p.numel() for p in model.parameters()),
+                   block=sum(p.numel() for p in layers[0].parameters()),
+                   linear=sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear)),
+                   embedding=model.get_input_embeddings().weight.numel(), hidden=config.hidden_size,
+                   mlp=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
+                   layers=config.num_hidden_layers, vocab=config.vocab_size)
+
 
 @cache
 def _shape(spec: str) -> Shape:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from ..errors import ConfigError
     from ..models import resolve_spec
-    from .layers import decoder_layers
 
     try:
         config = AutoConfig.from_pretrained(resolve_spec(spec).location)
     except (OSError, ValueError) as error:
         raise ConfigError(f"the model's config could not be read ({spec}): {error}") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    _, _, layers = decoder_layers(model, config.num_hidden_layers)
-    block = sum(p.numel() for p in layers[0].parameters())
-    linear = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
-    return Shape(parameters=sum(p.numel() for p in model.parameters()), block=block, linear=linear,
-                 embedding=model.get_input_embeddings().weight.numel(), hidden=config.hidden_size,
-                 mlp=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
-                 layers=config.num_hidden_layers, vocab=config.vocab_size)
+    return Shape.from_config(config)
 
 
 @dataclass
