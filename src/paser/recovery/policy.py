@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PaserError
 from ..objectives import OBJECTIVES
 from ..targets import TARGETS
 from .base import RECOVERY_METHODS
@@ -165,7 +165,7 @@ def _fit_memory(resolution: Resolution) -> None:
     config = resolution.config
     try:
         need = RECOVERY_METHODS.get(config.method).need(config)
-    except (ConfigError, OSError, ValueError, KeyError, AttributeError) as error:
+    except (PaserError, OSError, ValueError, KeyError, AttributeError) as error:
         # the model's config cannot be read or built: loading it says why, with the model's own error
         log.debug("memory plan skipped: %s", error)
         return
