@@ -165,14 +165,15 @@ def _fit_memory(resolution: Resolution) -> None:
     config = resolution.config
     try:
         need = RECOVERY_METHODS.get(config.method).need(config)
-    except (PaserError, OSError, ValueError, KeyError, AttributeError) as error:
-        # the model's config cannot be read or built: loading it says why, with the model's own error
+        described = need.describe() if need is not None else None
+    except (PaserError, OSError, ValueError, KeyError, AttributeError, TypeError) as error:
+        # the model's config cannot be read or built (or a setting is no number): what runs says why
         log.debug("memory plan skipped: %s", error)
         return
     if need is None:
         return
     available, where = available_memory()
-    resolution.memory = {"need": need.describe(), "need_bytes": need.total, "available": gb(available), "where": where}
+    resolution.memory = {"need": described, "need_bytes": need.total, "available": gb(available), "where": where}
     if need.total <= available:
         return
     steps = []  # (the option, the config under it, the field auto may change)
