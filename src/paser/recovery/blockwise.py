@@ -224,7 +224,6 @@ class BlockwiseRun:
                 shutil.rmtree(self.work / "carry" / f"from-{layer - 1:03d}", ignore_errors=True)
         if main:
             assemble(self.student, self.work / "blocks", self.out / "merged")
-        shutil.rmtree(self._streams_root(), ignore_errors=True)
         distributed.barrier()
         progress["complete"] = True
         train_log = self._train_log(progress, time.perf_counter() - t0)
